@@ -1,0 +1,103 @@
+"""`sslfw` command line: one verb per job. Heavy imports happen inside each verb so `--help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(","))
+
+
+def cmd_synth(a: argparse.Namespace) -> dict:
+    from sslfw.data.frmetrics import MOS_KNOTS_Q
+    from sslfw.data.synth import SynthConfig, calibrate, synthesize
+
+    cfg = SynthConfig(out=a.out, koniq_count=a.koniq_count, kadis_count=a.kadis_count, extra_count=a.extra_count,
+                      width=a.width, height=a.height, seed=a.seed, workers=a.workers)
+    if a.calibrate:
+        return {"fr_quality_quantiles": calibrate(cfg), "current_knots": list(MOS_KNOTS_Q)}
+    return synthesize(cfg)
+
+
+def cmd_prepare(a: argparse.Namespace) -> dict:
+    from sslfw.data.manifest import prepare
+
+    return prepare(a.koniq, a.kadis, a.out, extra_labels=a.extra_labels, bins=a.bins, split=a.split, seed=a.seed,
+                   koniq_sets=a.koniq_sets, koniq_images=a.koniq_images)
+
+
+def cmd_pack(a: argparse.Namespace) -> dict:
+    from sslfw.data.shards import pack
+
+    index = pack(a.manifest, a.out, samples_per_shard=a.samples_per_shard, max_side=a.max_side, seed=a.seed,
+                 workers=a.workers, progress=not a.quiet)
+    summary = {name: {"samples": s["count"], "shards": len(s["shards"]), "class_counts": s["class_counts"]}
+               for name, s in index["sets"].items()}
+    summary["skipped"] = index["skipped"]
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sslfw", description=__doc__)
+    verbs = p.add_subparsers(dest="verb", required=True)
+
+    data = verbs.add_parser("data", help="make or import datasets").add_subparsers(dest="action", required=True)
+    s = data.add_parser("synth", help="write the embedded dataset in KonIQ/KADIS layouts (no download)")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--koniq-count", type=int, default=1200, help="labelled images (KonIQ layout)")
+    s.add_argument("--kadis-count", type=int, default=2400, help="unlabelled pool images (KADIS layout)")
+    s.add_argument("--extra-count", type=int, default=48, help="hand-labelled pool images (like the paper's 359)")
+    s.add_argument("--width", type=int, default=128)
+    s.add_argument("--height", type=int, default=96)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=0, help="processes; 0 = one per core (output does not change)")
+    s.add_argument("--calibrate", action="store_true", help="print the fr_quality quantiles behind the MOS map")
+    s.set_defaults(func=cmd_synth)
+
+    s = data.add_parser("prepare", help="read KonIQ/KADIS layouts into a validated, split manifest")
+    s.add_argument("--koniq", type=Path, required=True, help="folder with koniq10k_scores_and_distributions.csv")
+    s.add_argument("--kadis", type=Path, help="folder with ref_imgs/ (the unlabelled pool)")
+    s.add_argument("--extra-labels", type=Path, help="csv image_name,label[,MOS] of hand-labelled images")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--bins", help="MOS edges '1.79,2.55,3.46,3.94' (default, KonIQ) or 'quantile:2,13,49,33,2'")
+    s.add_argument("--split", type=_floats, default=(0.8, 0.1, 0.1), help="train,val,test fractions (stratified)")
+    s.add_argument("--koniq-sets", type=Path, help="koniq10k_distributions_sets.csv: use KonIQ's official split")
+    s.add_argument("--koniq-images", help="image folder inside --koniq (default: 1024x768, else 512x384)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_prepare)
+
+    shards = verbs.add_parser("shards", help="WebDataset shards").add_subparsers(dest="action", required=True)
+    s = shards.add_parser("pack", help="pack a manifest into tar shards + index.json")
+    s.add_argument("--manifest", type=Path, required=True)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--samples-per-shard", type=int, default=256)
+    s.add_argument("--max-side", type=int, help="downscale larger images (re-encodes them: changes quality)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=0)
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_pack)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sslfw.data.manifest import DataError
+
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        result = args.func(args)
+    except DataError as e:
+        print(f"sslfw: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1, default=str))
+    print(f"[{args.verb} {getattr(args, 'action', '')}] done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

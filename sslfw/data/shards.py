@@ -1,0 +1,182 @@
+"""`sslfw shards pack`: manifest -> WebDataset tar shards + index.json.
+
+Shards are plain WebDataset tars (`{key}.jpg|png` holding the original file bytes, `{key}.json` the metadata), so
+`webdataset.WebDataset` and `tar` read them. Next to each set sslfw writes an offsets table, so any rank or worker
+can seek straight to any sample: that is what makes the training stream exactly resumable and the evaluation stream
+exactly-once with any number of shards, ranks and workers (stream.py).
+
+Rows are shuffled once, with a fixed seed, before they are cut into shards, so every shard is an i.i.d. slice.
+Image bytes are stored as they are (re-encoding would change the quality the MOS describes) unless --max-side asks
+for a resize. An image that fails to decode is skipped, counted and listed in index.json, never a crash.
+index.json is written last and marks a complete pack.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tarfile
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from sslfw import fsio
+from sslfw.data import manifest as mf
+from sslfw.data.labels import NUM_CLASSES
+
+INDEX = "index.json"
+FORMAT = "sslfw-shards/1"
+SETS = ("train", "val", "test", "unlabelled")
+# Columns of {set}.offsets.npy: where each sample's image and json members start in its shard.
+OFFSET_COLUMNS = ("shard", "image_offset", "image_size", "json_offset", "json_size")
+_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}
+
+
+def check_image(path: str, max_side: int | None) -> tuple[bytes | None, str, str]:
+    """(bytes to store, extension, error). Decodes fully, so truncated or corrupt files are caught here."""
+    try:
+        data = Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            fmt = im.format or ""
+            if max_side and max(im.size) > max_side:
+                scale = max_side / max(im.size)
+                im = im.convert("RGB").resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                                              Image.LANCZOS)
+                buf = io.BytesIO()
+                im.save(buf, format="JPEG" if fmt == "JPEG" else "PNG", **({"quality": 95} if fmt == "JPEG" else {}))
+                data, fmt = buf.getvalue(), fmt if fmt == "JPEG" else "PNG"
+        if fmt not in _EXT:
+            return None, "", f"unsupported image format {fmt or 'unknown'}"
+        return data, _EXT[fmt], ""
+    except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this image", reported below
+        return None, "", f"{type(e).__name__}: {e}"
+
+
+def _check_star(args: tuple[str, int | None]) -> tuple[bytes | None, str, str]:
+    return check_image(*args)
+
+
+def _sample_meta(row: mf.LabelledRow | None, key: str, set_name: str, idx: int, gidx: int) -> dict:
+    meta = {"key": key, "set": set_name, "idx": idx, "gidx": gidx, "label": -1}
+    if row is not None:
+        meta |= {"label": row.label, "source": row.source,
+                 "mos": None if math.isnan(row.mos) else row.mos,
+                 "mos_zscore": None if math.isnan(row.mos_zscore) else row.mos_zscore,
+                 "votes": row.votes or None}
+    return meta
+
+
+class _ShardRoller:
+    """Writes samples into `{set}-NNNNNN.tar`, each built under a temporary name and renamed when full."""
+
+    def __init__(self, out: Path, set_name: str, per_shard: int):
+        self.out, self.set_name, self.per_shard = out, set_name, per_shard
+        self.shards: list[dict] = []
+        self.offsets: list[tuple[int, ...]] = []
+        self._file = self._writer = None
+        self._count = 0
+        self._classes = np.zeros(NUM_CLASSES, dtype=int)
+
+    def write(self, key: str, ext: str, data: bytes, meta: dict) -> None:
+        if self._writer is None:
+            name = f"{self.set_name}-{len(self.shards):06d}.tar"
+            self._path = self.out / name
+            self._tmp = self.out / f".{name}.tmp"
+            self._file = open(self._tmp, "wb")
+            self._writer = wds.TarWriter(self._file, mtime=0, encoder=False)  # fixed mtime: byte-reproducible
+        self._writer.write({"__key__": key, ext: data, "json": json.dumps(meta, sort_keys=True).encode()})
+        self._count += 1
+        if meta["label"] >= 0:
+            self._classes[meta["label"]] += 1
+        if self._count == self.per_shard:
+            self.close()
+
+    def close(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp, self._path)
+        shard_no = len(self.shards)
+        with tarfile.open(self._path) as tf:  # record where each member's bytes start, for random access
+            members = tf.getmembers()
+        for pair in zip(members[0::2], members[1::2]):  # the writer orders a sample's members by name
+            js, img = sorted(pair, key=lambda m: not m.name.endswith(".json"))
+            self.offsets.append((shard_no, img.offset_data, img.size, js.offset_data, js.size))
+        self.shards.append({"name": self._path.name, "count": self._count, "class_counts": self._classes.tolist(),
+                            "sha256": fsio.sha256_file(self._path), "bytes": self._path.stat().st_size})
+        self._writer = self._file = None
+        self._count = 0
+        self._classes = np.zeros(NUM_CLASSES, dtype=int)
+
+
+def pack(manifest: Path, out: Path, samples_per_shard: int = 256, max_side: int | None = None, seed: int = 0,
+         workers: int = 0, progress: bool = True) -> dict:
+    """Pack every set of the manifest; returns the index (also written to out/index.json)."""
+    labelled, pool, meta = mf.load(manifest)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / INDEX).unlink(missing_ok=True)  # a stale index must not vouch for shards we are about to replace
+    for old in out.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+        old.unlink()
+    members: dict[str, list[tuple[str, str, mf.LabelledRow | None]]] = {s: [] for s in SETS}
+    for r in labelled:
+        members[r.split].append((r.key, r.path, r))
+    members["unlabelled"] = [(k, p, None) for k, p in pool]
+
+    index = {"format": FORMAT, "label_scheme": meta["label_scheme"], "split": meta["split"], "seed": seed,
+             "samples_per_shard": samples_per_shard, "max_side": max_side, "sets": {}, "skipped": []}
+    total = sum(len(v) for v in members.values())
+    bar = tqdm(total=total, desc="packing", unit="img", disable=not progress)
+    n_workers = workers or os.cpu_count() or 1
+    pool_ctx = get_context("spawn").Pool(n_workers) if n_workers > 1 and total >= 256 else None
+    gidx = 0
+    try:
+        for set_id, set_name in enumerate(SETS):
+            rows = members[set_name]
+            order = np.random.default_rng([seed, set_id]).permutation(len(rows))
+            rows = [rows[i] for i in order]
+            jobs = [(p, max_side) for _, p, _ in rows]
+            results = pool_ctx.imap(_check_star, jobs, chunksize=8) if pool_ctx else map(_check_star, jobs)
+            roller = _ShardRoller(out, set_name, samples_per_shard)
+            start = gidx
+            for (key, path, row), (data, ext, err) in zip(rows, results):
+                bar.update()
+                if data is None:
+                    index["skipped"].append({"set": set_name, "key": key, "path": path, "error": err})
+                    continue
+                roller.write(key, ext, data, _sample_meta(row, key, set_name, gidx - start, gidx))
+                gidx += 1
+            roller.close()
+            table = np.array(roller.offsets, dtype=np.int64).reshape(-1, len(OFFSET_COLUMNS))
+            with fsio.atomic_open(out / f"{set_name}.offsets.npy") as f:
+                np.save(f, table)
+            counts = np.array([s["class_counts"] for s in roller.shards]).reshape(-1, NUM_CLASSES).sum(0)
+            index["sets"][set_name] = {"count": len(table), "gidx_offset": start, "class_counts": counts.tolist(),
+                                       "offsets": f"{set_name}.offsets.npy", "shards": roller.shards}
+    finally:
+        bar.close()
+        if pool_ctx:
+            pool_ctx.close()
+            pool_ctx.join()
+    fsio.write_json(out / INDEX, index)
+    return index
+
+
+def load_index(root: Path) -> dict:
+    path = Path(root) / INDEX
+    if not path.is_file():
+        raise mf.DataError(f"{root}: no {INDEX}, so this is not a complete pack. Run `sslfw shards pack --out {root}`.")
+    index = json.loads(path.read_text())
+    if index.get("format") != FORMAT:
+        raise mf.DataError(f"{path}: format {index.get('format')!r}, expected {FORMAT!r}. Re-pack with this sslfw.")
+    return index

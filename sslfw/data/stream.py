@@ -1,0 +1,205 @@
+"""Streams over packed shards for training, evaluation and inference, safe under DDP with any worker count.
+
+Training (`TrainStream`): infinite and resampled. Rank r's sample sequence is a chain of blocks; block j picks a few
+shards at random (weighted by size, seeded by (seed, stream, rank, j)) and permutes their samples. Batch `step` is
+positions [step*B, (step+1)*B) of that sequence, and its random crops are seeded by (seed, stream, rank, step). So a
+batch is a pure function of (seed, stream, rank, step): a run resumed at step k reads exactly the batches the
+uninterrupted run read from step k, whatever the number of workers; labelled and unlabelled streams differ by
+`stream`. Every rank yields forever, so ranks never run out at different steps (the classic webdataset DDP hang).
+
+Evaluation (`EvalStream`): finite. The set's samples are cut into world_size x num_workers contiguous ranges, so
+every sample is read exactly once across all ranks and workers, also when there are fewer shards than that. Ranks
+may yield different batch counts: callers run no collective inside the loop and gather afterwards.
+
+Both read samples by seeking to offsets recorded at pack time, decode with PIL in DataLoader workers and take a
+native-resolution crop (no resize: resizing changes perceived quality). Output images are uint8 NCHW tensors.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from bisect import bisect_right
+from itertools import count
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from sslfw.data.manifest import DataError
+from sslfw.data.shards import load_index
+
+
+class ShardSet:
+    """One packed set (train/val/test/unlabelled): random access to sample i via the offsets table."""
+
+    def __init__(self, root: str | Path, name: str):
+        self.root, self.name = Path(root), name
+        index = load_index(self.root)
+        if name not in index["sets"]:
+            raise DataError(f"{self.root}/index.json has no set {name!r}; it has {sorted(index['sets'])}.")
+        info = index["sets"][name]
+        self.shards = [self.root / s["name"] for s in info["shards"]]
+        self.shard_counts = np.array([s["count"] for s in info["shards"]], dtype=np.int64)
+        self.offsets = np.load(self.root / info["offsets"])
+        self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_counts)])
+        self.label_scheme = index["label_scheme"]
+        if len(self.offsets) != info["count"]:
+            raise DataError(f"{self.root / info['offsets']}: {len(self.offsets)} rows, index says {info['count']}. "
+                            f"Re-pack the shards.")
+        self._files: dict[int, object] = {}
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def _file(self, shard: int):
+        if self._pid != os.getpid():  # file handles must not be shared across forked DataLoader workers
+            self._files, self._pid = {}, os.getpid()
+        if shard not in self._files:
+            self._files[shard] = open(self.shards[shard], "rb")
+        return self._files[shard]
+
+    def read(self, i: int) -> tuple[bytes, dict]:
+        shard, img_off, img_size, js_off, js_size = (int(v) for v in self.offsets[i])
+        f = self._file(shard)
+        f.seek(img_off)
+        data = f.read(img_size)
+        f.seek(js_off)
+        return data, json.loads(f.read(js_size))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_files": {}, "_pid": -1}
+
+
+def decode_crop(data: bytes, crop: tuple[int, int] | None, rng: np.random.Generator | None) -> np.ndarray:
+    """Decode to RGB uint8 HWC and cut a crop of (h, w) at native resolution: random with `rng`, else centred.
+    An image smaller than the crop is reflect-padded rather than resized, which would change its sharpness."""
+    with Image.open(io.BytesIO(data)) as im:
+        img = np.asarray(im.convert("RGB"))
+    if crop is None:
+        return img
+    ch, cw = crop
+    h, w = img.shape[:2]
+    if h < ch or w < cw:
+        img = np.pad(img, ((0, max(0, ch - h)), (0, max(0, cw - w)), (0, 0)), mode="reflect" if min(h, w) > 1 else "edge")
+        h, w = img.shape[:2]
+    y = int(rng.integers(h - ch + 1)) if rng is not None else (h - ch) // 2
+    x = int(rng.integers(w - cw + 1)) if rng is not None else (w - cw) // 2
+    return img[y : y + ch, x : x + cw]
+
+
+def collate(samples: list[tuple[np.ndarray, dict]]) -> dict[str, torch.Tensor]:
+    """Images to one uint8 NCHW tensor; labels, indices and MOS (NaN where unknown) to vectors."""
+    images = torch.from_numpy(np.stack([s[0] for s in samples])).permute(0, 3, 1, 2).contiguous()
+    metas = [s[1] for s in samples]
+    return {"image": images,
+            "label": torch.tensor([m["label"] for m in metas], dtype=torch.int64),
+            "idx": torch.tensor([m["idx"] for m in metas], dtype=torch.int64),
+            "mos": torch.tensor([m.get("mos") if m.get("mos") is not None else float("nan") for m in metas],
+                                dtype=torch.float32)}
+
+
+class TrainStream(IterableDataset):
+    """Infinite resampled batches for one rank; batch `step` depends only on (seed, stream, rank, step)."""
+
+    def __init__(self, shards: ShardSet, batch_size: int, crop: tuple[int, int], seed: int, rank: int,
+                 stream: int = 0, start_step: int = 0, shards_per_block: int = 4):
+        if len(shards) == 0:
+            raise DataError(f"{shards.root}: set {shards.name!r} is empty; nothing to train on.")
+        self.shards, self.batch_size, self.crop = shards, batch_size, crop
+        self.seed, self.rank, self.stream, self.start_step = seed, rank, stream, start_step
+        self.shards_per_block = min(shards_per_block, len(shards.shard_counts))
+        self._block_ends: list[int] = []  # cumulative sample count at the end of each block, grown on demand
+
+    def _choose(self, j: int) -> tuple[np.random.Generator, np.ndarray]:
+        """Shards of block j (distinct, weighted by size) and the generator that goes on to permute them."""
+        rng = np.random.default_rng([self.seed, self.stream, self.rank, j])
+        p = self.shards.shard_counts / self.shards.shard_counts.sum()
+        return rng, rng.choice(len(p), size=self.shards_per_block, replace=False, p=p)
+
+    def _block(self, j: int) -> np.ndarray:
+        rng, chosen = self._choose(j)
+        starts = self.shards.shard_starts
+        return rng.permutation(np.concatenate([np.arange(starts[s], starts[s + 1]) for s in chosen]))
+
+    def batch_indices(self, step: int) -> np.ndarray:
+        """Sample ids of batch `step`: positions [step*B, (step+1)*B) of this rank's block chain."""
+        lo, hi = step * self.batch_size, (step + 1) * self.batch_size
+        while not self._block_ends or self._block_ends[-1] < hi:  # block sizes need only the shard choice
+            size = int(self.shards.shard_counts[self._choose(len(self._block_ends))[1]].sum())
+            self._block_ends.append((self._block_ends[-1] if self._block_ends else 0) + size)
+        out, pos = [], lo
+        while pos < hi:
+            j = bisect_right(self._block_ends, pos)
+            start = self._block_ends[j - 1] if j else 0
+            take = min(hi, self._block_ends[j]) - pos
+            out.append(self._block(j)[pos - start : pos - start + take])
+            pos += take
+        return np.concatenate(out)
+
+    def make_batch(self, step: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.stream, self.rank, step, 1])
+        samples = []
+        for i in self.batch_indices(step):
+            data, meta = self.shards.read(int(i))
+            samples.append((decode_crop(data, self.crop, rng), meta))
+        batch = collate(samples)
+        batch["step"] = torch.tensor(step)
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        # DataLoader takes batches from workers round-robin, so worker w serves steps start+w, start+w+nw, ...
+        for step in count(self.start_step + wid, nw):
+            yield self.make_batch(step)
+
+
+class EvalStream(IterableDataset):
+    """Finite, exactly-once batches over a set, split into contiguous ranges per (rank, worker)."""
+
+    def __init__(self, shards: ShardSet, batch_size: int, crop: tuple[int, int] | None, rank: int, world_size: int):
+        self.shards, self.batch_size, self.crop = shards, batch_size, crop
+        self.rank, self.world_size = rank, world_size
+
+    def slot_range(self, slot: int, num_slots: int) -> range:
+        n = len(self.shards)
+        return range(slot * n // num_slots, (slot + 1) * n // num_slots)
+
+    def rank_indices(self, num_workers: int) -> list[int]:
+        """All sample ids this rank reads with `num_workers` workers (for counting and tests)."""
+        slots = self.world_size * max(num_workers, 1)
+        return [i for w in range(max(num_workers, 1)) for i in self.slot_range(self.rank * max(num_workers, 1) + w,
+                                                                                 slots)]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        ids = self.slot_range(self.rank * nw + wid, self.world_size * nw)
+        for lo in range(ids.start, ids.stop, self.batch_size):
+            samples = []
+            for i in range(lo, min(lo + self.batch_size, ids.stop)):
+                data, meta = self.shards.read(i)
+                samples.append((decode_crop(data, self.crop, None), meta))
+            yield collate(samples)
+
+
+def _worker_init(_: int) -> None:
+    # Pillow frees and re-maps each decoded image's memory by default; caching blocks was 2.7x faster here
+    # (research/infra.md 4.3).
+    Image.core.set_blocks_max(16)
+    torch.set_num_threads(1)
+
+
+def make_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader for either stream (batches are made in the workers). Never pass it to accelerator.prepare:
+    that would re-shard or re-dispatch a stream that is already per-rank (research/infra.md 3.3)."""
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      worker_init_fn=_worker_init if num_workers else None,
+                      persistent_workers=num_workers > 0 and isinstance(dataset, TrainStream),
+                      prefetch_factor=4 if num_workers else None)

@@ -1,0 +1,102 @@
+"""pack -> streams: reproducible shards, corrupt images skipped, DDP-safe training and exactly-once evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from sslfw.data.shards import load_index, pack
+from sslfw.data.stream import EvalStream, ShardSet, TrainStream, make_loader
+from tests.conftest import make_raw, prepare_raw
+from tests.test_data_synth_prepare import tree_hashes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pack_is_byte_reproducible_and_skips_a_corrupt_jpeg(tmp_path):
+    raw = make_raw(tmp_path / "raw", koniq_count=40, kadis_count=20, extra_count=2)
+    victim = sorted((raw / "koniq10k" / "1024x768").glob("*.jpg"))[5]
+    victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) // 3])  # truncated JPEG
+    manifest = prepare_raw(raw, tmp_path / "m")
+    a = pack(manifest, tmp_path / "a", samples_per_shard=7, workers=1, progress=False)
+    pack(manifest, tmp_path / "b", samples_per_shard=7, workers=2, progress=False)
+    assert tree_hashes(tmp_path / "a") == tree_hashes(tmp_path / "b")
+    assert [s["key"] for s in a["skipped"]] == [f"koniq_{victim.stem}"]
+    assert "OSError" in a["skipped"][0]["error"] or "truncated" in a["skipped"][0]["error"]
+    labelled = sum(a["sets"][s]["count"] for s in ("train", "val", "test"))
+    assert labelled == 40 + 2 - 1 and a["sets"]["unlabelled"]["count"] == 20 - 2
+    for s in a["sets"].values():  # index counts agree with the shards themselves
+        assert sum(sh["count"] for sh in s["shards"]) == s["count"]
+
+
+def test_shards_are_plain_webdataset_with_original_bytes(small_shards, small_manifest):
+    index = load_index(small_shards)
+    urls = [str(small_shards / s["name"]) for s in index["sets"]["val"]["shards"]]
+    samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+    assert len(samples) == index["sets"]["val"]["count"]
+    meta = json.loads(samples[0]["json"])
+    assert set(meta) >= {"key", "idx", "gidx", "label", "mos", "votes", "set"}
+    original = next(Path(r.split(",")[1]) for r in (small_manifest / "labelled.csv").read_text().splitlines()[1:]
+                    if r.startswith(meta["key"] + ","))
+    assert samples[0]["jpg"] == original.read_bytes()  # stored as is, never re-encoded
+    assert sorted(json.loads(s["json"])["idx"] for s in samples) == list(range(len(samples)))
+
+
+def test_train_stream_resumes_exactly_whatever_the_worker_count(small_shards):
+    train = ShardSet(small_shards, "train")
+    full = make_loader(TrainStream(train, 8, (32, 32), seed=3, rank=0), num_workers=2)
+    first = [b for _, b in zip(range(12), full)]
+    resumed = make_loader(TrainStream(train, 8, (32, 32), seed=3, rank=0, start_step=7), num_workers=1)
+    again = [b for _, b in zip(range(5), resumed)]
+    for a, b in zip(first[7:], again):
+        assert int(a["step"]) == int(b["step"])
+        assert torch.equal(a["idx"], b["idx"]) and torch.equal(a["image"], b["image"])
+    assert first[0]["image"].dtype == torch.uint8 and first[0]["image"].shape == (8, 3, 32, 32)
+    other_rank = TrainStream(train, 8, (32, 32), seed=3, rank=1).make_batch(0)
+    other_stream = TrainStream(train, 8, (32, 32), seed=3, rank=0, stream=1).make_batch(0)
+    assert not torch.equal(other_rank["idx"], first[0]["idx"])
+    assert not torch.equal(other_stream["idx"], first[0]["idx"])
+
+
+def test_train_stream_covers_the_set_evenly(small_shards):
+    """Resampled blocks: over many steps every sample is drawn, none far more often than the others."""
+    train = ShardSet(small_shards, "train")
+    stream = TrainStream(train, 8, (32, 32), seed=0, rank=0)
+    ids = np.concatenate([stream.batch_indices(s) for s in range(200)])
+    counts = np.bincount(ids, minlength=len(train))
+    assert counts.min() > 0 and counts.max() < 3 * counts.mean()
+
+
+def test_crop_is_native_resolution(small_shards):
+    val = ShardSet(small_shards, "val")
+    data, _ = val.read(0)
+    batch = next(iter(make_loader(EvalStream(val, 4, None, 0, 1), 0)))
+    full = batch["image"][0]
+    assert full.shape == (3, 48, 64)  # no resize
+    crop = next(iter(make_loader(EvalStream(val, 4, (32, 32), 0, 1), 0)))["image"][0]
+    assert torch.equal(crop, full[:, 8:40, 16:48])  # centre crop = a window of the original pixels
+
+
+def test_ddp_two_ranks_two_workers_seven_shards(small_shards, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "dist" / "stream_ddp.py"), str(small_shards), str(tmp_path), "10"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["train_shards"] == 7
+    assert r0["train_steps"] == r1["train_steps"] == 10
+    assert r0["train_idx"] != r1["train_idx"]  # ranks draw different samples
+    for name in ("train", "val"):
+        everything = r0[name]["all"]
+        assert sorted(everything) == list(range(r0[name]["size"]))  # every sample exactly once
+        assert set(r0[name]["idx"]).isdisjoint(r1[name]["idx"])
+    assert r0["val"]["shards"] == 1  # fewer shards than 2 ranks x 2 workers, still exactly once

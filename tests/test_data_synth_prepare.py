@@ -1,0 +1,151 @@
+"""synth -> prepare: determinism, label shares, and the errors bad input gets."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sslfw.cli import main
+from sslfw.data.labels import PAPER_SHARES, LabelScheme
+from sslfw.data.manifest import DataError, load, prepare, read_koniq
+from tests.conftest import make_raw, prepare_raw
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_synth_is_byte_identical_for_the_same_flags_whatever_the_worker_count(tmp_path):
+    a = make_raw(tmp_path / "a", koniq_count=70, kadis_count=70, workers=1)
+    b = make_raw(tmp_path / "b", koniq_count=70, kadis_count=70, workers=2)
+    c = make_raw(tmp_path / "c", koniq_count=70, kadis_count=70, workers=1, seed=1)
+    ha, hb = tree_hashes(a), tree_hashes(b)
+    assert len(ha) == 70 + 70 + 5  # images + scores, sets, kadis csv, extra labels, hidden truth
+    assert ha == hb
+    assert tree_hashes(c) != ha
+
+
+def test_synth_writes_the_koniq_and_kadis_layouts(small_raw):
+    with open(small_raw / "koniq10k" / "koniq10k_scores_and_distributions.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["image_name", "c1", "c2", "c3", "c4", "c5", "c_total", "MOS", "SD", "MOS_zscore"]
+    for r in rows[1:]:
+        votes = np.array([float(x) for x in r[1:6]])
+        assert votes.sum() == float(r[6])
+        assert float(r[7]) == pytest.approx((votes * np.arange(1, 6)).sum() / votes.sum(), abs=1e-5)  # MOS = mean vote
+        assert 1 <= float(r[7]) <= 5 and 0 <= float(r[9]) <= 100
+        assert (small_raw / "koniq10k" / "1024x768" / r[0]).is_file()
+    assert len(list((small_raw / "kadis700k" / "ref_imgs").glob("*.png"))) == 80
+
+
+def test_quality_follows_distortion_severity(small_raw):
+    """The hidden score is what the image shows: within a distortion type, stronger levels score lower."""
+    with open(small_raw / "synth_truth.csv") as f:
+        rows = list(csv.DictReader(f))
+    pristine = [float(r["true_mos"]) for r in rows if r["dist_type"] == "0"]
+    severe = [float(r["true_mos"]) for r in rows if r["dist_level"] in ("4", "5")]
+    assert np.mean(pristine) > np.mean(severe) + 1.0
+
+
+def test_default_size_gives_the_paper_label_shares(tmp_path):
+    """Default flags, default bins: class shares within 2.5 points of the paper's 2/13/49/33/2 %."""
+    raw = tmp_path / "raw"
+    assert main(["data", "synth", "--out", str(raw)]) == 0
+    meta = prepare(raw / "koniq10k", raw / "kadis700k", tmp_path / "m")
+    shares = np.array(meta["class_shares"])
+    assert np.abs(shares - np.array(PAPER_SHARES)).max() < 0.025, shares
+    assert meta["counts"]["train"] + meta["counts"]["val"] + meta["counts"]["test"] == 1200
+
+
+def test_prepare_splits_stratified_and_records_a_hash(small_manifest, small_raw, tmp_path):
+    labelled, pool, meta = load(small_manifest)
+    assert len(labelled) == 126 and len(pool) == 80 - 6  # extras move from the pool to the labelled rows
+    assert meta["counts"]["unlabelled"] == 74 and meta["counts"]["extra"] == 6
+    assert sum(meta["counts"][s] for s in ("train", "val", "test")) == 126
+    for split in ("train", "val", "test"):
+        counts = np.array(meta["class_counts"][split])
+        total = np.array(meta["class_counts"]["train"]) + np.array(meta["class_counts"]["val"]) + np.array(
+            meta["class_counts"]["test"])
+        frac = {"train": 0.8, "val": 0.1, "test": 0.1}[split]
+        assert np.all(np.abs(counts - total * frac) <= 1)  # per-class rounding only
+    again = prepare_raw(small_raw, tmp_path / "again")
+    assert load(again)[2]["split"]["sha256"] == meta["split"]["sha256"]
+    other = prepare_raw(small_raw, tmp_path / "other", seed=1)
+    assert load(other)[2]["split"]["sha256"] != meta["split"]["sha256"]
+
+
+def test_official_split_and_quantile_bins(small_raw, tmp_path):
+    sets = small_raw / "koniq10k" / "koniq10k_distributions_sets.csv"
+    meta = prepare(small_raw / "koniq10k", None, tmp_path / "m", koniq_sets=sets, bins="quantile:10,20,40,20,10")
+    with open(sets) as f:
+        want = {r["image_name"]: r["set"] for r in csv.DictReader(f)}
+    labelled, _, _ = load(tmp_path / "m")
+    names = {"training": "train", "validation": "val", "test": "test"}
+    assert all(r.split == names[want[Path(r.path).name]] for r in labelled)
+    shares = np.array(meta["class_shares"])
+    assert np.abs(shares - [0.1, 0.2, 0.4, 0.2, 0.1]).max() < 0.05
+    assert meta["split"]["method"] == "official"
+
+
+def test_label_scheme_edges():
+    s = LabelScheme()
+    assert [s.label(m) for m in (1.0, 1.79, 2.0, 3.46, 3.93, 3.94, 5.0)] == [0, 1, 1, 3, 3, 4, 4]
+    with pytest.raises(ValueError, match="increasing"):
+        LabelScheme((2.0, 1.0, 3.0, 4.0))
+
+
+def _koniq_copy(small_raw: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "koniq10k"
+    shutil.copytree(small_raw / "koniq10k", dst)
+    return dst
+
+
+def _edit_row(csv_path: Path, row: int, new: str | None) -> None:
+    lines = csv_path.read_text().splitlines()
+    if new is None:
+        lines.insert(row, lines[row])
+    else:
+        lines[row] = new
+    csv_path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda ln: ln.rsplit(",", 1)[0], "line 4: 9 fields where the header has 10"),
+    (lambda ln: ",".join(ln.split(",")[:7] + ["7.5"] + ln.split(",")[8:]), "line 4: MOS=7.5 is outside 1.0..5.0"),
+    (lambda ln: ",".join(ln.split(",")[:7] + ["good"] + ln.split(",")[8:]), "line 4: MOS='good' is not a number"),
+    (lambda ln: ",".join(ln.split(",")[:9] + ["140"]), "line 4: MOS_zscore=140.0 is outside 0.0..100.0"),
+    (lambda ln: "missing.jpg," + ln.split(",", 1)[1], "line 4: image"),
+    (None, "line 5: duplicate image_name"),
+])
+def test_bad_rows_name_the_file_and_line(small_raw, tmp_path, edit, message):
+    koniq = _koniq_copy(small_raw, tmp_path)
+    scores = koniq / "koniq10k_scores_and_distributions.csv"
+    lines = scores.read_text().splitlines()
+    _edit_row(scores, 3, None if edit is None else edit(lines[3]))
+    with pytest.raises(DataError) as e:
+        read_koniq(koniq)
+    assert str(scores) in str(e.value) and message in str(e.value)
+
+
+def test_bad_header_and_cli_exit_code(small_raw, tmp_path, capsys):
+    koniq = _koniq_copy(small_raw, tmp_path)
+    scores = koniq / "koniq10k_scores_and_distributions.csv"
+    _edit_row(scores, 0, scores.read_text().splitlines()[0].replace("MOS,", "score,"))
+    rc = main(["data", "prepare", "--koniq", str(koniq), "--out", str(tmp_path / "m")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{scores}, line 1: header lacks column(s) ['MOS']" in err
+    assert not (tmp_path / "m" / "meta.json").exists()
+
+
+def test_bad_extra_label(small_raw, tmp_path):
+    extra = tmp_path / "extra.csv"
+    name = sorted((small_raw / "kadis700k" / "ref_imgs").glob("*.png"))[0].name
+    extra.write_text(f"image_name,label\n{name},7\n")
+    with pytest.raises(DataError, match=r"extra.csv, line 2: label=7.0 is outside 0..4"):
+        prepare(small_raw / "koniq10k", small_raw / "kadis700k", tmp_path / "m", extra_labels=extra)
