@@ -65,7 +65,7 @@ def fr_quality(ref: np.ndarray, dist: np.ndarray) -> float:
 # 15 % below 2.55, 64 % below 3.46, 98 % below 3.94 (research/iqa.md 1.1). The 98 % knot sits at 3.88, not 3.94:
 # pristine crops pile up just under it, and the simulated raters' noise would otherwise push ~4 % over the edge.
 # They are constants, so an image's score never depends on which other images were generated with it.
-MOS_KNOTS_Q = (0.0, 0.0071, 0.1655, 0.485, 0.7473, 0.9911, 1.0)
+MOS_KNOTS_Q = (0.0, 0.045, 0.2529, 0.5573, 0.7825, 0.9911, 1.0)
 MOS_KNOTS_MOS = (1.10, 1.79, 2.55, 3.05, 3.46, 3.88, 4.31)
 CALIBRATION_QUANTILES = (0.0, 0.02, 0.15, 0.40, 0.64, 0.98, 1.0)
 

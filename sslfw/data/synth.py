@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from sslfw import fsio
-from sslfw.data.distortions import DISTORTIONS, distort, to_uint8
+from sslfw.data.distortions import DEFAULT_MIX, DISTORTIONS, distort, to_uint8
 from sslfw.data.frmetrics import CALIBRATION_QUANTILES, fr_quality, quality_to_mos
 from sslfw.data.labels import DEFAULT_EDGES, LabelScheme
 
@@ -45,6 +45,7 @@ class SynthConfig:
     pristine_fraction: float = 0.12
     photo_fraction: float = 0.5
     workers: int = 0  # 0: one per core
+    distortions: tuple[int, ...] = DEFAULT_MIX  # KADID codes drawn from (distortions.py)
 
 
 @lru_cache(maxsize=None)
@@ -103,7 +104,7 @@ def make_sample(cfg: SynthConfig, pool: str, index: int) -> dict:
     if rng.random() < cfg.pristine_fraction:
         code, level = 0, 0
     else:
-        code, level = int(rng.choice(sorted(DISTORTIONS))), int(rng.integers(1, 6))
+        code, level = int(rng.choice(cfg.distortions)), int(rng.integers(1, 6))
     dist = distort(clean, code, level, rng)
     buf = io.BytesIO()
     if pool == "koniq":  # KonIQ ships JPEGs; the score is measured on the decoded file, artefacts included
@@ -139,6 +140,9 @@ def _generate(cfg: SynthConfig, pool: str, count: int) -> list[dict]:
 
 def synthesize(cfg: SynthConfig) -> dict:
     """Write the KonIQ-layout labelled set, the KADIS-layout pool and the extra labels; return a summary."""
+    unknown = set(cfg.distortions) - set(DISTORTIONS)
+    if unknown:
+        raise ValueError(f"--distortions: no distortion with code(s) {sorted(unknown)}; known: {sorted(DISTORTIONS)}")
     out = Path(cfg.out)
     koniq_dir, kadis_dir = out / "koniq10k", out / "kadis700k"
     (koniq_dir / "1024x768").mkdir(parents=True, exist_ok=True)  # KonIQ's folder name, whatever the pixel size
