@@ -18,7 +18,8 @@ def cmd_synth(a: argparse.Namespace) -> dict:
     from sslfw.data.synth import SynthConfig, calibrate, synthesize
 
     cfg = SynthConfig(out=a.out, koniq_count=a.koniq_count, kadis_count=a.kadis_count, extra_count=a.extra_count,
-                      width=a.width, height=a.height, seed=a.seed, workers=a.workers)
+                      width=a.width, height=a.height, seed=a.seed, workers=a.workers,
+                      distortions=tuple(int(x) for x in a.distortions.split(",")))
     if a.calibrate:
         return {"fr_quality_quantiles": calibrate(cfg), "current_knots": list(MOS_KNOTS_Q)}
     return synthesize(cfg)
@@ -42,7 +43,17 @@ def cmd_pack(a: argparse.Namespace) -> dict:
     return summary
 
 
+def cmd_train(a: argparse.Namespace) -> dict:
+    from sslfw.config import load_config
+    from sslfw.train import train
+
+    overrides = list(a.overrides) + ([f"--ckpt.resume={a.resume}"] if a.resume else [])
+    return train(load_config(a.config, overrides))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from sslfw.data.distortions import DEFAULT_MIX
+
     p = argparse.ArgumentParser(prog="sslfw", description=__doc__)
     verbs = p.add_subparsers(dest="verb", required=True)
 
@@ -56,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--height", type=int, default=96)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=0, help="processes; 0 = one per core (output does not change)")
+    s.add_argument("--distortions", default=",".join(map(str, DEFAULT_MIX)),
+                   help="KADID distortion codes to draw from (default: the structural ones)")
     s.add_argument("--calibrate", action="store_true", help="print the fr_quality quantiles behind the MOS map")
     s.set_defaults(func=cmd_synth)
 
@@ -81,19 +94,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=0)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_pack)
+
+    s = verbs.add_parser("train", help="train (any algorithm) with the config file and --section.key=value overrides")
+    s.add_argument("--config", type=Path, help="YAML config; omitted sections keep their defaults")
+    s.add_argument("--resume", help="auto | none | a step-N directory (same as --ckpt.resume)")
+    s.set_defaults(func=cmd_train)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     from sslfw.data.manifest import DataError
 
-    args = build_parser().parse_args(argv)
+    from sslfw.config import ConfigError
+
+    args, extra = build_parser().parse_known_args(argv)
+    if extra and args.verb != "train":
+        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     t0 = time.perf_counter()
     try:
         result = args.func(args)
-    except DataError as e:
+    except (DataError, ConfigError) as e:
         print(f"sslfw: error: {e}", file=sys.stderr)
         return 2
+    if args.verb == "train":  # only the main process reports; every process returns the run's exit code
+        import torch.distributed as dist
+
+        if not (dist.is_initialized() and dist.get_rank() > 0):
+            print(json.dumps(result, indent=1, default=str))
+        return int(result["exit_code"])
     print(json.dumps(result, indent=1, default=str))
     print(f"[{args.verb} {getattr(args, 'action', '')}] done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return 0

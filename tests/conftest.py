@@ -44,3 +44,35 @@ def small_shards(small_manifest, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
     pack(small_manifest, out, samples_per_shard=15, workers=1, progress=False)
     return out
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(shards: Path, run_dir: Path, **extra) -> list[str]:
+    """A ViT small enough for CPU tests: 32x32 views, 8x8 patches, one block of width 32."""
+    base = {"run_dir": run_dir, "data.shards": shards, "data.load_crop": 40, "data.num_workers": 0,
+            "data.eval_batch_size": 16, "model.img_size": 32,
+            "model.kwargs": "{patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
+            "train.steps": 20, "train.batch_size": 8, "train.log_every": 1, "optim.warmup_steps": 5,
+            "eval.every": 10, "ckpt.every": 10, "log.wandb": "disabled", "log.progress": "false"}
+    base.update(extra)
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def run_sslfw(args: list[str], nproc: int = 1, env: dict | None = None, timeout: int = 300, launcher: str = "torchrun"):
+    """`sslfw ...` in fresh processes: plain python, torchrun or accelerate launch with 2 gloo CPU processes."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "sslfw", *args]
+    elif launcher == "accelerate":
+        env["ACCELERATE_USE_CPU"] = "true"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sslfw", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "sslfw", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,5 @@
+import sys
+
+from sslfw.cli import main
+
+sys.exit(main())

@@ -1,0 +1,21 @@
+"""Supervised baseline (the paper's): cross-entropy on the labelled weak view; unlabelled data is not read."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from sslfw.algorithms import register
+from sslfw.algorithms.base import Algorithm, StepBatch, StepContext, StepOutput
+
+
+@register
+class Supervised(Algorithm):
+    name = "supervised"
+    uses_unlabelled = False
+    num_strong = 0
+
+    def step(self, model: nn.Module, batch: StepBatch, ctx: StepContext) -> StepOutput:
+        logits = model(batch.x_lb)["logits"]
+        loss = F.cross_entropy(logits.float(), batch.y_lb)
+        return StepOutput(loss, {"sup_loss": loss.detach()})

@@ -1,0 +1,234 @@
+"""One config tree: dataclasses with defaults, a YAML file over them, then `--section.key=value` overrides.
+
+Every key is checked against the tree (an unknown key or a value of the wrong type is an error naming the dotted
+key), and the resolved tree is saved with every run as config.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sslfw import fsio
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names the dotted key."""
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards/embedded"  # a packed folder (index.json)
+    load_crop: int = 80  # native-resolution square crop cut by the loader; views are cut from it on the device
+    num_workers: int = 2  # DataLoader workers per stream and rank
+    eval_batch_size: int = 64  # per rank
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_tiny_patch16_224"  # any timm model name
+    img_size: int = 64  # model input side; views are native-resolution crops of this size
+    kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments (patch_size, depth, ...)
+    pretrained: str = ""  # local weights file; nothing is ever downloaded
+    drop_path: float = 0.0
+    proj_dim: int = 64  # size of the projection head, when an algorithm asks for one
+
+
+@dataclass
+class AugConfig:
+    strong: str = "iqa_safe"  # iqa_safe | randaugment (USB's op list, for reproducing the paper)
+    num_strong: int = 1  # strong views per unlabelled image (algorithms may ask for more)
+    flip: bool = True  # horizontal flip in the weak view
+    randaugment_ops: int = 3
+    cutout: float = 0.5  # randaugment: largest cutout side as a fraction of the image side
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | adam
+    lr: float = 5e-4  # for the global batch below, at the top layer
+    weight_decay: float = 0.05
+    betas: tuple = (0.9, 0.999)
+    layer_decay: float = 1.0  # <1: lower layers get lr * decay^(depth - layer)
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    clip_grad: float = 1.0  # max global grad norm; 0 disables
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300  # optimizer steps; there are no loader epochs
+    batch_size: int = 32  # GLOBAL labelled batch per optimizer step; each rank gets batch/(world*grad_accum)
+    grad_accum: int = 1
+    seed: int = 0
+    bf16: bool = True  # autocast on GPU; ignored on CPU
+    max_nonfinite: int = 5  # stop after this many non-finite steps in a row
+    log_every: int = 10
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = True
+    decay: float = 0.999
+    warmup: bool = True  # decay ramps up as (1+t)/(10+t) so early teachers are not stuck at the random init
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100  # steps; 0 disables periodic evaluation (the last step is always evaluated)
+    split: str = "val"
+    model: str = "both"  # student | ema | both
+
+
+@dataclass
+class CkptConfig:
+    every: int = 100
+    keep: int = 3  # newest valid checkpoints kept
+    resume: str = "auto"  # auto (newest valid in run_dir, else start) | none | a step-N directory
+
+
+@dataclass
+class LogConfig:
+    wandb: str = "offline"  # offline | online | disabled
+    project: str = "sslfw"
+    progress: bool = True
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "supervised"
+    uratio: int = 1  # unlabelled batch = uratio x labelled batch
+    lambda_u: float = 1.0  # weight of the unlabelled loss
+    params: dict = field(default_factory=dict)  # the algorithm's own hyper-parameters (its file lists defaults)
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotated type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} does not match {tp}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif tp is float and isinstance(value, str):
+        try:  # PyYAML reads "1e-4" (no dot) as a string: accept what float() accepts
+            return float(value)
+        except ValueError:
+            pass
+    elif tp is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    elif tp in (int, str, bool, dict) and type(value) is tp:
+        return value
+    raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _merge(node: Any, data: dict, prefix: str) -> None:
+    hints = typing.get_type_hints(type(node))
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in hints:
+            raise ConfigError(f"unknown config key {key!r}; known here: {sorted(hints)}")
+        if dataclasses.is_dataclass(hints[k]):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key}: expected a section (mapping), got {v!r}")
+            _merge(getattr(node, k), v, f"{key}.")
+        elif hints[k] is dict and isinstance(v, dict):
+            getattr(node, k).update(v)  # free-form sections merge key by key
+        else:
+            setattr(node, k, _coerce(key, v, hints[k]))
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+    tree[last] = value
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """["--train.steps=10", "--model.kwargs.depth", "2"] -> nested dict; values are parsed as YAML scalars."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key=value")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+        elif i + 1 < len(args):
+            key, text = arg[2:], args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"{arg}: missing value")
+        _set_dotted(out, key, yaml.safe_load(text) if text != "" else "")
+        i += 1
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    cfg = Config()
+    if path:
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        _merge(cfg, data, "")
+    if overrides:
+        _merge(cfg, overrides if isinstance(overrides, dict) else parse_overrides(overrides), "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    choices = {"aug.strong": (cfg.aug.strong, ("iqa_safe", "randaugment")),
+               "optim.name": (cfg.optim.name, ("adamw", "adam")),
+               "eval.model": (cfg.eval.model, ("student", "ema", "both")),
+               "log.wandb": (cfg.log.wandb, ("offline", "online", "disabled"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {allowed}")
+    if cfg.model.img_size > cfg.data.load_crop:
+        raise ConfigError(f"model.img_size ({cfg.model.img_size}) must not exceed data.load_crop "
+                          f"({cfg.data.load_crop}): views are crops of the loaded crop")
+    for key, value in (("train.steps", cfg.train.steps), ("train.batch_size", cfg.train.batch_size),
+                       ("train.grad_accum", cfg.train.grad_accum), ("algorithm.uratio", cfg.algorithm.uratio)):
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+
+
+def to_dict(cfg: Config) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["optim"]["betas"] = list(d["optim"]["betas"])
+    return d
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    fsio.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

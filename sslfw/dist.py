@@ -1,0 +1,54 @@
+"""Small collectives the loop needs; each is a no-op on a single process."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def any_across_ranks(flags: list[bool], device: torch.device) -> list[bool]:
+    """Element-wise OR over ranks: every rank reaches the same decision (skip, stop) at the same step."""
+    t = torch.tensor([float(f) for f in flags], device=device)
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Global means of per-rank scalars (equal per-rank batches make this the global-batch mean)."""
+    if not values:
+        return {}
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
+    if is_dist():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def gather_objects(obj: object) -> list:
+    """All ranks' `obj`, in rank order (for variable-length evaluation outputs)."""
+    if not is_dist():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@torch.no_grad()
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped tensors from all ranks in rank order (no gradient)."""
+    if not is_dist():
+        return t
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()

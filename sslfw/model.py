@@ -1,0 +1,80 @@
+"""A timm backbone by name plus the heads sslfw needs: 5-level classifier, optional projection and extra heads.
+
+The continuous quality prediction is the expected level sum_k k * p_k, which keeps the class view (for the SSL
+algorithms) and a score view (for SRCC/PLCC against MOS) in one head. Pretrained weights come only from a local
+file named in the config: nothing downloads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from sslfw.config import ModelConfig
+from sslfw.data.labels import NUM_CLASSES
+
+# ImageNet statistics: what timm's ViT weights expect.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def mlp(dim_in: int, dim_out: int, hidden: int | None = None) -> nn.Sequential:
+    hidden = hidden or dim_in
+    return nn.Sequential(nn.Linear(dim_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim_out))
+
+
+class IQAModel(nn.Module):
+    """backbone -> pooled feature -> {"logits", "feat", "proj"?, extra heads...}."""
+
+    def __init__(self, cfg: ModelConfig, extra_heads: dict[str, int] | None = None, projection: bool = False):
+        super().__init__()
+        kwargs = {"img_size": cfg.img_size, **cfg.kwargs} if "vit" in cfg.name or "deit" in cfg.name else cfg.kwargs
+        self.backbone = timm.create_model(cfg.name, pretrained=False, num_classes=0, drop_path_rate=cfg.drop_path,
+                                          **kwargs)
+        dim = self.backbone.num_features
+        self.head = nn.Linear(dim, NUM_CLASSES)
+        self.proj = mlp(dim, cfg.proj_dim) if projection else None
+        self.extra = nn.ModuleDict({name: mlp(dim, out) for name, out in (extra_heads or {}).items()})
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+        if cfg.pretrained:
+            load_pretrained(self.backbone, Path(cfg.pretrained))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`x`: float images in [0, 1], NCHW; normalisation happens here so callers never forget it."""
+        feat = self.backbone((x - self.mean) / self.std)
+        out = {"feat": feat, "logits": self.head(feat)}
+        if self.proj is not None:
+            out["proj"] = nn.functional.normalize(self.proj(feat), dim=1)
+        for name, head in self.extra.items():
+            out[name] = head(feat)
+        return out
+
+
+def expected_score(logits: torch.Tensor) -> torch.Tensor:
+    """sum_k k * p_k: a continuous quality level in [0, 4]."""
+    levels = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.float32)
+    return logits.float().softmax(-1) @ levels
+
+
+def load_pretrained(backbone: nn.Module, path: Path) -> None:
+    """Load backbone weights from a local file; classifier keys are dropped, position embeddings resampled."""
+    if not path.is_file():
+        raise FileNotFoundError(f"model.pretrained: {path} does not exist (sslfw never downloads weights)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state.get("state_dict", state))
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc.", "classifier."))}
+    if "pos_embed" in state and hasattr(backbone, "pos_embed") and state["pos_embed"].shape != backbone.pos_embed.shape:
+        from timm.layers import resample_abs_pos_embed
+
+        prefix = 0 if getattr(backbone, "no_embed_class", False) else getattr(backbone, "num_prefix_tokens", 1)
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], backbone.patch_embed.grid_size,
+                                                    num_prefix_tokens=prefix)
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"model.pretrained {path}: does not fit {type(backbone).__name__}: missing {missing[:5]}..., "
+                         f"unexpected {unexpected[:5]}...")

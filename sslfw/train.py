@@ -1,0 +1,238 @@
+"""The training loop: read it top to bottom.
+
+    sslfw train --config configs/embedded_supervised.yaml                       # one process (CPU or one GPU)
+    accelerate launch --num_processes 4 -m sslfw train --config FILE.yaml        # 4 GPUs
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m sslfw train --config FILE.yaml
+
+Semantics worth knowing:
+- train.batch_size is the GLOBAL labelled batch of one optimizer step; each rank gets batch/(world*grad_accum).
+- Steps, not epochs. Batch `s` of each stream is a function of (seed, rank, s) and the per-step RNG (augmentation,
+  drop path) is reseeded from (seed, rank, step), so a resumed run repeats the uninterrupted run exactly.
+- A non-finite loss on any rank skips the step on every rank (it is counted); max_nonfinite in a row stops the run.
+- SIGUSR1/SIGTERM only set a flag; ranks agree at the next step boundary, save a checkpoint and exit with
+  EXIT_PREEMPTED (and write run_dir/preempted.json, since launchers such as torchrun do not pass worker exit codes
+  on), so the caller (Slurm script) can requeue and `--ckpt.resume auto` picks it up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from sslfw import ckpt, fsio
+from sslfw.algorithms import get_algorithm
+from sslfw.algorithms.base import StepBatch, StepContext
+from sslfw.augment import Augmenter
+from sslfw.config import Config, ConfigError, save_config, to_dict
+from sslfw.data.shards import load_index
+from sslfw.data.stream import ShardSet, TrainStream, make_loader
+from sslfw.dist import any_across_ranks, barrier, mean_across_ranks
+from sslfw.ema import EMATeacher
+from sslfw.evaluate import metrics_from_predictions, predict
+from sslfw.logger import RunLogger
+from sslfw.metrics import constant_guess
+from sslfw.model import IQAModel
+from sslfw.optim import build_optimizer, set_lr
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved on request; requeue and resume
+EXIT_NONFINITE = 3  # stopped after train.max_nonfinite non-finite steps in a row
+PREEMPTED = "preempted.json"  # written with EXIT_PREEMPTED: {"step", "signal"}; removed when the run restarts
+
+
+class StopFlag:
+    """Signal handlers may only set this; the loop acts on it at a step boundary, in agreement across ranks."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def _fault(name: str, rank: int, step: int) -> bool:
+    """Fault injection for the tests: SSLFW_FAULT_<NAME>="rank:step,rank:step" (real faults, not mocks)."""
+    spec = os.environ.get(f"SSLFW_FAULT_{name}", "")
+    return f"{rank}:{step}" in spec.split(",")
+
+
+def train(cfg: Config) -> dict:
+    cuda = torch.cuda.is_available()
+    # cpu=True on a GPU-less host, or `accelerate launch` starts N unconnected processes (research/infra.md 3.1).
+    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and cfg.train.bf16 else "no")
+    rank, world, device, main = acc.process_index, acc.num_processes, acc.device, acc.is_main_process
+    run_dir = Path(cfg.run_dir)
+    per_rank, rem = divmod(cfg.train.batch_size, world * cfg.train.grad_accum)
+    if rem or per_rank == 0:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of world_size ({world}) x "
+                          f"train.grad_accum ({cfg.train.grad_accum})")
+
+    # Resume: the newest complete step-N in run_dir (or the one named), else a fresh start.
+    resume_from = None
+    if cfg.ckpt.resume == "auto":
+        resume_from = ckpt.latest(run_dir)
+    elif cfg.ckpt.resume != "none":
+        resume_from = Path(cfg.ckpt.resume)
+    state, info = ckpt.load(resume_from) if resume_from else ({}, {})
+    start = int(info.get("step", 0))
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / PREEMPTED).unlink(missing_ok=True)
+    index = load_index(Path(cfg.data.shards))
+    constant = constant_guess(index["sets"]["train"]["class_counts"])
+
+    # Model: the same init on every rank (one seed), then DDP keeps replicas equal.
+    algo_cls = get_algorithm(cfg.algorithm.name)
+    torch.manual_seed(cfg.train.seed)
+    model = IQAModel(cfg.model, algo_cls.extra_heads, algo_cls.projection)
+    lb_set = ShardSet(cfg.data.shards, "train")
+    algorithm = algo_cls(cfg.algorithm, num_labelled=len(lb_set)).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    ema = EMATeacher(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        algorithm.load_state_dict(state["algorithm"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+    if ema is not None:
+        ema.module.to(device)
+    model, optimizer = acc.prepare(model, optimizer)  # never the loaders: they are per-rank streams already
+    raw_model = acc.unwrap_model(model)
+
+    # Streams: batch s of a stream is a pure function of (seed, stream, rank, s); start where the checkpoint left.
+    accum, crop = cfg.train.grad_accum, (cfg.data.load_crop, cfg.data.load_crop)
+    lb_iter = iter(make_loader(TrainStream(lb_set, per_rank, crop, cfg.train.seed, rank, 0, start * accum),
+                               cfg.data.num_workers, pin_memory=cuda))
+    ulb_iter = None
+    if algo_cls.uses_unlabelled:
+        ulb_set = ShardSet(cfg.data.shards, "unlabelled")
+        ulb_iter = iter(make_loader(TrainStream(ulb_set, per_rank * cfg.algorithm.uratio, crop, cfg.train.seed, rank,
+                                                1, start * accum), cfg.data.num_workers, pin_memory=cuda))
+    augment = Augmenter(cfg.aug, cfg.model.img_size)
+    num_strong = max(algo_cls.num_strong, cfg.aug.num_strong if algo_cls.num_strong else 0)
+
+    logger = RunLogger(run_dir, main, cfg.log.wandb, cfg.log.project, to_dict(cfg), start)
+    if main:
+        print(f"[sslfw] {world} process(es) on {device}: global batch {cfg.train.batch_size} = {world} ranks x "
+              f"{per_rank} x {accum} accumulation; unlabelled x{cfg.algorithm.uratio if ulb_iter else 0}; "
+              f"steps {start}->{cfg.train.steps}; algorithm {cfg.algorithm.name}; run_dir {run_dir}", flush=True)
+    stop, nonfinite_run, skipped = StopFlag(), 0, int(info.get("skipped_steps", 0))
+    autocast = acc.autocast if cuda and cfg.train.bf16 else nullcontext
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not (main and cfg.log.progress), unit="step",
+               dynamic_ncols=True)
+    t_last, exit_code, step, val = time.perf_counter(), 0, start, {}
+
+    def evaluate_now(step: int) -> dict:
+        out = {}
+        models = {"student": raw_model, "ema": ema.module if ema else None}
+        for name in ("student", "ema") if cfg.eval.model == "both" else (cfg.eval.model,):
+            if models[name] is None:
+                continue
+            pred = predict(models[name], ShardSet(cfg.data.shards, cfg.eval.split), cfg.model.img_size,
+                           cfg.data.eval_batch_size, cfg.data.num_workers, rank, world, device, autocast)
+            out |= {f"{cfg.eval.split}/{name}/{k}": v for k, v in metrics_from_predictions(pred, constant).items()}
+        return out
+
+    def save(step: int) -> None:
+        if main:
+            payload = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "algorithm": algorithm.state_dict(), "ema": ema.state_dict() if ema else None}
+            # Per-rank RNG and stream positions are functions of (seed, rank, step): storing those pins them all.
+            meta = {"step": step, "seed": cfg.train.seed, "world_size": world, "skipped_steps": skipped,
+                    "stream_position": step * accum, "rng": "reseeded each step from (seed, rank, step)",
+                    "lr_schedule": "warmup+cosine, a function of step (optim config)"}
+            ckpt.save(run_dir, step, payload, meta, cfg.ckpt.keep)
+        barrier()
+
+    model.train()
+    while step < cfg.train.steps:
+        torch.manual_seed(_seed(cfg.train.seed, rank, step))  # drop path and anything else using the global RNG
+        gen = torch.Generator(device).manual_seed(_seed(cfg.train.seed, rank, step, 1))
+        ctx = StepContext(step, cfg.train.steps, ema.module if ema else None, len(lb_set))
+        lr = set_lr(optimizer, step, cfg.train.steps, cfg.optim)
+        finite, logs = True, {}
+        for micro in range(accum):
+            lb = next(lb_iter)
+            x_lb = lb["image"].to(device, non_blocking=True)
+            batch = StepBatch(augment.weak(x_lb, gen), lb["label"].to(device), lb["idx"].to(device))
+            if ulb_iter is not None:
+                ulb = next(ulb_iter)
+                x_u = ulb["image"].to(device, non_blocking=True)
+                batch.x_ulb_w = augment.weak(x_u, gen)
+                batch.x_ulb_s = [augment.strong(x_u, gen) for _ in range(num_strong)]
+                batch.idx_ulb = ulb["idx"].to(device)
+            # DDP all-reduces gradients only on the last micro-step.
+            with acc.no_sync(model) if micro < accum - 1 else nullcontext(), autocast():
+                out = algorithm.step(model, batch, ctx)
+                loss = out.loss / accum
+                if _fault("NAN", rank, step):
+                    loss = loss * float("nan")
+                acc.backward(loss)
+            finite &= bool(torch.isfinite(loss.detach()))
+            logs = {k: float(v) for k, v in out.logs.items()}
+        bad, stop_now = any_across_ranks([not finite, stop.signal is not None], device)
+        if bad:  # one rank's NaN already reached everyone's gradients through DDP: skip on all ranks
+            optimizer.zero_grad(set_to_none=True)
+            nonfinite_run, skipped = nonfinite_run + 1, skipped + 1
+            if main:
+                print(f"[sslfw] step {step}: non-finite loss on some rank; step skipped ({nonfinite_run} in a row, "
+                      f"{skipped} total)", flush=True)
+            if nonfinite_run >= cfg.train.max_nonfinite:
+                if main:
+                    print(f"[sslfw] stopping: {nonfinite_run} non-finite steps in a row (train.max_nonfinite). "
+                          f"Lower optim.lr or check the data; the last checkpoint is intact.", file=sys.stderr)
+                exit_code = EXIT_NONFINITE
+                break
+        else:
+            nonfinite_run = 0
+            if cfg.optim.clip_grad > 0:
+                acc.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(raw_model)
+        step += 1
+        bar.update()
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            logs = mean_across_ranks({**logs, "loss": float(loss.detach()) * accum if not bad else float("nan")},
+                                     device)
+            now = time.perf_counter()
+            logs |= {"lr": lr, "skipped_steps": skipped, "steps_per_s": cfg.train.log_every / (now - t_last)}
+            t_last = now
+            logger.log(step, {f"train/{k}": v for k, v in logs.items()})
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+        if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps:
+            val = evaluate_now(step)
+            logger.log(step, val)
+        if _fault("KILL", rank, step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if stop_now:
+            save(step)
+            if main:  # launchers hide worker exit codes, so the reason is also left in the run dir
+                fsio.write_json(run_dir / PREEMPTED, {"step": step, "signal": stop.signal})
+                print(f"[sslfw] {stop.signal or 'stop signal'} on some rank: saved step-{step}, exiting with "
+                      f"{EXIT_PREEMPTED} (resume with --ckpt.resume auto)", flush=True)
+            exit_code = EXIT_PREEMPTED
+            break
+        if step % cfg.ckpt.every == 0 or step == cfg.train.steps:
+            save(step)
+    bar.close()
+    logger.close()
+    acc.end_training()
+    return {"exit_code": exit_code, "step": step, "skipped_steps": skipped, "val": val}
