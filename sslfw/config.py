@@ -160,6 +160,8 @@ def _merge(node: Any, data: dict, prefix: str) -> None:
             if not isinstance(v, dict):
                 raise ConfigError(f"{key}: expected a section (mapping), got {v!r}")
             _merge(getattr(node, k), v, f"{key}.")
+        elif hints[k] is dict and v is None:
+            setattr(node, k, {})  # `--model.kwargs=null` empties a free-form section
         elif hints[k] is dict and isinstance(v, dict):
             getattr(node, k).update(v)  # free-form sections merge key by key
         else:

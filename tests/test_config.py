@@ -15,6 +15,7 @@ def test_yaml_then_overrides(tmp_path):
     cfg = load_config(f, ["--train.steps=70", "--optim.lr", "1e-4", "--model.kwargs.patch_size=8"])
     assert cfg.train.steps == 70 and cfg.train.batch_size == 16 and cfg.optim.lr == 1e-4
     assert cfg.model.kwargs == {"depth": 2, "patch_size": 8}
+    assert load_config(f, ["--model.kwargs=null"]).model.kwargs == {}
     save_config(cfg, tmp_path / "saved.yaml")
     assert load_config(tmp_path / "saved.yaml") == cfg
 

@@ -7,7 +7,7 @@ import importlib
 from sslfw.config import ConfigError
 
 ALGORITHMS: dict[str, type] = {}
-_MODULES = ("supervised",)
+_MODULES = ("supervised", "fixmatch")
 
 
 def register(cls: type) -> type:
