@@ -130,7 +130,7 @@ def train(cfg: Config) -> dict:
     logger = RunLogger(run_dir, main, cfg.log.wandb, cfg.log.project, to_dict(cfg), start)
     if main:
         print(f"[sslfw] {world} process(es) on {device}: global batch {cfg.train.batch_size} = {world} ranks x "
-              f"{per_rank} x {accum} accumulation; unlabelled x{cfg.algorithm.uratio if ulb_iter else 0}; "
+              f"{per_rank} x {accum} accumulation; unlabelled x{cfg.algorithm.uratio if ulb_iter is not None else 0}; "
               f"steps {start}->{cfg.train.steps}; algorithm {cfg.algorithm.name}; run_dir {run_dir}", flush=True)
     stop, nonfinite_run, skipped = StopFlag(), 0, int(info.get("skipped_steps", 0))
     autocast = acc.autocast if cuda and cfg.train.bf16 else nullcontext
@@ -222,6 +222,9 @@ def train(cfg: Config) -> dict:
             logger.log(step, val)
         if _fault("KILL", rank, step):
             os.kill(os.getpid(), signal.SIGKILL)
+        if _fault("SIGNAL", rank, step):  # as if Slurm's warning signal arrived during this step
+            signal.raise_signal(signal.SIGUSR1)
+            stop_now = any_across_ranks([True], device)[0]
         if stop_now:
             save(step)
             if main:  # launchers hide worker exit codes, so the reason is also left in the run dir

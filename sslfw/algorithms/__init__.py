@@ -7,7 +7,7 @@ import importlib
 from sslfw.config import ConfigError
 
 ALGORITHMS: dict[str, type] = {}
-_MODULES = ("supervised", "fixmatch")
+_MODULES = ("supervised", "fixmatch", "adamatch", "freematch")
 
 
 def register(cls: type) -> type:

@@ -1,0 +1,53 @@
+"""Run under torchrun with 1 or 2 gloo processes: an algorithm's steps on a fixed GLOBAL batch of 16, each rank
+taking its slice. Writes {out}/rank{R}.json: global losses, gradients (averaged as DDP does) and state per step.
+"""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sslfw.algorithms import get_algorithm
+from sslfw.algorithms.base import StepBatch, StepContext
+from sslfw.config import AlgorithmConfig, ModelConfig
+from sslfw.model import IQAModel
+
+
+def main(name: str, out: str, steps: int) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    cls = get_algorithm(name)
+    model = IQAModel(ModelConfig(img_size=16, kwargs={"patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2}),
+                     cls.extra_heads, cls.projection)
+    algo = cls(AlgorithmConfig(name=name, params={"ema_p": 0.7} if name in ("adamatch", "freematch") else {}), 64)
+    B = 16 // world
+    rows = []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(100 + step)
+        full = {"x_lb": torch.rand(16, 3, 16, 16, generator=g), "y_lb": torch.randint(0, 5, (16,), generator=g),
+                "idx_lb": torch.randperm(64, generator=g)[:16], "x_w": torch.rand(16, 3, 16, 16, generator=g),
+                "x_s": [torch.rand(16, 3, 16, 16, generator=g) for _ in range(max(cls.num_strong, 1))],
+                "idx_ulb": torch.randperm(64, generator=g)[:16]}
+        sl = slice(rank * B, (rank + 1) * B)
+        batch = StepBatch(full["x_lb"][sl], full["y_lb"][sl], full["idx_lb"][sl], full["x_w"][sl],
+                          [x[sl] for x in full["x_s"]], full["idx_ulb"][sl])
+        model.zero_grad()
+        out_ = algo.step(model, batch, StepContext(step, 10, None, 64))
+        out_.loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        loss = out_.loss.detach().clone()
+        dist.all_reduce(grads)
+        dist.all_reduce(loss)
+        state = {k: v.tolist() for k, v in algo.state_dict().items()}
+        digest = hashlib.sha256(json.dumps(state).encode()).hexdigest()
+        rows.append({"loss": loss.item() / world, "grads": (grads / world).tolist(), "state": state, "hash": digest})
+    Path(out, f"rank{rank}.json").write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
