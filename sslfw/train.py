@@ -53,11 +53,15 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signal: str | None = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGUSR1, signal.SIGTERM)}
 
     def _handle(self, signum: int, _frame) -> None:
         self.signal = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        """Give the process its old handlers back (train() may run inside a longer-lived process)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _seed(*parts: int) -> int:
@@ -236,6 +240,7 @@ def train(cfg: Config) -> dict:
         if step % cfg.ckpt.every == 0 or step == cfg.train.steps:
             save(step)
     bar.close()
+    stop.restore()
     logger.close()
     acc.end_training()
     return {"exit_code": exit_code, "step": step, "skipped_steps": skipped, "val": val}
