@@ -129,6 +129,7 @@ def train(cfg: Config) -> dict:
         ulb_iter = iter(make_loader(TrainStream(ulb_set, per_rank * cfg.algorithm.uratio, crop, cfg.train.seed, rank,
                                                 1, start * accum), cfg.data.num_workers, pin_memory=cuda))
     augment = Augmenter(cfg.aug, cfg.model.img_size)
+    eval_set = ShardSet(cfg.data.shards, cfg.eval.split)
     num_strong = max(algo_cls.num_strong, cfg.aug.num_strong if algo_cls.num_strong else 0)
 
     logger = RunLogger(run_dir, main, cfg.log.wandb, cfg.log.project, to_dict(cfg), start)
@@ -148,7 +149,7 @@ def train(cfg: Config) -> dict:
         for name in ("student", "ema") if cfg.eval.model == "both" else (cfg.eval.model,):
             if models[name] is None:
                 continue
-            pred = predict(models[name], ShardSet(cfg.data.shards, cfg.eval.split), cfg.model.img_size,
+            pred = predict(models[name], eval_set, cfg.model.img_size,
                            cfg.data.eval_batch_size, cfg.data.num_workers, rank, world, device, autocast)
             out |= {f"{cfg.eval.split}/{name}/{k}": v for k, v in metrics_from_predictions(pred, constant).items()}
         return out

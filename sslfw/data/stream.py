@@ -115,6 +115,7 @@ class TrainStream(IterableDataset):
         self.seed, self.rank, self.stream, self.start_step = seed, rank, stream, start_step
         self.shards_per_block = min(shards_per_block, len(shards.shard_counts))
         self._block_ends: list[int] = []  # cumulative sample count at the end of each block, grown on demand
+        self._cached: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
 
     def _choose(self, j: int) -> tuple[np.random.Generator, np.ndarray]:
         """Shards of block j (distinct, weighted by size) and the generator that goes on to permute them."""
@@ -123,9 +124,11 @@ class TrainStream(IterableDataset):
         return rng, rng.choice(len(p), size=self.shards_per_block, replace=False, p=p)
 
     def _block(self, j: int) -> np.ndarray:
-        rng, chosen = self._choose(j)
-        starts = self.shards.shard_starts
-        return rng.permutation(np.concatenate([np.arange(starts[s], starts[s + 1]) for s in chosen]))
+        if self._cached[0] != j:  # consecutive batches mostly fall in the same block
+            rng, chosen = self._choose(j)
+            starts = self.shards.shard_starts
+            self._cached = (j, rng.permutation(np.concatenate([np.arange(starts[s], starts[s + 1]) for s in chosen])))
+        return self._cached[1]
 
     def batch_indices(self, step: int) -> np.ndarray:
         """Sample ids of batch `step`: positions [step*B, (step+1)*B) of this rank's block chain."""
