@@ -12,6 +12,7 @@ from torch import nn
 from sslfw.data.stream import EvalStream, ShardSet, make_loader
 from sslfw.dist import gather_objects
 from sslfw.metrics import iqa_metrics
+from sslfw.model import expected_score
 
 
 @torch.no_grad()
@@ -42,6 +43,5 @@ def predict(model: nn.Module, shards: ShardSet, img_size: int, batch_size: int, 
 
 def metrics_from_predictions(pred: dict[str, np.ndarray], constant: int) -> dict:
     logits = torch.from_numpy(pred["logits"])
-    prob = logits.softmax(-1)
-    score = (prob @ torch.arange(prob.shape[1], dtype=prob.dtype)).numpy()
-    return iqa_metrics(pred["label"], prob.argmax(-1).numpy(), score, pred["mos"], constant)
+    return iqa_metrics(pred["label"], logits.argmax(-1).numpy(), expected_score(logits).numpy(), pred["mos"],
+                       constant)

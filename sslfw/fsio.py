@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import os
@@ -42,6 +43,13 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, obj: Any) -> None:
     """Sorted keys and a fixed indent so equal objects give equal bytes."""
     write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def write_csv(path: str | Path, header: list[str], rows: list[list]) -> None:
+    with atomic_open(path, "w") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

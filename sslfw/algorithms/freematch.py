@@ -24,7 +24,7 @@ from sslfw.algorithms.base import Algorithm, StepBatch, StepContext, StepOutput,
 from sslfw.algorithms.fixmatch import masked_consistency
 from sslfw.algorithms.stats import ema_update, global_mean, global_sum
 from sslfw.data.labels import NUM_CLASSES
-from sslfw.dist import is_dist
+from sslfw.dist import all_gather_cat, is_dist
 
 
 def _inv0(x: torch.Tensor) -> torch.Tensor:
@@ -60,8 +60,6 @@ class FreeMatch(Algorithm):
             p_w = w["logits"].detach().float().softmax(-1)
             conf, pseudo = p_w.max(-1)
             if self.p.use_quantile:
-                from sslfw.dist import all_gather_cat
-
                 level = torch.quantile(all_gather_cat(conf), 0.8)
             else:
                 level = global_mean(conf[:, None])[0]

@@ -226,8 +226,8 @@ def prepare(koniq: Path, kadis: Path | None, out: Path, extra_labels: Path | Non
     out = Path(out)
     rows = [[r.key, r.path, r.source, _fmt(r.mos), _fmt(r.mos_zscore), *(_fmt(v) for v in (r.votes or [math.nan] * 5)),
              r.label, r.split] for r in labelled]
-    _write_csv(out / "labelled.csv", LABELLED_COLUMNS, rows)
-    _write_csv(out / "unlabelled.csv", ["key", "path"], [list(p) for p in pool])
+    fsio.write_csv(out / "labelled.csv", LABELLED_COLUMNS, rows)
+    fsio.write_csv(out / "unlabelled.csv", ["key", "path"], [list(p) for p in pool])
     labels = np.array([r.label for r in labelled])
     split_col = np.array([r.split for r in labelled])
     meta = {
@@ -246,12 +246,6 @@ def prepare(koniq: Path, kadis: Path | None, out: Path, extra_labels: Path | Non
 def _fmt(x: float) -> str:
     return "" if math.isnan(x) else f"{x:.6g}"
 
-
-def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    with fsio.atomic_open(path, "w") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(header)
-        w.writerows(rows)
 
 
 def load(manifest: Path) -> tuple[list[LabelledRow], list[tuple[str, str]], dict]:

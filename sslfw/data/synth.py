@@ -11,7 +11,6 @@ flags whatever the number of worker processes.
 
 from __future__ import annotations
 
-import csv
 import io
 import os
 from dataclasses import dataclass
@@ -159,31 +158,31 @@ def synthesize(cfg: SynthConfig) -> dict:
 
     rows = [[n, *s["counts"], sum(s["counts"]), f"{s['mos']:.6f}", f"{s['sd']:.6f}", f"{mos_to_zscore(s['mos']):.6f}"]
             for n, s in zip(koniq_names, koniq)]
-    _write_csv(koniq_dir / "koniq10k_scores_and_distributions.csv", KONIQ_HEADER, rows)
+    fsio.write_csv(koniq_dir / "koniq10k_scores_and_distributions.csv", KONIQ_HEADER, rows)
     # The official-split file: fractions c1..c5, MOS on 0..100 and a set column (7058/1000/2015 on the real one).
     rng = np.random.default_rng([cfg.seed, 7])
     sets = rng.choice(["training", "validation", "test"], size=len(koniq), p=[0.7, 0.1, 0.2])
     rows = [[n, *[f"{c / sum(s['counts']):.6f}" for c in s["counts"]], sum(s["counts"]),
              f"{mos_to_zscore(s['mos']):.6f}", f"{s['sd']:.6f}", st] for n, s, st in zip(koniq_names, koniq, sets)]
-    _write_csv(koniq_dir / "koniq10k_distributions_sets.csv", KONIQ_SETS_HEADER, rows)
+    fsio.write_csv(koniq_dir / "koniq10k_distributions_sets.csv", KONIQ_SETS_HEADER, rows)
 
     # KADIS assigns each reference one distortion type for its generator; we record the one we used.
     rows = [[n, s["code"] or 1, ""] for n, s in zip(kadis_names, kadis)]
-    _write_csv(kadis_dir / "kadis700k_ref_imgs.csv", ["ref_im", "dist_type_1", "dist_type_2"], rows)
+    fsio.write_csv(kadis_dir / "kadis700k_ref_imgs.csv", ["ref_im", "dist_type_1", "dist_type_2"], rows)
 
     # Hand labels for a few pool images, like the paper's 359 extra KADIS labels.
     scheme = LabelScheme(DEFAULT_EDGES)
     pick = np.sort(np.random.default_rng([cfg.seed, 8]).choice(len(kadis), min(cfg.extra_count, len(kadis)),
                                                                replace=False))
     rows = [[kadis_names[i], scheme.label(kadis[i]["true_mos"])] for i in pick]
-    _write_csv(out / "kadis_extra_labels.csv", ["image_name", "label"], rows)
+    fsio.write_csv(out / "kadis_extra_labels.csv", ["image_name", "label"], rows)
 
     # Hidden truth for every image (never read by training): lets pseudo-labels be scored on the pool.
     rows = [[f"koniq10k/1024x768/{n}", s["content"], s["code"], s["level"], f"{s['q']:.6f}", f"{s['true_mos']:.6f}"]
             for n, s in zip(koniq_names, koniq)]
     rows += [[f"kadis700k/ref_imgs/{n}", s["content"], s["code"], s["level"], f"{s['q']:.6f}",
               f"{s['true_mos']:.6f}"] for n, s in zip(kadis_names, kadis)]
-    _write_csv(out / "synth_truth.csv", ["image", "content", "dist_type", "dist_level", "fr_quality", "true_mos"], rows)
+    fsio.write_csv(out / "synth_truth.csv", ["image", "content", "dist_type", "dist_level", "fr_quality", "true_mos"], rows)
 
     labels = np.array([scheme.label(s["mos"]) for s in koniq])
     return {"koniq_images": len(koniq), "kadis_images": len(kadis), "extra_labels": len(pick),
@@ -195,9 +194,3 @@ def calibrate(cfg: SynthConfig, count: int = 4000) -> list[float]:
     q = np.array([s["q"] for s in _generate(cfg, "koniq", count)])
     return np.quantile(q, CALIBRATION_QUANTILES).round(4).tolist()
 
-
-def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    with fsio.atomic_open(path, "w") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(header)
-        w.writerows(rows)
