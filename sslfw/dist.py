@@ -49,6 +49,33 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+def rank_offset(n: int) -> int:
+    """Where this rank's n rows start in a rank-ordered gather of equal-sized batches."""
+    return dist.get_rank() * n if is_dist() else 0
+
+
 def barrier() -> None:
     if is_dist():
         dist.barrier()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands every rank the summed gradient of its own slice."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        ctx.n = len(t)
+        return all_gather_cat(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # all_reduce works on every backend (gloo has no reduce_scatter)
+        r = dist.get_rank()
+        return grad[r * ctx.n : (r + 1) * ctx.n]
+
+
+def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Rank-ordered concatenation that back-propagates into every rank's own part (for global contrastive
+    losses). Each rank's loss should be its local-row mean: DDP's average then equals the one-process gradient."""
+    return _GatherWithGrad.apply(t) if is_dist() else t

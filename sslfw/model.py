@@ -37,7 +37,7 @@ class IQAModel(nn.Module):
         dim = self.backbone.num_features
         self.head = nn.Linear(dim, NUM_CLASSES)
         self.proj = mlp(dim, cfg.proj_dim) if projection else None
-        self.extra = nn.ModuleDict({name: mlp(dim, out) for name, out in (extra_heads or {}).items()})
+        self.extra = nn.ModuleDict({name: mlp(dim, out or dim) for name, out in (extra_heads or {}).items()})
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
         if cfg.pretrained:

@@ -105,7 +105,7 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.train.seed)
     model = IQAModel(cfg.model, algo_cls.extra_heads, algo_cls.projection)
     lb_set = ShardSet(cfg.data.shards, "train")
-    algorithm = algo_cls(cfg.algorithm, num_labelled=len(lb_set)).to(device)
+    algorithm = algo_cls(cfg.algorithm, len(lb_set), cfg.model.proj_dim).to(device)
     optimizer = build_optimizer(model, cfg.optim)
     ema = EMATeacher(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
     if state:

@@ -31,7 +31,7 @@ def logits(*rows: list[float]) -> torch.Tensor:
 
 
 def make(name: str, **params):
-    return get_algorithm(name)(AlgorithmConfig(name=name, params=params), num_labelled=8)
+    return get_algorithm(name)(AlgorithmConfig(name=name, params=params), 8, 4)
 
 
 CTX = StepContext(step=5, total_steps=10, teacher=None, num_labelled=8)
@@ -88,7 +88,10 @@ def test_freematch_state_updates_mask_and_fairness_sign():
     assert float(out.logs["fair_loss"]) <= 0  # minus a cross-entropy
 
 
-@pytest.mark.parametrize("name", ["fixmatch", "adamatch", "freematch"])
+SSL = ["fixmatch", "adamatch", "freematch", "comatch", "simmatch", "crmatch"]
+
+
+@pytest.mark.parametrize("name", SSL)
 def test_two_ranks_equal_one_rank_with_the_global_batch(name, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     results = {}
@@ -101,6 +104,10 @@ def test_two_ranks_equal_one_rank_with_the_global_batch(name, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[nproc] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
     one, (r0, r1) = results[1][0], results[2]
+    assert any(r["logs"]["mask_ratio"] > 0 for r in one)  # the unlabelled terms were really exercised
+    active = {"comatch": "contrast_loss", "simmatch": "in_loss", "crmatch": "rot_loss", "freematch": "fair_loss"}
+    if name in active:
+        assert one[-1]["logs"][active[name]] != 0
     for a, b, c in zip(one, r0, r1):
         assert b["hash"] == c["hash"]  # state identical on both ranks
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
@@ -109,7 +116,7 @@ def test_two_ranks_equal_one_rank_with_the_global_batch(name, tmp_path):
             np.testing.assert_allclose(b["state"][k], a["state"][k], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["supervised", "fixmatch", "adamatch", "freematch"])
+@pytest.mark.parametrize("name", ["supervised", *SSL])
 def test_trains_checkpoints_and_resumes_to_identical_state(name, small_shards, tmp_path, monkeypatch):
     from sslfw import ckpt
     from sslfw.config import load_config
@@ -131,3 +138,131 @@ def test_trains_checkpoints_and_resumes_to_identical_state(name, small_shards, t
     assert all(torch.equal(a["ema"]["module"][k], b["ema"]["module"][k]) for k in a["ema"]["module"])
     rows = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+
+
+class LogitsAndProj(nn.Module):
+    """Inputs of width 5 + D: the first 5 columns are the logits, the rest (normalised) the projection."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": x[:, :5], "proj": torch.nn.functional.normalize(x[:, 5:], dim=1), "feat": x}
+
+
+def test_ring_queue_wraps_without_truncating_and_keeps_the_newest():
+    from sslfw.algorithms.bank import RingQueue
+
+    q = RingQueue(5, 2, 5)
+    q.push(torch.tensor([[1.0, 0], [2, 0], [3, 0]]), torch.eye(5)[:3])
+    assert not q.full
+    q.push(torch.tensor([[0, 4.0], [0, 5], [0, 6], [0, 7]]), torch.eye(5)[:4])
+    assert q.full and int(q.ptr) == 2
+    assert q.feats.tolist() == [[0, 1], [0, 1], [1, 0], [0, 1], [0, 1]]  # rows 0,1 overwritten, unit norm
+    assert q.probs.argmax(1).tolist() == [2, 3, 2, 0, 1]
+    q.push(torch.arange(14.0).view(7, 2) + 1, torch.eye(5)[torch.arange(7) % 5])
+    # 7 rows labelled 0,1,2,3,4,0,1 written one by one from slot 2 leave the newest five in slots 4,0,1,2,3
+    assert q.probs.argmax(1).tolist() == [3, 4, 0, 1, 2] and int(q.ptr) == 4
+
+
+def test_labelled_bank_last_writer_and_usb_compat_scale():
+    from sslfw.algorithms.bank import LabelledBank
+
+    bank = LabelledBank(4, 2)
+    bank.update(torch.tensor([1, 3, 1]), torch.tensor([[3.0, 4], [1, 0], [0, 2]]), torch.tensor([2, 4, 0]))
+    assert bank.feats[1].tolist() == [0, 1] and bank.labels.tolist()[1] == 0  # last row for index 1 wins
+    assert bank.written.tolist() == [False, True, False, True] and not bank.full
+    bank.update(torch.tensor([0, 2]), torch.ones(2, 2), torch.tensor([1, 1]), usb_compat=True)
+    assert bank.full
+    assert not torch.allclose(bank.feats[[0, 2]].norm(dim=1), torch.ones(2))  # USB's dim bug: rows not unit norm
+
+
+def test_distribution_alignment_queue():
+    from sslfw.algorithms.bank import DistAlignQueue
+
+    da = DistAlignQueue(3, 5)
+    p = torch.tensor([[0.6, 0.1, 0.1, 0.1, 0.1]]).repeat(4, 1)
+    assert torch.allclose(da.align(p), torch.full((4, 5), 0.2), atol=1e-5)  # skew removed towards uniform
+    other = torch.full((2, 5), 0.2)
+    mean = (p.mean(0) + other.mean(0)) / 2
+    want = other * 0.2 / mean
+    assert torch.allclose(da.align(other), want / want.sum(1, keepdim=True), atol=1e-5)
+
+
+def test_comatch_targets_smoothing_and_graph_contrast():
+    alg = make("comatch", p_cutoff=0.5, T=0.5, contrast_p_cutoff=0.3, queue_size=4, da_len=1, smoothing_alpha=0.6)
+    g = torch.Generator().manual_seed(0)
+    x_lb, x_w, x_s0, x_s1 = (torch.randn(2, 9, generator=g) * 2 for _ in range(4))
+    batch = StepBatch(x_lb, torch.tensor([1, 3]), torch.tensor([0, 1]), x_w, [x_s0, x_s1])
+    m = LogitsAndProj()
+    first = alg.step(m, batch, CTX)  # queue empty: the target is the aligned weak prediction
+    p_w = x_w[:, :5].softmax(-1)
+    p_da = p_w * 0.2 / p_w.mean(0)
+    p_da = p_da / p_da.sum(1, keepdim=True)
+    assert alg.queue.full  # 2 unlabelled + 2 labelled rows fill a queue of 4
+
+    def contrast(target):
+        W = target @ target.T
+        W.fill_diagonal_(1)
+        W = W * (W >= 0.3)
+        W = W / W.sum(1, keepdim=True)
+        f0, f1 = m(x_s0)["proj"], m(x_s1)["proj"]
+        S = (f0 @ f1.T / 0.5).softmax(-1)
+        return -(W * torch.log(S + 1e-7)).sum(1).mean()
+
+    assert float(first.logs["contrast_loss"]) == pytest.approx(float(contrast(p_da)), rel=1e-5)
+    feats, probs = alg.queue.feats.clone(), alg.queue.probs.clone()
+    second = alg.step(m, batch, CTX)  # queue full: memory-smoothed target
+    p_w2 = p_w * 0.2 / p_w.mean(0)  # da_len 1: the queue holds only this batch's mean
+    p_w2 = p_w2 / p_w2.sum(1, keepdim=True)
+    smooth = 0.6 * p_w2 + 0.4 * (m(x_w)["proj"] @ feats.T / 0.5).softmax(-1) @ probs
+    assert float(second.logs["contrast_loss"]) == pytest.approx(float(contrast(smooth)), rel=1e-5)
+    want_mask = (smooth.max(-1).values >= 0.5).float().mean()
+    assert float(second.logs["mask_ratio"]) == pytest.approx(float(want_mask))
+
+
+def test_simmatch_unfolding_aggregation_and_instance_loss():
+    alg = make("simmatch", p_cutoff=0.0, T=0.5, da_len=1, smoothing_alpha=0.7)
+    g = torch.Generator().manual_seed(1)
+    m = LogitsAndProj()
+    x_lb = torch.randn(8, 9, generator=g)
+    y = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    fill = StepBatch(x_lb, y, torch.arange(8), torch.randn(2, 9, generator=g), [torch.randn(2, 9, generator=g)])
+    first = alg.step(m, fill, CTX)
+    assert float(first.logs["in_loss"]) == 0 and alg.bank.full  # the bank is complete only after this write
+    bank, labels = alg.bank.feats.clone(), alg.bank.labels.clone()
+    x_w, x_s = torch.randn(2, 9, generator=g), torch.randn(2, 9, generator=g)
+    out = alg.step(m, StepBatch(x_lb[:2], y[:2], torch.arange(2), x_w, [x_s]), CTX)
+    p = x_w[:, :5].softmax(-1)
+    p = p * 0.2 / p.mean(0)
+    p = p / p.sum(1, keepdim=True)
+    q = (m(x_w)["proj"] @ bank.T / 0.5).softmax(-1)
+    in_loss = 0.0
+    for i in range(2):
+        unfolded = torch.tensor([q[i, k] * p[i, labels[k]] for k in range(8)])
+        unfolded = unfolded / unfolded.sum()
+        log_s = torch.log_softmax(m(x_s)["proj"][i] @ bank.T / 0.5, -1)
+        in_loss += -(unfolded * log_s).sum() / 2
+    assert float(out.logs["in_loss"]) == pytest.approx(float(in_loss), rel=1e-5)
+    agg = torch.stack([torch.stack([q[i, labels == c].sum() for c in range(5)]) for i in range(2)])
+    target = 0.7 * p + 0.3 * agg
+    want = -(target * torch.log_softmax(x_s[:, :5], -1)).sum(1).mean()  # p_cutoff 0: every row masked in
+    assert float(out.logs["unsup_loss"]) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_crmatch_rotations_and_feature_distance():
+    from sslfw.algorithms.crmatch import rotations
+
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    turned, labels = rotations(x)
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert torch.equal(turned[2], torch.rot90(x[0], 1, dims=(-2, -1)))
+    assert torch.equal(torch.rot90(turned[7], -3, dims=(-2, -1)), x[1])
+
+    class Heads(nn.Module):
+        def forward(self, v):
+            return {"logits": v[:, :5], "ds": v[:, 5:7], "rot": v[:, :4]}
+
+    alg = make("crmatch", p_cutoff=0.5, rot_loss_ratio=0.0)
+    w = torch.tensor([[5.0, 0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 1, 0]])
+    s = torch.tensor([[0.0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 1, 1]])
+    out = alg.step(Heads(), StepBatch(w[:1], torch.tensor([0]), torch.tensor([0]), w, [s]), CTX)
+    assert float(out.logs["mask_ratio"]) == 0.5
+    assert float(out.logs["ds_loss"]) == pytest.approx(math.cos(math.pi / 4) / 2, rel=1e-5)  # masked row only

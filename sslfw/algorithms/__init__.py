@@ -7,7 +7,7 @@ import importlib
 from sslfw.config import ConfigError
 
 ALGORITHMS: dict[str, type] = {}
-_MODULES = ("supervised", "fixmatch", "adamatch", "freematch")
+_MODULES = ("supervised", "fixmatch", "adamatch", "freematch", "comatch", "simmatch", "crmatch")
 
 
 def register(cls: type) -> type:

@@ -36,8 +36,8 @@ class AdaMatch(Algorithm):
         ema_p: float = 0.999
         usb_compat: bool = False
 
-    def __init__(self, cfg, num_labelled: int):
-        super().__init__(cfg, num_labelled)
+    def __init__(self, cfg, num_labelled: int, proj_dim: int):
+        super().__init__(cfg, num_labelled, proj_dim)
         self.register_buffer("p_model", torch.full((NUM_CLASSES,), 1.0 / NUM_CLASSES))
         self.register_buffer("p_target", torch.full((NUM_CLASSES,), 1.0 / NUM_CLASSES))
         self.register_buffer("initialised", torch.tensor(False))

@@ -50,13 +50,13 @@ class Algorithm(nn.Module):
     uses_unlabelled: ClassVar[bool] = True
     num_strong: ClassVar[int] = 1
     projection: ClassVar[bool] = False  # needs model output "proj" (L2-normalised)
-    extra_heads: ClassVar[dict[str, int]] = {}  # name -> output size, e.g. {"rot": 4}
+    extra_heads: ClassVar[dict[str, int]] = {}  # name -> output size (0: the feature width), e.g. {"rot": 4}
 
     @dataclass
     class Params:
         """The algorithm's own hyper-parameters (config: algorithm.params)."""
 
-    def __init__(self, cfg: AlgorithmConfig, num_labelled: int):
+    def __init__(self, cfg: AlgorithmConfig, num_labelled: int, proj_dim: int):
         super().__init__()
         self.cfg = cfg
         names = {f.name for f in dataclasses.fields(self.Params)}

@@ -46,8 +46,8 @@ class FreeMatch(Algorithm):
         use_quantile: bool = False
         clip_thresh: bool = False
 
-    def __init__(self, cfg, num_labelled: int):
-        super().__init__(cfg, num_labelled)
+    def __init__(self, cfg, num_labelled: int, proj_dim: int):
+        super().__init__(cfg, num_labelled, proj_dim)
         c = NUM_CLASSES
         self.register_buffer("time_p", torch.tensor(1.0 / c))
         self.register_buffer("p_model", torch.full((c,), 1.0 / c))

@@ -21,22 +21,26 @@ def main(name: str, out: str, steps: int) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     cls = get_algorithm(name)
-    model = IQAModel(ModelConfig(img_size=16, kwargs={"patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2}),
+    model = IQAModel(ModelConfig(img_size=16, proj_dim=8, kwargs={"patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2}),
                      cls.extra_heads, cls.projection)
-    algo = cls(AlgorithmConfig(name=name, params={"ema_p": 0.7} if name in ("adamatch", "freematch") else {}), 64)
+    params = {"adamatch": {"ema_p": 0.7, "p_cutoff": 0.7}, "freematch": {"ema_p": 0.7},
+              "comatch": {"queue_size": 40, "da_len": 3, "p_cutoff": 0.2, "contrast_p_cutoff": 0.05},
+              "simmatch": {"da_len": 3, "p_cutoff": 0.2}, "crmatch": {"p_cutoff": 0.22},
+              "fixmatch": {"p_cutoff": 0.22}}.get(name, {})
+    algo = cls(AlgorithmConfig(name=name, params=params), 16, 8)
     B = 16 // world
     rows = []
     for step in range(steps):
         g = torch.Generator().manual_seed(100 + step)
         full = {"x_lb": torch.rand(16, 3, 16, 16, generator=g), "y_lb": torch.randint(0, 5, (16,), generator=g),
-                "idx_lb": torch.randperm(64, generator=g)[:16], "x_w": torch.rand(16, 3, 16, 16, generator=g),
+                "idx_lb": torch.randperm(16, generator=g) if step == 0 else torch.randint(0, 16, (16,), generator=g), "x_w": torch.rand(16, 3, 16, 16, generator=g),
                 "x_s": [torch.rand(16, 3, 16, 16, generator=g) for _ in range(max(cls.num_strong, 1))],
                 "idx_ulb": torch.randperm(64, generator=g)[:16]}
         sl = slice(rank * B, (rank + 1) * B)
         batch = StepBatch(full["x_lb"][sl], full["y_lb"][sl], full["idx_lb"][sl], full["x_w"][sl],
                           [x[sl] for x in full["x_s"]], full["idx_ulb"][sl])
         model.zero_grad()
-        out_ = algo.step(model, batch, StepContext(step, 10, None, 64))
+        out_ = algo.step(model, batch, StepContext(step, 10, None, 16))
         out_.loss.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         loss = out_.loss.detach().clone()
@@ -44,7 +48,8 @@ def main(name: str, out: str, steps: int) -> None:
         dist.all_reduce(loss)
         state = {k: v.tolist() for k, v in algo.state_dict().items()}
         digest = hashlib.sha256(json.dumps(state).encode()).hexdigest()
-        rows.append({"loss": loss.item() / world, "grads": (grads / world).tolist(), "state": state, "hash": digest})
+        logs = {k: float(v) for k, v in out_.logs.items()}
+        rows.append({"loss": loss.item() / world, "logs": logs, "grads": (grads / world).tolist(), "state": state, "hash": digest})
     Path(out, f"rank{rank}.json").write_text(json.dumps(rows))
     dist.destroy_process_group()
 
