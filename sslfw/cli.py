@@ -51,6 +51,42 @@ def cmd_train(a: argparse.Namespace) -> dict:
     return train(load_config(a.config, overrides))
 
 
+def cmd_pseudolabel(a: argparse.Namespace) -> dict:
+    from sslfw.pseudolabel import pseudolabel
+
+    return pseudolabel(a.checkpoint, a.out, shards=a.shards, which=a.model, crops=a.crops, batch_size=a.batch_size,
+                       num_workers=a.num_workers, chunk=a.chunk, progress=not a.quiet)
+
+
+def cmd_eval(a: argparse.Namespace) -> dict:
+    from sslfw.evaljob import run_eval
+
+    return run_eval(a.checkpoint, a.split, a.model, a.crops, out=a.out, batch_size=a.batch_size,
+                    num_workers=a.num_workers, shards=a.shards)
+
+
+def cmd_predict(a: argparse.Namespace) -> None:
+    from sslfw.predict import predict_files
+
+    predict_files(a.checkpoint, a.inputs, out=a.out, which=a.model, crops=a.crops)
+
+
+def cmd_pipeline(a: argparse.Namespace) -> dict:
+    from sslfw.config import load_config
+    from sslfw.pipeline import PipelineConfig, run_pipeline
+
+    result = run_pipeline(load_config(a.config, a.overrides, cls=PipelineConfig))
+    if result.get("report_text"):
+        print(result.pop("report_text"))
+    return result
+
+
+def _inference_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--checkpoint", type=Path, required=True, help="a step-N directory or a run directory (newest)")
+    s.add_argument("--model", default="ema", choices=("ema", "student"), help="which weights")
+    s.add_argument("--crops", type=int, default=1, choices=(1, 5), help="1: centre; 5: centre + corners, averaged")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sslfw.data.distortions import DEFAULT_MIX
 
@@ -99,6 +135,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", type=Path, help="YAML config; omitted sections keep their defaults")
     s.add_argument("--resume", help="auto | none | a step-N directory (same as --ckpt.resume)")
     s.set_defaults(func=cmd_train)
+
+    s = verbs.add_parser("pseudolabel", help="label the unlabelled shards with a checkpoint (distributed, resumable)")
+    _inference_args(s)
+    s.add_argument("--out", type=Path, required=True, help="csv to write (chunks go to OUT.parts/)")
+    s.add_argument("--shards", type=Path, help="packed folder (default: the checkpoint's data.shards)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--num-workers", type=int, default=2)
+    s.add_argument("--chunk", type=int, default=1024, help="samples per resumable unit")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_pseudolabel)
+
+    s = verbs.add_parser("eval", help="evaluate a checkpoint on a split (distributed); JSON, markdown, confusion PNG")
+    _inference_args(s)
+    s.add_argument("--split", default="test", choices=("train", "val", "test"))
+    s.add_argument("--out", type=Path, help="folder for eval.json, eval.md, confusion.png")
+    s.add_argument("--shards", type=Path)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--num-workers", type=int, default=2)
+    s.set_defaults(func=cmd_eval)
+
+    s = verbs.add_parser("predict", help="quality level and score per image, as CSV")
+    _inference_args(s)
+    s.add_argument("inputs", type=Path, nargs="+", help="image files and/or folders")
+    s.add_argument("--out", type=Path, help="csv file (default: stdout)")
+    s.set_defaults(func=cmd_predict)
+
+    s = verbs.add_parser("pipeline", help="SSL -> pseudo-label -> retrain -> eval for algorithms x seeds; report")
+    s.add_argument("--config", type=Path, help="pipeline YAML (sslfw/pipeline.py: PipelineConfig)")
+    s.set_defaults(func=cmd_pipeline)
     return p
 
 
@@ -108,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     from sslfw.config import ConfigError
 
     args, extra = build_parser().parse_known_args(argv)
-    if extra and args.verb != "train":
+    if extra and args.verb not in ("train", "pipeline"):
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     t0 = time.perf_counter()
@@ -123,6 +188,13 @@ def main(argv: list[str] | None = None) -> int:
         if not (dist.is_initialized() and dist.get_rank() > 0):
             print(json.dumps(result, indent=1, default=str))
         return int(result["exit_code"])
+    if result is None:
+        return 0
+    if args.verb in ("pseudolabel", "eval", "pipeline"):
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_rank() > 0:
+            return 0
     print(json.dumps(result, indent=1, default=str))
     print(f"[{args.verb} {getattr(args, 'action', '')}] done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return 0

@@ -28,6 +28,8 @@ class DataConfig:
     load_crop: int = 80  # native-resolution square crop cut by the loader; views are cut from it on the device
     num_workers: int = 2  # DataLoader workers per stream and rank
     eval_batch_size: int = 64  # per rank
+    pseudo_labels: str = ""  # a `sslfw pseudolabel` csv: retrain (supervised) on labelled + pseudo-labelled data
+    pseudo_min_confidence: float = 0.0  # keep only pseudo-labels at least this confident
 
 
 @dataclass
@@ -145,7 +147,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             pass
     elif tp is tuple and isinstance(value, (list, tuple)):
         return tuple(value)
-    elif tp in (int, str, bool, dict) and type(value) is tp:
+    elif tp in (int, str, bool, dict, list) and type(value) is tp:
         return value
     raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r} ({type(value).__name__})")
 
@@ -195,8 +197,17 @@ def parse_overrides(args: list[str]) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
-    cfg = Config()
+def nested(dotted: dict) -> dict:
+    """{"train.steps": 3} -> {"train": {"steps": 3}}."""
+    out: dict = {}
+    for k, v in dotted.items():
+        _set_dotted(out, k, v)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None, cls: type = None):
+    """`cls` (default Config) filled from the YAML file, then the overrides; Config trees are validated."""
+    cfg = (cls or Config)()
     if path:
         text = Path(path).read_text()
         data = yaml.safe_load(text) or {}
@@ -205,7 +216,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         _merge(cfg, data, "")
     if overrides:
         _merge(cfg, overrides if isinstance(overrides, dict) else parse_overrides(overrides), "")
-    validate(cfg)
+    if isinstance(cfg, Config):
+        validate(cfg)
     return cfg
 
 

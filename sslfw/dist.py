@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from accelerate import Accelerator
+
+
+def make_accelerator(bf16: bool = False) -> Accelerator:
+    """cpu=True on a GPU-less host, or `accelerate launch` starts N unconnected processes (research/infra.md
+    3.1); bf16 autocast only where there is a GPU."""
+    cuda = torch.cuda.is_available()
+    return Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and bf16 else "no")
 
 
 def is_dist() -> bool:

@@ -1,6 +1,7 @@
-"""Sharded evaluation: each rank predicts its slice of the set, predictions are gathered, metrics computed.
+"""Sharded prediction and evaluation: each rank predicts its slice, predictions are gathered, metrics computed.
 
-No rank evaluates everything, and the gathered indices are checked to cover the set exactly once.
+No rank evaluates everything, and the gathered indices are checked to cover the set exactly once. Predictions are
+class probabilities, averaged over crops when several native-resolution crops are asked for.
 """
 
 from __future__ import annotations
@@ -16,23 +17,33 @@ from sslfw.model import expected_score
 
 
 @torch.no_grad()
-def predict(model: nn.Module, shards: ShardSet, img_size: int, batch_size: int, num_workers: int, rank: int,
-            world: int, device: torch.device, autocast) -> dict[str, np.ndarray]:
-    """Centre-crop predictions for the whole set, gathered from all ranks and sorted by sample index."""
+def predict_stream(model: nn.Module, stream: EvalStream, num_workers: int, device: torch.device,
+                   autocast) -> dict[str, np.ndarray]:
+    """idx, label, mos and crop-averaged probs for what `stream` yields on this rank (no communication)."""
     was_training = model.training
     model.eval()
-    parts: dict[str, list] = {"idx": [], "label": [], "mos": [], "logits": []}
-    stream = EvalStream(shards, batch_size, (img_size, img_size), rank, world)
+    parts: dict[str, list] = {"idx": [], "label": [], "mos": [], "probs": [], "key": []}
     for batch in make_loader(stream, num_workers):
+        x = batch["image"].to(device).float() / 255
+        crops = x.shape[1] if x.ndim == 5 else 1
         with autocast():
-            logits = model(batch["image"].to(device).float() / 255)["logits"]
-        parts["logits"].append(logits.float().cpu().numpy())
+            logits = model(x.flatten(0, 1) if x.ndim == 5 else x)["logits"]
+        probs = logits.float().softmax(-1).view(len(x), crops, -1).mean(1)
+        parts["probs"].append(probs.cpu().numpy())
         for k in ("idx", "label", "mos"):
             parts[k].append(batch[k].numpy())
+        parts["key"].append(np.array(batch["key"]))
     model.train(was_training)
-    local = {k: np.concatenate(v) if v else np.zeros((0, 5) if k == "logits" else 0) for k, v in parts.items()}
-    ranks = gather_objects(local)
-    out = {k: np.concatenate([r[k] for r in ranks]) for k in local}
+    return {k: np.concatenate(v) if v else np.zeros((0, 5) if k == "probs" else 0, dtype=str if k == "key" else float)
+            for k, v in parts.items()}
+
+
+def predict(model: nn.Module, shards: ShardSet, img_size: int, batch_size: int, num_workers: int, rank: int,
+            world: int, device: torch.device, autocast, crops: int = 1) -> dict[str, np.ndarray]:
+    """Predictions for the whole set, gathered from all ranks, sorted by sample index, checked exactly-once."""
+    stream = EvalStream(shards, batch_size, (img_size, img_size), rank, world, crops=crops)
+    ranks = gather_objects(predict_stream(model, stream, num_workers, device, autocast))
+    out = {k: np.concatenate([r[k] for r in ranks]) for k in ranks[0]}
     order = np.argsort(out["idx"], kind="stable")
     out = {k: v[order] for k, v in out.items()}
     if not np.array_equal(out["idx"], np.arange(len(shards))):
@@ -42,6 +53,5 @@ def predict(model: nn.Module, shards: ShardSet, img_size: int, batch_size: int, 
 
 
 def metrics_from_predictions(pred: dict[str, np.ndarray], constant: int) -> dict:
-    logits = torch.from_numpy(pred["logits"])
-    return iqa_metrics(pred["label"], logits.argmax(-1).numpy(), expected_score(logits).numpy(), pred["mos"],
-                       constant)
+    probs = torch.from_numpy(pred["probs"])
+    return iqa_metrics(pred["label"], probs.argmax(-1).numpy(), expected_score(probs).numpy(), pred["mos"], constant)

@@ -54,10 +54,9 @@ class IQAModel(nn.Module):
         return out
 
 
-def expected_score(logits: torch.Tensor) -> torch.Tensor:
-    """sum_k k * p_k: a continuous quality level in [0, 4]."""
-    levels = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.float32)
-    return logits.float().softmax(-1) @ levels
+def expected_score(probs: torch.Tensor) -> torch.Tensor:
+    """sum_k k * p_k: a continuous quality level in [0, 4], from class probabilities."""
+    return probs.float() @ torch.arange(probs.shape[-1], device=probs.device, dtype=torch.float32)
 
 
 def load_pretrained(backbone: nn.Module, path: Path) -> None:

@@ -25,23 +25,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from tqdm import tqdm
 
-from sslfw import ckpt, fsio
+from sslfw import ckpt, faults, fsio
 from sslfw.algorithms import get_algorithm
 from sslfw.algorithms.base import StepBatch, StepContext
 from sslfw.augment import Augmenter
 from sslfw.config import Config, ConfigError, save_config, to_dict
 from sslfw.data.shards import load_index
 from sslfw.data.stream import ShardSet, TrainStream, make_loader
-from sslfw.dist import any_across_ranks, barrier, mean_across_ranks
+from sslfw.dist import any_across_ranks, barrier, make_accelerator, mean_across_ranks
 from sslfw.ema import EMATeacher
 from sslfw.evaluate import metrics_from_predictions, predict
 from sslfw.logger import RunLogger
 from sslfw.metrics import constant_guess
 from sslfw.model import IQAModel
 from sslfw.optim import build_optimizer, set_lr
+from sslfw.pseudolabel import load_pseudo_labels
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved on request; requeue and resume
 EXIT_NONFINITE = 3  # stopped after train.max_nonfinite non-finite steps in a row
@@ -68,16 +68,9 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
-def _fault(name: str, rank: int, step: int) -> bool:
-    """Fault injection for the tests: SSLFW_FAULT_<NAME>="rank:step,rank:step" (real faults, not mocks)."""
-    spec = os.environ.get(f"SSLFW_FAULT_{name}", "")
-    return f"{rank}:{step}" in spec.split(",")
-
-
 def train(cfg: Config) -> dict:
     cuda = torch.cuda.is_available()
-    # cpu=True on a GPU-less host, or `accelerate launch` starts N unconnected processes (research/infra.md 3.1).
-    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and cfg.train.bf16 else "no")
+    acc = make_accelerator(cfg.train.bf16)
     rank, world, device, main = acc.process_index, acc.num_processes, acc.device, acc.is_main_process
     run_dir = Path(cfg.run_dir)
     per_rank, rem = divmod(cfg.train.batch_size, world * cfg.train.grad_accum)
@@ -121,7 +114,18 @@ def train(cfg: Config) -> dict:
 
     # Streams: batch s of a stream is a pure function of (seed, stream, rank, s); start where the checkpoint left.
     accum, crop = cfg.train.grad_accum, (cfg.data.load_crop, cfg.data.load_crop)
-    lb_iter = iter(make_loader(TrainStream(lb_set, per_rank, crop, cfg.train.seed, rank, 0, start * accum),
+    n_lb, pl_iter = per_rank, None
+    if cfg.data.pseudo_labels:  # the paper's retraining: labelled and pseudo-labelled images drawn as one union
+        if algo_cls.uses_unlabelled:
+            raise ConfigError("data.pseudo_labels: retraining on pseudo-labels is supervised; "
+                              "set algorithm.name=supervised")
+        pool = ShardSet(cfg.data.shards, "unlabelled")
+        pl_labels, keep = load_pseudo_labels(Path(cfg.data.pseudo_labels), len(pool), cfg.data.pseudo_min_confidence)
+        n_pl = min(per_rank - 1, max(1, round(per_rank * keep.sum() / (keep.sum() + len(lb_set)))))
+        n_lb = per_rank - n_pl
+        pl_iter = iter(make_loader(TrainStream(pool, n_pl, crop, cfg.train.seed, rank, 2, start * accum, keep=keep,
+                                               labels=pl_labels), cfg.data.num_workers, pin_memory=cuda))
+    lb_iter = iter(make_loader(TrainStream(lb_set, n_lb, crop, cfg.train.seed, rank, 0, start * accum),
                                cfg.data.num_workers, pin_memory=cuda))
     ulb_iter = None
     if algo_cls.uses_unlabelled:
@@ -135,7 +139,8 @@ def train(cfg: Config) -> dict:
     logger = RunLogger(run_dir, main, cfg.log.wandb, cfg.log.project, to_dict(cfg), start)
     if main:
         print(f"[sslfw] {world} process(es) on {device}: global batch {cfg.train.batch_size} = {world} ranks x "
-              f"{per_rank} x {accum} accumulation; unlabelled x{cfg.algorithm.uratio if ulb_iter is not None else 0}; "
+              f"{per_rank} x {accum} accumulation ({per_rank - n_lb} of {per_rank} pseudo-labelled); "
+              f"unlabelled x{cfg.algorithm.uratio if ulb_iter is not None else 0}; "
               f"steps {start}->{cfg.train.steps}; algorithm {cfg.algorithm.name}; run_dir {run_dir}", flush=True)
     stop, nonfinite_run, skipped = StopFlag(), 0, int(info.get("skipped_steps", 0))
     autocast = acc.autocast if cuda and cfg.train.bf16 else nullcontext
@@ -161,7 +166,7 @@ def train(cfg: Config) -> dict:
             # Per-rank RNG and stream positions are functions of (seed, rank, step): storing those pins them all.
             meta = {"step": step, "seed": cfg.train.seed, "world_size": world, "skipped_steps": skipped,
                     "stream_position": step * accum, "rng": "reseeded each step from (seed, rank, step)",
-                    "lr_schedule": "warmup+cosine, a function of step (optim config)"}
+                    "lr_schedule": "warmup+cosine, a function of step (optim config)", "config": to_dict(cfg)}
             ckpt.save(run_dir, step, payload, meta, cfg.ckpt.keep)
         barrier()
 
@@ -174,6 +179,9 @@ def train(cfg: Config) -> dict:
         finite, logs = True, {}
         for micro in range(accum):
             lb = next(lb_iter)
+            if pl_iter is not None:
+                pl = next(pl_iter)
+                lb = {k: torch.cat([lb[k], pl[k]]) for k in ("image", "label", "idx")}
             x_lb = lb["image"].to(device, non_blocking=True)
             batch = StepBatch(augment.weak(x_lb, gen), lb["label"].to(device), lb["idx"].to(device))
             if ulb_iter is not None:
@@ -186,7 +194,7 @@ def train(cfg: Config) -> dict:
             with acc.no_sync(model) if micro < accum - 1 else nullcontext(), autocast():
                 out = algorithm.step(model, batch, ctx)
                 loss = out.loss / accum
-                if _fault("NAN", rank, step):
+                if faults.armed("NAN", rank, step):
                     loss = loss * float("nan")
                 acc.backward(loss)
             finite &= bool(torch.isfinite(loss.detach()))
@@ -225,9 +233,9 @@ def train(cfg: Config) -> dict:
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps:
             val = evaluate_now(step)
             logger.log(step, val)
-        if _fault("KILL", rank, step):
+        if faults.armed("KILL", rank, step):
             os.kill(os.getpid(), signal.SIGKILL)
-        if _fault("SIGNAL", rank, step):  # as if Slurm's warning signal arrived during this step
+        if faults.armed("SIGNAL", rank, step):  # as if Slurm's warning signal arrived during this step
             signal.raise_signal(signal.SIGUSR1)
             stop_now = any_across_ranks([True], device)[0]
         if stop_now:

@@ -76,3 +76,15 @@ def run_sslfw(args: list[str], nproc: int = 1, env: dict | None = None, timeout:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                "-m", "sslfw", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(small_shards, tmp_path_factory) -> Path:
+    """A supervised run of 6 steps on the small shards: a real checkpoint for inference tests."""
+    from sslfw.config import load_config
+    from sslfw.train import train
+
+    run = tmp_path_factory.mktemp("tiny_run") / "run"
+    train(load_config(None, tiny_overrides(small_shards, run, **{"train.steps": 6, "ckpt.every": 6,
+                                                                 "eval.every": 0})))
+    return run

@@ -84,20 +84,27 @@ def decode_crop(data: bytes, crop: tuple[int, int] | None, rng: np.random.Genera
     if crop is None:
         return img
     ch, cw = crop
+    img = decode_pad(img, crop)
     h, w = img.shape[:2]
-    if h < ch or w < cw:
-        img = np.pad(img, ((0, max(0, ch - h)), (0, max(0, cw - w)), (0, 0)), mode="reflect" if min(h, w) > 1 else "edge")
-        h, w = img.shape[:2]
     y = int(rng.integers(h - ch + 1)) if rng is not None else (h - ch) // 2
     x = int(rng.integers(w - cw + 1)) if rng is not None else (w - cw) // 2
     return img[y : y + ch, x : x + cw]
 
 
+def decode_pad(img: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
+    """Reflect-pad an image smaller than the crop (resizing would change its sharpness)."""
+    ch, cw = crop
+    h, w = img.shape[:2]
+    if h >= ch and w >= cw:
+        return img
+    return np.pad(img, ((0, max(0, ch - h)), (0, max(0, cw - w)), (0, 0)), mode="reflect" if min(h, w) > 1 else "edge")
+
+
 def collate(samples: list[tuple[np.ndarray, dict]]) -> dict[str, torch.Tensor]:
     """Images to one uint8 NCHW tensor; labels, indices and MOS (NaN where unknown) to vectors."""
-    images = torch.from_numpy(np.stack([s[0] for s in samples])).permute(0, 3, 1, 2).contiguous()
+    images = torch.from_numpy(np.stack([s[0] for s in samples])).movedim(-1, -3).contiguous()  # ..., C, H, W
     metas = [s[1] for s in samples]
-    return {"image": images,
+    return {"image": images, "key": [m["key"] for m in metas],
             "label": torch.tensor([m["label"] for m in metas], dtype=torch.int64),
             "idx": torch.tensor([m["idx"] for m in metas], dtype=torch.int64),
             "mos": torch.tensor([m.get("mos") if m.get("mos") is not None else float("nan") for m in metas],
@@ -108,33 +115,39 @@ class TrainStream(IterableDataset):
     """Infinite resampled batches for one rank; batch `step` depends only on (seed, stream, rank, step)."""
 
     def __init__(self, shards: ShardSet, batch_size: int, crop: tuple[int, int], seed: int, rank: int,
-                 stream: int = 0, start_step: int = 0, shards_per_block: int = 4):
-        if len(shards) == 0:
-            raise DataError(f"{shards.root}: set {shards.name!r} is empty; nothing to train on.")
-        self.shards, self.batch_size, self.crop = shards, batch_size, crop
+                 stream: int = 0, start_step: int = 0, shards_per_block: int = 4, keep: np.ndarray | None = None,
+                 labels: np.ndarray | None = None):
+        """`keep` (bool per sample) restricts the stream to a subset; `labels` (per sample) replaces the stored
+        labels: together they stream confident pseudo-labels from the unlabelled set."""
+        self.keep = np.ones(len(shards), dtype=bool) if keep is None else keep
+        if not self.keep.any():
+            raise DataError(f"{shards.root}: set {shards.name!r} has no sample to train on.")
+        self.shards, self.batch_size, self.crop, self.labels = shards, batch_size, crop, labels
         self.seed, self.rank, self.stream, self.start_step = seed, rank, stream, start_step
-        self.shards_per_block = min(shards_per_block, len(shards.shard_counts))
+        self.kept_per_shard = np.add.reduceat(self.keep, shards.shard_starts[:-1]).astype(np.int64)
+        self.shards_per_block = min(shards_per_block, int((self.kept_per_shard > 0).sum()))
         self._block_ends: list[int] = []  # cumulative sample count at the end of each block, grown on demand
         self._cached: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
 
     def _choose(self, j: int) -> tuple[np.random.Generator, np.ndarray]:
         """Shards of block j (distinct, weighted by size) and the generator that goes on to permute them."""
         rng = np.random.default_rng([self.seed, self.stream, self.rank, j])
-        p = self.shards.shard_counts / self.shards.shard_counts.sum()
+        p = self.kept_per_shard / self.kept_per_shard.sum()
         return rng, rng.choice(len(p), size=self.shards_per_block, replace=False, p=p)
 
     def _block(self, j: int) -> np.ndarray:
         if self._cached[0] != j:  # consecutive batches mostly fall in the same block
             rng, chosen = self._choose(j)
             starts = self.shards.shard_starts
-            self._cached = (j, rng.permutation(np.concatenate([np.arange(starts[s], starts[s + 1]) for s in chosen])))
+            ids = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in chosen])
+            self._cached = (j, rng.permutation(ids[self.keep[ids]]))
         return self._cached[1]
 
     def batch_indices(self, step: int) -> np.ndarray:
         """Sample ids of batch `step`: positions [step*B, (step+1)*B) of this rank's block chain."""
         lo, hi = step * self.batch_size, (step + 1) * self.batch_size
         while not self._block_ends or self._block_ends[-1] < hi:  # block sizes need only the shard choice
-            size = int(self.shards.shard_counts[self._choose(len(self._block_ends))[1]].sum())
+            size = int(self.kept_per_shard[self._choose(len(self._block_ends))[1]].sum())
             self._block_ends.append((self._block_ends[-1] if self._block_ends else 0) + size)
         out, pos = [], lo
         while pos < hi:
@@ -150,6 +163,8 @@ class TrainStream(IterableDataset):
         samples = []
         for i in self.batch_indices(step):
             data, meta = self.shards.read(int(i))
+            if self.labels is not None:
+                meta["label"] = int(self.labels[i])
             samples.append((decode_crop(data, self.crop, rng), meta))
         batch = collate(samples)
         batch["step"] = torch.tensor(step)
@@ -164,21 +179,20 @@ class TrainStream(IterableDataset):
 
 
 class EvalStream(IterableDataset):
-    """Finite, exactly-once batches over a set, split into contiguous ranges per (rank, worker)."""
+    """Finite, exactly-once batches over `ids` (default: the whole set), split into contiguous ranges per
+    (rank, worker). With crops > 1 each image gives `crops` fixed native-resolution windows (B, crops, 3, h, w)."""
 
-    def __init__(self, shards: ShardSet, batch_size: int, crop: tuple[int, int] | None, rank: int, world_size: int):
-        self.shards, self.batch_size, self.crop = shards, batch_size, crop
+    def __init__(self, shards: ShardSet, batch_size: int, crop: tuple[int, int] | None, rank: int, world_size: int,
+                 ids: range | None = None, crops: int = 1):
+        if crops not in (1, 5):
+            raise ValueError(f"crops must be 1 (centre) or 5 (centre and corners), got {crops}")
+        self.shards, self.batch_size, self.crop, self.crops = shards, batch_size, crop, crops
         self.rank, self.world_size = rank, world_size
+        self.ids = ids if ids is not None else range(len(shards))
 
     def slot_range(self, slot: int, num_slots: int) -> range:
-        n = len(self.shards)
-        return range(slot * n // num_slots, (slot + 1) * n // num_slots)
-
-    def rank_indices(self, num_workers: int) -> list[int]:
-        """All sample ids this rank reads with `num_workers` workers (for counting and tests)."""
-        slots = self.world_size * max(num_workers, 1)
-        return [i for w in range(max(num_workers, 1)) for i in self.slot_range(self.rank * max(num_workers, 1) + w,
-                                                                                 slots)]
+        n, lo = len(self.ids), self.ids.start
+        return range(lo + slot * n // num_slots, lo + (slot + 1) * n // num_slots)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
@@ -188,8 +202,20 @@ class EvalStream(IterableDataset):
             samples = []
             for i in range(lo, min(lo + self.batch_size, ids.stop)):
                 data, meta = self.shards.read(i)
-                samples.append((decode_crop(data, self.crop, None), meta))
+                if self.crops == 1:
+                    samples.append((decode_crop(data, self.crop, None), meta))
+                else:
+                    samples.append((fixed_crops(decode_crop(data, None, None), self.crop), meta))
             yield collate(samples)
+
+
+def fixed_crops(img: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
+    """Centre and four corner windows at native resolution (the ARNIQA-style test protocol): (5, h, w, 3)."""
+    ch, cw = crop
+    img = decode_pad(img, crop)
+    h, w = img.shape[:2]
+    spots = [((h - ch) // 2, (w - cw) // 2), (0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw)]
+    return np.stack([img[y : y + ch, x : x + cw] for y, x in spots])
 
 
 def _worker_init(_: int) -> None:

@@ -1,0 +1,45 @@
+"""Load a trained model from a checkpoint for evaluation, pseudo-labelling and prediction.
+
+A checkpoint carries its resolved config, so the model is rebuilt exactly as trained (architecture, heads) with no
+config file to keep in sync; `which` picks the EMA teacher or the student weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from sslfw import ckpt
+from sslfw.algorithms import get_algorithm
+from sslfw.config import Config, load_config
+from sslfw.model import IQAModel
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step-N directory, or a run directory (its newest valid checkpoint)."""
+    path = Path(path)
+    if (path / ckpt.MARKER).is_file():
+        return path
+    found = ckpt.latest(path)
+    if found is None:
+        raise FileNotFoundError(f"{path}: neither a complete step-N checkpoint nor a run directory holding one")
+    return found
+
+
+def load_model(path: str | Path, which: str = "ema") -> tuple[IQAModel, Config, Path]:
+    """(model in eval mode on CPU, its training config, the checkpoint directory used)."""
+    path = resolve_checkpoint(path)
+    state, info = ckpt.load(path)
+    cfg = load_config(None, info["config"]) if "config" in info else load_config(path.parent / "config.yaml")
+    algo = get_algorithm(cfg.algorithm.name)
+    model = IQAModel(replace(cfg.model, pretrained=""), algo.extra_heads, algo.projection)
+    if which == "ema":
+        if not state.get("ema"):
+            raise ValueError(f"{path} has no EMA teacher (trained with ema.enabled=false); use the student")
+        weights = state["ema"]["module"]
+    elif which == "student":
+        weights = state["model"]
+    else:
+        raise ValueError(f"model must be 'ema' or 'student', got {which!r}")
+    model.load_state_dict(weights)
+    return model.eval(), cfg, path

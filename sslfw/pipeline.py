@@ -1,0 +1,158 @@
+"""`sslfw pipeline`: the paper's protocol for a list of algorithms, strong-view policies and seeds.
+
+For each run: SSL stage -> pseudo-label the unlabelled pool -> supervised retraining on labelled + pseudo-labelled
+data -> evaluation; the supervised baseline is the SSL stage with algorithm `supervised` and no retraining. Every
+stage leaves a completion mark (a final checkpoint, a csv, an eval.json), so re-running skips finished stages and
+resumes unfinished ones. Then a report like the paper's Table 2 (mean +- std over seeds, plus the constant-guess
+row) in markdown and csv, and learning-curve PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+
+from sslfw import ckpt, fsio
+from sslfw.config import load_config, nested
+from sslfw.data.labels import NUM_CLASSES
+from sslfw.data.shards import load_index
+from sslfw.dist import barrier
+from sslfw.evaljob import REPORT_KEYS, run_eval
+from sslfw.metrics import constant_guess, iqa_metrics
+from sslfw.pseudolabel import pseudolabel
+from sslfw.train import train
+
+
+@dataclass
+class PipelineConfig:
+    out_dir: str = "runs/pipeline"
+    base: str = "configs/embedded_supervised.yaml"  # the training config both stages start from
+    algorithms: list = field(default_factory=lambda: ["supervised", "fixmatch"])
+    policies: list = field(default_factory=lambda: ["iqa_safe"])  # strong views: iqa_safe and/or randaugment
+    seeds: list = field(default_factory=lambda: [0])
+    ssl: dict = field(default_factory=dict)  # dotted overrides for the SSL stage, e.g. {"train.steps": 300}
+    retrain: dict = field(default_factory=dict)  # dotted overrides for the retraining stage
+    min_confidence: float = 0.0  # pseudo-labels below this confidence are not used for retraining
+    pseudo_model: str = "ema"  # which weights label the pool: ema | student
+    eval_split: str = "test"
+    eval_model: str = "ema"
+    crops: int = 1  # 1 (centre) or 5 (centre + corners) for pseudo-labelling and evaluation
+
+
+def _finished(run_dir: Path, steps: int) -> bool:
+    found = ckpt.valid_checkpoints(run_dir)
+    return bool(found) and found[-1][0] >= steps
+
+
+def _train_stage(base: str, overrides: dict) -> Path:
+    cfg = load_config(base, nested(overrides))
+    run_dir = Path(cfg.run_dir)
+    if not _finished(run_dir, cfg.train.steps):
+        result = train(cfg)
+        if result["exit_code"] != 0:
+            raise SystemExit(result["exit_code"])  # preempted or diverged: rerun the pipeline to resume
+    return run_dir
+
+
+def run_name(algorithm: str, policy: str, seed: int) -> str:
+    return f"supervised-s{seed}" if algorithm == "supervised" else f"{algorithm}-{policy}-s{seed}"
+
+
+def run_one(p: PipelineConfig, algorithm: str, policy: str, seed: int) -> dict:
+    d = Path(p.out_dir) / run_name(algorithm, policy, seed)
+    ssl = _train_stage(p.base, {**p.ssl, "run_dir": str(d / "ssl"), "algorithm.name": algorithm, "train.seed": seed,
+                                "aug.strong": policy})
+    final, stages = ssl, {}
+    if algorithm != "supervised":
+        stages["ssl"] = _evaluate(p, ssl, d / "eval_ssl")
+        csv = d / "pseudo.csv"
+        if not csv.is_file():
+            pseudolabel(ssl, csv, which=p.pseudo_model, crops=p.crops, progress=False)
+        final = _train_stage(p.base, {**p.retrain, "run_dir": str(d / "retrain"), "algorithm.name": "supervised",
+                                      "train.seed": seed, "data.pseudo_labels": str(csv),
+                                      "data.pseudo_min_confidence": p.min_confidence})
+    stages["final"] = _evaluate(p, final, d / "eval")
+    return stages
+
+
+def _evaluate(p: PipelineConfig, run_dir: Path, out: Path) -> dict:
+    if not (out / "eval.json").is_file():
+        run_eval(run_dir, p.eval_split, p.eval_model, p.crops, out=out)
+    barrier()
+    return json.loads((out / "eval.json").read_text())["metrics"]
+
+
+def run_pipeline(p: PipelineConfig) -> dict:
+    from accelerate import PartialState
+
+    results: dict[str, list[dict]] = {}
+    for algorithm, policy, seed in product(p.algorithms, p.policies, p.seeds):
+        if algorithm == "supervised" and policy != p.policies[0]:
+            continue  # no strong views: one supervised row, whatever the policies
+        label = "supervised" if algorithm == "supervised" else f"{algorithm} ({policy})"
+        results.setdefault(label, []).append(run_one(p, algorithm, policy, seed))
+    out = {"report": str(Path(p.out_dir) / "report.md"), "rows": len(results)}
+    if PartialState().is_main_process:
+        write_report(p, results)
+        out["report_text"] = (Path(p.out_dir) / "report.md").read_text()
+    barrier()
+    return out
+
+
+def _constant_row(p: PipelineConfig) -> dict:
+    """What always guessing the median training level scores on the evaluation split."""
+    cfg = load_config(p.base)
+    sets = load_index(Path(cfg.data.shards))["sets"]
+    counts = sets[p.eval_split]["class_counts"]
+    c = constant_guess(sets["train"]["class_counts"])
+    true = np.repeat(np.arange(NUM_CLASSES), counts)
+    return iqa_metrics(true, np.full(len(true), c), np.full(len(true), float(c)), np.full(len(true), np.nan), c)
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def write_report(p: PipelineConfig, results: dict[str, list[dict]]) -> None:
+    cols = [k for k in REPORT_KEYS if k != "const_mae"]
+    header = ["method", "seeds", *cols, "ssl_stage_mae"]
+    const = _constant_row(p)
+    rows = [["constant guess", "-", *(_fmt([const[k]]) if k in const else "-" for k in cols), "-"]]
+    for label, runs in results.items():
+        rows.append([label, str(len(runs)), *(_fmt([r["final"][k] for r in runs if k in r["final"]]) for k in cols),
+                     _fmt([r["ssl"]["mae"] for r in runs if "ssl" in r])])
+    out = Path(p.out_dir)
+    fsio.write_csv(out / "report.csv", header, rows)
+    table = "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows])
+    fsio.write_text(out / "report.md", f"# sslfw pipeline report ({p.eval_split} split, {p.eval_model} weights, "
+                    f"{p.crops} crop(s))\n\nMetrics of the final model (after retraining on pseudo-labels for SSL "
+                    f"rows); `ssl_stage_mae` is the SSL model itself. mean ± std over seeds.\n\n{table}\n")
+    learning_curves(out)
+
+
+def learning_curves(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in sorted(out.glob("*/ssl/metrics.jsonl")):
+        rows = [json.loads(line) for line in run.read_text().splitlines()]
+        pts = [(r["step"], r["val/ema/mae"]) for r in rows if "val/ema/mae" in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=run.parent.parent.name)
+    ax.set(xlabel="step", ylabel="val MAE (EMA)", title="SSL stage")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with fsio.atomic_open(out / "learning_curves.png") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)

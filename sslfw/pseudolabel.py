@@ -1,0 +1,114 @@
+"""`sslfw pseudolabel`: distributed inference over the unlabelled shards with a trained checkpoint.
+
+The set is cut into fixed chunks of samples (independent of the number of ranks); rank r takes chunks r, r+W, ...
+and writes each as `OUT.parts/chunk-NNNNNN.npz`, atomically. A rerun skips chunks already written, even with a
+different number of ranks, so an interrupted job resumes without duplicates. Rank 0 then merges the chunks,
+checks that every sample of the shard index appears exactly once, and writes OUT (csv) atomically:
+key, idx, p0..p4, label, confidence, score. The loop runs no collective, so ranks may finish at different times.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sslfw import faults, fsio
+from sslfw.data.manifest import DataError
+from sslfw.data.stream import EvalStream, ShardSet
+from sslfw.dist import barrier, make_accelerator
+from sslfw.evaluate import predict_stream
+from sslfw.inference import load_model
+from sslfw.model import expected_score
+
+COLUMNS = ["key", "idx", "p0", "p1", "p2", "p3", "p4", "label", "confidence", "score"]
+
+
+def pseudolabel(checkpoint: Path, out: Path, shards: Path | None = None, which: str = "ema", crops: int = 1,
+                batch_size: int = 64, num_workers: int = 2, chunk: int = 1024, progress: bool = True) -> dict:
+    acc = make_accelerator(bf16=True)
+    rank, world, device = acc.process_index, acc.num_processes, acc.device
+    model, cfg, ckpt_dir = load_model(checkpoint, which)
+    model.to(device)
+    pool = ShardSet(shards or cfg.data.shards, "unlabelled")
+    n = len(pool)
+    out = Path(out)
+    parts = out.with_name(out.name + ".parts")
+    job = {"checkpoint": str(ckpt_dir.resolve()), "model": which, "crops": crops, "chunk": chunk, "samples": n,
+           "shards": str(pool.root.resolve())}
+    if acc.is_main_process:
+        parts.mkdir(parents=True, exist_ok=True)
+        if (parts / "job.json").is_file() and json.loads((parts / "job.json").read_text()) != job:
+            raise DataError(f"{parts}: holds chunks of another job ({(parts / 'job.json').read_text().strip()}); "
+                            f"delete it or choose another --out")
+        fsio.write_json(parts / "job.json", job)
+    barrier()
+
+    autocast = acc.autocast if device.type == "cuda" else nullcontext
+    mine = list(range(rank, math.ceil(n / chunk), world))
+    todo = [c for c in mine if not (parts / f"chunk-{c:06d}.npz").is_file()]
+    bar = tqdm(total=sum(min(n, (c + 1) * chunk) - c * chunk for c in todo), unit="img", desc="pseudo-labelling",
+               disable=not (progress and acc.is_main_process))
+    t0, done = time.perf_counter(), 0
+    for c in todo:
+        ids = range(c * chunk, min(n, (c + 1) * chunk))
+        stream = EvalStream(pool, batch_size, (cfg.model.img_size, cfg.model.img_size), 0, 1, ids=ids, crops=crops)
+        pred = predict_stream(model, stream, num_workers, device, autocast)
+        with fsio.atomic_open(parts / f"chunk-{c:06d}.npz") as f:
+            np.savez(f, **pred)
+        done += len(ids)
+        bar.update(len(ids))
+        if faults.armed("KILL", rank, c):
+            os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    barrier()
+    summary = {"samples": n, "chunks_reused": len(mine) - len(todo), "rank0_images": done,
+               "rank0_images_per_s": round(done / elapsed, 1) if done else None, "out": str(out)}
+    if acc.is_main_process:
+        summary |= merge(parts, out, n)
+    barrier()
+    return summary
+
+
+def merge(parts: Path, out: Path, n: int) -> dict:
+    """Join the chunk files into OUT, after checking that they hold every sample exactly once."""
+    chunks = [np.load(p) for p in sorted(parts.glob("chunk-*.npz"))]
+    idx = np.concatenate([c["idx"] for c in chunks])
+    if len(idx) != n or not np.array_equal(np.sort(idx), np.arange(n)):
+        raise RuntimeError(f"{parts}: {len(idx)} predictions for {len(np.unique(idx))} distinct of {n} samples; "
+                           f"expected each exactly once")
+    order = np.argsort(idx)
+    keys = np.concatenate([c["key"] for c in chunks])[order]
+    probs = np.concatenate([c["probs"] for c in chunks])[order]
+    score = expected_score(torch.from_numpy(probs)).numpy()
+    label, conf = probs.argmax(1), probs.max(1)
+    rows = [[k, i, *(f"{p:.6f}" for p in pr), int(lb), f"{cf:.6f}", f"{sc:.6f}"]
+            for k, i, pr, lb, cf, sc in zip(keys, np.arange(n), probs, label, conf, score)]
+    fsio.write_csv(out, COLUMNS, rows)
+    return {"label_counts": np.bincount(label, minlength=probs.shape[1]).tolist(),
+            "mean_confidence": round(float(conf.mean()), 4)}
+
+
+def load_pseudo_labels(path: Path, n: int, min_confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """(labels by idx, mask of rows with confidence >= min_confidence) from a pseudolabel csv for a pool of n."""
+    labels, keep = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=bool)
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            i = int(r["idx"])
+            if not 0 <= i < n:
+                raise DataError(f"{path}: idx {i} is outside this pool of {n} samples; was it made for other shards?")
+            labels[i] = int(r["label"])
+            keep[i] = float(r["confidence"]) >= min_confidence
+    if (labels < 0).any():
+        raise DataError(f"{path}: no pseudo-label for {(labels < 0).sum()} of {n} pool samples; rerun pseudolabel")
+    return labels, keep

@@ -1,0 +1,119 @@
+"""Pseudo-labelling, evaluation, prediction and the whole pipeline, on real shards and checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from sslfw.cli import main
+from sslfw.config import load_config
+from sslfw.data.shards import load_index
+from sslfw.metrics import quadratic_weighted_kappa
+from sslfw.pipeline import PipelineConfig, run_pipeline
+from tests.conftest import run_sslfw, tiny_overrides
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_pseudolabel_two_ranks_cover_the_pool_exactly_once(tiny_run, small_shards, tmp_path):
+    pool = load_index(small_shards)["sets"]["unlabelled"]
+    assert len(pool["shards"]) < 2 * 3  # fewer shards than ranks x workers
+    out = tmp_path / "pseudo.csv"
+    proc = run_sslfw(["pseudolabel", "--checkpoint", str(tiny_run), "--out", str(out), "--num-workers", "3",
+                      "--chunk", "16", "--quiet"], nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_csv(out)
+    assert [int(r["idx"]) for r in rows] == list(range(pool["count"]))
+    assert len({r["key"] for r in rows}) == pool["count"]
+    probs = np.array([[float(r[f"p{k}"]) for k in range(5)] for r in rows])
+    assert np.allclose(probs.sum(1), 1, atol=1e-4)
+    assert all(int(r["label"]) == int(np.argmax(p)) for r, p in zip(rows, probs))
+    assert np.allclose([float(r["score"]) for r in rows], probs @ np.arange(5), atol=1e-4)
+
+
+def test_pseudolabel_resumes_after_a_kill_without_duplicates(tiny_run, tmp_path):
+    out = tmp_path / "pseudo.csv"
+    args = ["pseudolabel", "--checkpoint", str(tiny_run), "--out", str(out), "--num-workers", "0", "--chunk", "16",
+            "--quiet", "--crops", "5"]
+    killed = run_sslfw(args, env={"SSLFW_FAULT_KILL": "0:1"})  # SIGKILL after chunks 0 and 1 are written
+    assert killed.returncode == -9 and not out.exists()
+    assert len(list(Path(str(out) + ".parts").glob("chunk-*.npz"))) == 2
+    resumed = run_sslfw(args, nproc=2)  # resumed with a different number of ranks
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert '"chunks_reused": 1' in resumed.stdout  # rank 0 owns chunks 0, 2, 4: chunk 0 was already there
+    idx = [int(r["idx"]) for r in read_csv(out)]
+    assert idx == sorted(set(idx)) and len(idx) == 74
+    other = run_sslfw(["pseudolabel", "--checkpoint", str(tiny_run), "--out", str(out), "--model", "student",
+                       "--chunk", "16", "--quiet"])
+    assert other.returncode == 2 and "holds chunks of another job" in other.stderr
+
+
+def test_eval_writes_json_markdown_and_confusion_png(tiny_run, small_shards, tmp_path):
+    proc = run_sslfw(["eval", "--checkpoint", str(tiny_run), "--split", "test", "--out", str(tmp_path / "e"),
+                      "--crops", "5"], nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "e" / "eval.json").read_text())
+    m = result["metrics"]
+    assert m["n"] == load_index(small_shards)["sets"]["test"]["count"]
+    assert {"mae", "const_mae", "macro_mae", "qwk", "accuracy", "mae_class34"} <= set(m)
+    assert "| mae |" in (tmp_path / "e" / "eval.md").read_text()
+    assert (tmp_path / "e" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_qwk_on_a_hand_computed_case():
+    y = np.array([0, 1, 2, 2])
+    p = np.array([0, 2, 2, 1])
+    # observed disagreements (1,2) and (2,1) weigh 1/16 each; expected from the marginals
+    observed = 2 / 16
+    marg_y, marg_p = np.array([1, 1, 2, 0, 0]), np.array([1, 1, 2, 0, 0])
+    w = (np.arange(5)[:, None] - np.arange(5)) ** 2 / 16
+    expected = (w * np.outer(marg_y, marg_p) / 4).sum()
+    assert quadratic_weighted_kappa(y, p) == pytest.approx(1 - observed / expected)
+    assert quadratic_weighted_kappa(y, y) == pytest.approx(1.0)
+
+
+def test_predict_a_folder_and_reject_a_non_image(tiny_run, small_raw, tmp_path, capsys):
+    folder = small_raw / "kadis700k" / "ref_imgs"
+    assert main(["predict", "--checkpoint", str(tiny_run), str(folder), "--out", str(tmp_path / "p.csv")]) == 0
+    rows = read_csv(tmp_path / "p.csv")
+    assert len(rows) == 80 and all(0 <= int(r["level"]) <= 4 and 0 <= float(r["score"]) <= 4 for r in rows)
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not a picture")
+    assert main(["predict", "--checkpoint", str(tiny_run), str(bad)]) == 2
+    assert f"{bad}: not a readable image" in capsys.readouterr().err
+
+
+def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, tmp_path):
+    base = tmp_path / "base.yaml"
+    tree = {}
+    for arg in tiny_overrides(small_shards, tmp_path / "unused", **{"eval.every": 0}):
+        key, value = arg[2:].split("=", 1)
+        node = tree
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = yaml.safe_load(value)
+    base.write_text(yaml.safe_dump(tree))
+    cfg = load_config(None, {"out_dir": str(tmp_path / "out"), "base": str(base),
+                             "algorithms": ["supervised", "fixmatch"], "seeds": [0, 1],
+                             "ssl": {"train.steps": 6, "ckpt.every": 6}, "retrain": {"train.steps": 4}},
+                      cls=PipelineConfig)
+    run_pipeline(cfg)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| constant guess |" in report and "| supervised | 2 |" in report and "| fixmatch (iqa_safe) | 2 |" in report
+    rows = read_csv(tmp_path / "out" / "report.csv")
+    assert [r["method"] for r in rows] == ["constant guess", "supervised", "fixmatch (iqa_safe)"]
+    assert "±" in rows[1]["mae"]  # two seeds: mean ± std
+    assert (tmp_path / "out" / "learning_curves.png").is_file()
+    assert (tmp_path / "out" / "fixmatch-iqa_safe-s1" / "pseudo.csv").is_file()
+    stamp = (tmp_path / "out" / "fixmatch-iqa_safe-s0" / "eval" / "eval.json").stat().st_mtime_ns
+    run_pipeline(cfg)  # everything finished: nothing is retrained or re-evaluated
+    assert (tmp_path / "out" / "fixmatch-iqa_safe-s0" / "eval" / "eval.json").stat().st_mtime_ns == stamp
