@@ -45,11 +45,13 @@ def pseudolabel(checkpoint: Path, out: Path, shards: Path | None = None, which: 
     parts = out.with_name(out.name + ".parts")
     job = {"checkpoint": str(ckpt_dir.resolve()), "model": which, "crops": crops, "chunk": chunk, "samples": n,
            "shards": str(pool.root.resolve())}
+    # Every rank checks (a rank that raised alone would leave the others waiting at the barrier).
+    if (parts / "job.json").is_file() and json.loads((parts / "job.json").read_text()) != job:
+        raise DataError(f"{parts}: holds chunks of another job ({(parts / 'job.json').read_text().strip()}); "
+                        f"delete it or choose another --out")
+    barrier()
     if acc.is_main_process:
         parts.mkdir(parents=True, exist_ok=True)
-        if (parts / "job.json").is_file() and json.loads((parts / "job.json").read_text()) != job:
-            raise DataError(f"{parts}: holds chunks of another job ({(parts / 'job.json').read_text().strip()}); "
-                            f"delete it or choose another --out")
         fsio.write_json(parts / "job.json", job)
     barrier()
 

@@ -116,9 +116,9 @@ def train(cfg: Config) -> dict:
     accum, crop = cfg.train.grad_accum, (cfg.data.load_crop, cfg.data.load_crop)
     n_lb, pl_iter = per_rank, None
     if cfg.data.pseudo_labels:  # the paper's retraining: labelled and pseudo-labelled images drawn as one union
-        if algo_cls.uses_unlabelled:
-            raise ConfigError("data.pseudo_labels: retraining on pseudo-labels is supervised; "
-                              "set algorithm.name=supervised")
+        if algo_cls.uses_unlabelled or per_rank < 2:
+            raise ConfigError("data.pseudo_labels: retraining on pseudo-labels is supervised, with at least 2 "
+                              "images per rank; set algorithm.name=supervised and a larger train.batch_size")
         pool = ShardSet(cfg.data.shards, "unlabelled")
         pl_labels, keep = load_pseudo_labels(Path(cfg.data.pseudo_labels), len(pool), cfg.data.pseudo_min_confidence)
         n_pl = min(per_rank - 1, max(1, round(per_rank * keep.sum() / (keep.sum() + len(lb_set)))))
