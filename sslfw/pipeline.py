@@ -41,6 +41,7 @@ class PipelineConfig:
     eval_split: str = "test"
     eval_model: str = "ema"
     crops: int = 1  # 1 (centre) or 5 (centre + corners) for pseudo-labelling and evaluation
+    report_only: bool = False  # run nothing: report the runs that have finished so far
 
 
 def _finished(run_dir: Path, steps: int) -> bool:
@@ -86,6 +87,14 @@ def _evaluate(p: PipelineConfig, run_dir: Path, out: Path) -> dict:
     return json.loads((out / "eval.json").read_text())["metrics"]
 
 
+def _finished_run(d: Path) -> dict | None:
+    """The stages' metrics of a run whose final evaluation exists, else None."""
+    read = {name: d / sub / "eval.json" for name, sub in (("final", "eval"), ("ssl", "eval_ssl"))}
+    if not read["final"].is_file():
+        return None
+    return {name: json.loads(f.read_text())["metrics"] for name, f in read.items() if f.is_file()}
+
+
 def run_pipeline(p: PipelineConfig) -> dict:
     from accelerate import PartialState
 
@@ -94,6 +103,11 @@ def run_pipeline(p: PipelineConfig) -> dict:
         if algorithm == "supervised" and policy != p.policies[0]:
             continue  # no strong views: one supervised row, whatever the policies
         label = "supervised" if algorithm == "supervised" else f"{algorithm} ({policy})"
+        if p.report_only:
+            done = _finished_run(Path(p.out_dir) / run_name(algorithm, policy, seed))
+            if done:
+                results.setdefault(label, []).append(done)
+            continue
         results.setdefault(label, []).append(run_one(p, algorithm, policy, seed))
     out = {"report": str(Path(p.out_dir) / "report.md"), "rows": len(results)}
     if PartialState().is_main_process:

@@ -117,3 +117,10 @@ def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, tmp_path):
     stamp = (tmp_path / "out" / "fixmatch-iqa_safe-s0" / "eval" / "eval.json").stat().st_mtime_ns
     run_pipeline(cfg)  # everything finished: nothing is retrained or re-evaluated
     assert (tmp_path / "out" / "fixmatch-iqa_safe-s0" / "eval" / "eval.json").stat().st_mtime_ns == stamp
+    partial = load_config(None, {"out_dir": str(tmp_path / "out"), "base": str(base), "report_only": True,
+                                 "algorithms": ["supervised", "fixmatch", "comatch"], "seeds": [0, 1]},
+                          cls=PipelineConfig)
+    run_pipeline(partial)  # comatch never ran: reported without it, and nothing is trained
+    assert [r["method"] for r in read_csv(tmp_path / "out" / "report.csv")] == [
+        "constant guess", "supervised", "fixmatch (iqa_safe)"]
+    assert not (tmp_path / "out" / "comatch-iqa_safe-s0").exists()
