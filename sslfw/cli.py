@@ -81,6 +81,12 @@ def cmd_pipeline(a: argparse.Namespace) -> dict:
     return result
 
 
+def cmd_bench(a: argparse.Namespace) -> dict:
+    from sslfw.bench.run import run_bench
+
+    return run_bench(a)
+
+
 def _inference_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--checkpoint", type=Path, required=True, help="a step-N directory or a run directory (newest)")
     s.add_argument("--model", default="ema", choices=("ema", "student"), help="which weights")
@@ -164,40 +170,68 @@ def build_parser() -> argparse.ArgumentParser:
     s = verbs.add_parser("pipeline", help="SSL -> pseudo-label -> retrain -> eval for algorithms x seeds; report")
     s.add_argument("--config", type=Path, help="pipeline YAML (sslfw/pipeline.py: PipelineConfig)")
     s.set_defaults(func=cmd_pipeline)
+    s = verbs.add_parser("bench", help="throughput against its limit or alternative, as ratios (BENCHMARKS.md)")
+    s.add_argument("what", choices=("data", "augment", "step", "pseudolabel", "all"))
+    s.add_argument("--config", type=Path, help="training YAML: model, batch, augmentation, algorithm settings")
+    s.add_argument("--shards", type=Path, help="packed folder (default: the config's data.shards)")
+    s.add_argument("--reps", type=int, default=5, help="repetitions; tables report medians")
+    s.add_argument("--steps", type=int, default=5, help="steps per repetition (augment, step)")
+    s.add_argument("--batches", type=int, default=20, help="batches per repetition (data)")
+    s.add_argument("--batch", type=int, help="batch size (data: default train.batch_size; pseudolabel: "
+                                             "data.eval_batch_size)")
+    s.add_argument("--workers", default="0,1,2", help="loader worker counts to compare (data)")
+    s.add_argument("--algorithms", default="supervised,fixmatch,adamatch,freematch,comatch,simmatch,crmatch")
+    s.add_argument("--chunk", type=int, default=1024, help="pseudolabel chunk size, as in `sslfw pseudolabel`")
+    s.add_argument("--limit", type=int, default=0, help="pseudolabel at most this many pool images (0: all)")
+    s.add_argument("--out", type=Path, help="folder for bench.json and bench.md")
+    s.set_defaults(func=cmd_bench)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb; the exit code is also left in $SSLFW_EXIT_FILE, since launchers replace it with their own."""
+    from sslfw.preempt import write_exit_file
+
+    try:
+        code = _run(argv)
+    except SystemExit as e:  # argparse errors and stages that stop a pipeline (preempted, diverged)
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if code == 1:
+            print(e.code, file=sys.stderr)
+    except Exception:
+        write_exit_file(1)
+        raise
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # an undestroyed gloo group can abort the process at exit
+        dist.destroy_process_group()
+    write_exit_file(code)
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
     from sslfw.data.manifest import DataError
 
     from sslfw.config import ConfigError
 
     args, extra = build_parser().parse_known_args(argv)
-    if extra and args.verb not in ("train", "pipeline"):
+    if extra and args.verb not in ("train", "pipeline", "bench"):
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     t0 = time.perf_counter()
     try:
         result = args.func(args)
-    except (DataError, ConfigError) as e:
+    except (DataError, ConfigError, FileNotFoundError) as e:
         print(f"sslfw: error: {e}", file=sys.stderr)
         return 2
-    if args.verb == "train":  # only the main process reports; every process returns the run's exit code
-        import torch.distributed as dist
-
-        if not (dist.is_initialized() and dist.get_rank() > 0):
-            print(json.dumps(result, indent=1, default=str))
-        return int(result["exit_code"])
     if result is None:
         return 0
-    if args.verb in ("pseudolabel", "eval", "pipeline"):
-        import torch.distributed as dist
+    from sslfw.dist import is_main_process
 
-        if dist.is_initialized() and dist.get_rank() > 0:
-            return 0
-    print(json.dumps(result, indent=1, default=str))
-    print(f"[{args.verb} {getattr(args, 'action', '')}] done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    return 0
+    if is_main_process():  # only the global main process reports
+        print(json.dumps(result, indent=1, default=str))
+        print(f"[{args.verb} {getattr(args, 'action', '')}] done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return int(result.get("exit_code", 0))  # every process returns the job's code (train, pseudolabel)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
@@ -16,6 +21,31 @@ def make_accelerator(bf16: bool = False) -> Accelerator:
 
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+SYNC = {"on": False, "seconds": 0.0, "calls": 0}  # time in the algorithms' collectives; `sslfw bench step` reads it
+
+
+@contextmanager
+def timed_sync() -> Iterator[None]:
+    """Counts the wall time of a bank/statistics collective into SYNC while SYNC["on"] (benchmarks only): the device
+    is synchronised around it, so waiting for a slower rank is counted too."""
+    if not SYNC["on"]:
+        yield
+        return
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    SYNC["seconds"] += time.perf_counter() - t0
+    SYNC["calls"] += 1
+
+
+def is_main_process() -> bool:
+    """Global rank 0; also right before any process group exists (a pipeline whose stages were all done)."""
+    return dist.get_rank() == 0 if is_dist() else os.environ.get("RANK", "0") == "0"
 
 
 def any_across_ranks(flags: list[bool], device: torch.device) -> list[bool]:
@@ -53,7 +83,8 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     if not is_dist():
         return t
     out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t.contiguous())
+    with timed_sync():
+        dist.all_gather(out, t.contiguous())
     return torch.cat(out)
 
 
@@ -78,7 +109,8 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous()
-        dist.all_reduce(grad)  # all_reduce works on every backend (gloo has no reduce_scatter)
+        with timed_sync():
+            dist.all_reduce(grad)  # all_reduce works on every backend (gloo has no reduce_scatter)
         r = dist.get_rank()
         return grad[r * ctx.n : (r + 1) * ctx.n]
 

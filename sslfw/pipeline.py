@@ -20,9 +20,10 @@ from sslfw import ckpt, fsio
 from sslfw.config import load_config, nested
 from sslfw.data.labels import NUM_CLASSES
 from sslfw.data.shards import load_index
-from sslfw.dist import barrier
+from sslfw.dist import barrier, is_main_process
 from sslfw.evaljob import REPORT_KEYS, run_eval
 from sslfw.metrics import constant_guess, iqa_metrics
+from sslfw.preempt import EXIT_PREEMPTED
 from sslfw.pseudolabel import pseudolabel
 from sslfw.train import train
 
@@ -72,7 +73,8 @@ def run_one(p: PipelineConfig, algorithm: str, policy: str, seed: int) -> dict:
         stages["ssl"] = _evaluate(p, ssl, d / "eval_ssl")
         csv = d / "pseudo.csv"
         if not csv.is_file():
-            pseudolabel(ssl, csv, which=p.pseudo_model, crops=p.crops, progress=False)
+            if pseudolabel(ssl, csv, which=p.pseudo_model, crops=p.crops, progress=False)["exit_code"]:
+                raise SystemExit(EXIT_PREEMPTED)  # stopped by a signal: rerun the pipeline to resume
         final = _train_stage(p.base, {**p.retrain, "run_dir": str(d / "retrain"), "algorithm.name": "supervised",
                                       "train.seed": seed, "data.pseudo_labels": str(csv),
                                       "data.pseudo_min_confidence": p.min_confidence})
@@ -96,8 +98,6 @@ def _finished_run(d: Path) -> dict | None:
 
 
 def run_pipeline(p: PipelineConfig) -> dict:
-    from accelerate import PartialState
-
     results: dict[str, list[dict]] = {}
     for algorithm, policy, seed in product(p.algorithms, p.policies, p.seeds):
         if algorithm == "supervised" and policy != p.policies[0]:
@@ -110,7 +110,7 @@ def run_pipeline(p: PipelineConfig) -> dict:
             continue
         results.setdefault(label, []).append(run_one(p, algorithm, policy, seed))
     out = {"report": str(Path(p.out_dir) / "report.md"), "rows": len(results)}
-    if PartialState().is_main_process:
+    if is_main_process():
         write_report(p, results)
         out["report_text"] = (Path(p.out_dir) / "report.md").read_text()
     barrier()
@@ -119,7 +119,7 @@ def run_pipeline(p: PipelineConfig) -> dict:
 
 def _constant_row(p: PipelineConfig) -> dict:
     """What always guessing the median training level scores on the evaluation split."""
-    cfg = load_config(p.base)
+    cfg = load_config(p.base, nested(p.ssl))  # the shards the runs used
     sets = load_index(Path(cfg.data.shards))["sets"]
     counts = sets[p.eval_split]["class_counts"]
     c = constant_guess(sets["train"]["class_counts"])

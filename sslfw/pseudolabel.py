@@ -5,6 +5,7 @@ and writes each as `OUT.parts/chunk-NNNNNN.npz`, atomically. A rerun skips chunk
 different number of ranks, so an interrupted job resumes without duplicates. Rank 0 then merges the chunks,
 checks that every sample of the shard index appears exactly once, and writes OUT (csv) atomically:
 key, idx, p0..p4, label, confidence, score. The loop runs no collective, so ranks may finish at different times.
+SIGUSR1/SIGTERM stop a rank after its current chunk; the job then exits with EXIT_PREEMPTED and a rerun resumes.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from tqdm import tqdm
 from sslfw import faults, fsio
 from sslfw.data.manifest import DataError
 from sslfw.data.stream import EvalStream, ShardSet
-from sslfw.dist import barrier, make_accelerator
+from sslfw.dist import any_across_ranks, barrier, make_accelerator
 from sslfw.evaluate import predict_stream
 from sslfw.inference import load_model
 from sslfw.model import expected_score
+from sslfw.preempt import EXIT_PREEMPTED, StopFlag
 
 COLUMNS = ["key", "idx", "p0", "p1", "p2", "p3", "p4", "label", "confidence", "score"]
 
@@ -60,8 +62,10 @@ def pseudolabel(checkpoint: Path, out: Path, shards: Path | None = None, which: 
     todo = [c for c in mine if not (parts / f"chunk-{c:06d}.npz").is_file()]
     bar = tqdm(total=sum(min(n, (c + 1) * chunk) - c * chunk for c in todo), unit="img", desc="pseudo-labelling",
                disable=not (progress and acc.is_main_process))
-    t0, done = time.perf_counter(), 0
+    t0, done, stop = time.perf_counter(), 0, StopFlag()
     for c in todo:
+        if stop.signal:
+            break
         ids = range(c * chunk, min(n, (c + 1) * chunk))
         stream = EvalStream(pool, batch_size, (cfg.model.img_size, cfg.model.img_size), 0, 1, ids=ids, crops=crops)
         pred = predict_stream(model, stream, num_workers, device, autocast)
@@ -71,12 +75,17 @@ def pseudolabel(checkpoint: Path, out: Path, shards: Path | None = None, which: 
         bar.update(len(ids))
         if faults.armed("KILL", rank, c):
             os.kill(os.getpid(), signal.SIGKILL)
+        if faults.armed("SIGNAL", rank, c):  # as if Slurm's warning signal arrived during this chunk
+            signal.raise_signal(signal.SIGUSR1)
     bar.close()
+    stop.restore()
     elapsed = time.perf_counter() - t0
-    barrier()
+    # Every rank gets here (a stopped rank early): agree whether the set is complete before merging.
+    stopped = any_across_ranks([stop.signal is not None], device)[0]
     summary = {"samples": n, "chunks_reused": len(mine) - len(todo), "rank0_images": done,
-               "rank0_images_per_s": round(done / elapsed, 1) if done else None, "out": str(out)}
-    if acc.is_main_process:
+               "rank0_images_per_s": round(done / elapsed, 1) if done else None, "out": str(out),
+               "exit_code": EXIT_PREEMPTED if stopped else 0}
+    if acc.is_main_process and not stopped:
         summary |= merge(parts, out, n)
     barrier()
     return summary

@@ -11,7 +11,7 @@ Semantics worth knowing:
 - A non-finite loss on any rank skips the step on every rank (it is counted); max_nonfinite in a row stops the run.
 - SIGUSR1/SIGTERM only set a flag; ranks agree at the next step boundary, save a checkpoint and exit with
   EXIT_PREEMPTED (and write run_dir/preempted.json, since launchers such as torchrun do not pass worker exit codes
-  on), so the caller (Slurm script) can requeue and `--ckpt.resume auto` picks it up.
+  on), so the caller (slurm/*.sbatch) can requeue and `--ckpt.resume auto` picks it up (sslfw/preempt.py).
 """
 
 from __future__ import annotations
@@ -41,27 +41,10 @@ from sslfw.logger import RunLogger
 from sslfw.metrics import constant_guess
 from sslfw.model import IQAModel
 from sslfw.optim import build_optimizer, set_lr
+from sslfw.preempt import EXIT_NONFINITE, EXIT_PREEMPTED, StopFlag, record
 from sslfw.pseudolabel import load_pseudo_labels
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved on request; requeue and resume
-EXIT_NONFINITE = 3  # stopped after train.max_nonfinite non-finite steps in a row
 PREEMPTED = "preempted.json"  # written with EXIT_PREEMPTED: {"step", "signal"}; removed when the run restarts
-
-
-class StopFlag:
-    """Signal handlers may only set this; the loop acts on it at a step boundary, in agreement across ranks."""
-
-    def __init__(self) -> None:
-        self.signal: str | None = None
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGUSR1, signal.SIGTERM)}
-
-    def _handle(self, signum: int, _frame) -> None:
-        self.signal = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        """Give the process its old handlers back (train() may run inside a longer-lived process)."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _seed(*parts: int) -> int:
@@ -90,6 +73,7 @@ def train(cfg: Config) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / PREEMPTED).unlink(missing_ok=True)
+        record(run_dir, "start", start, world_size=world)
     index = load_index(Path(cfg.data.shards))
     constant = constant_guess(index["sets"]["train"]["class_counts"])
 
@@ -250,6 +234,7 @@ def train(cfg: Config) -> dict:
             save(step)
     bar.close()
     stop.restore()
-    logger.close()
-    acc.end_training()
+    if main:
+        record(run_dir, "end", step, exit_code=exit_code)
+    logger.close()  # the process group stays: a pipeline runs more stages in it; the CLI destroys it at exit
     return {"exit_code": exit_code, "step": step, "skipped_steps": skipped, "val": val}

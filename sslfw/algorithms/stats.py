@@ -9,14 +9,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from sslfw.dist import is_dist
+from sslfw.dist import is_dist, timed_sync
 
 
 @torch.no_grad()
 def global_sum(t: torch.Tensor) -> torch.Tensor:
     t = t.detach().clone()
     if is_dist():
-        dist.all_reduce(t)
+        with timed_sync():
+            dist.all_reduce(t)
     return t
 
 

@@ -1,0 +1,81 @@
+# Sourced by the sslfw sbatch scripts. `sslfw_run VERB ARGS...` starts one `accelerate launch` per Slurm task
+# (one task per node), waits for it, forwards warning signals, and requeues the job when sslfw saved on request.
+# Settings (environment variables, all optional; sbatch passes the submitting shell's environment on):
+#   SSLFW_ROOT            the repository (default: the submit directory); slurm/common.sh is read from here
+#   SSLFW_VENV            a virtualenv to activate (default: $SSLFW_ROOT/.venv when it exists)
+#   SSLFW_PROCS_PER_NODE  processes per node (default: the node's GPUs, $SLURM_GPUS_ON_NODE, else 1)
+#   SSLFW_CPU=1           run the processes on the CPU over gloo (tests, demos)
+#   SSLFW_ACCELERATE_CONFIG  accelerate config file (default: launch/multi_gpu.yaml, or launch/cpu_2proc.yaml)
+#   SSLFW_MASTER_ADDR / SSLFW_PORT  rendezvous host and port (default: the first node; 20000 + job id % 20000)
+#   SSLFW_MAX_REQUEUES    stop requeueing after this many restarts (default 20)
+#   SSLFW_STATE_DIR       where the exit code of each attempt is left (default: $SLURM_SUBMIT_DIR/.sslfw-slurm);
+#                         must be visible from every node, like the run directory
+set -uo pipefail
+
+: "${SSLFW_ROOT:=${SLURM_SUBMIT_DIR:-$PWD}}"
+if [[ -z "${SSLFW_VENV:-}" && -f "$SSLFW_ROOT/.venv/bin/activate" ]]; then SSLFW_VENV="$SSLFW_ROOT/.venv"; fi
+if [[ -n "${SSLFW_VENV:-}" ]]; then
+    # shellcheck disable=SC1091
+    source "$SSLFW_VENV/bin/activate" || { echo "sslfw: cannot activate SSLFW_VENV=$SSLFW_VENV" >&2; exit 2; }
+fi
+command -v accelerate >/dev/null || { echo "sslfw: accelerate not found; set SSLFW_VENV to the project's venv" >&2; exit 2; }
+
+# Compute nodes rarely reach the internet: W&B writes offline; upload later with `wandb sync RUN_DIR/wandb/offline-run-*`.
+export WANDB_MODE="${WANDB_MODE:-offline}"
+# Without this the launcher dies on SIGUSR1 and leaves its workers orphaned (research/infra.md 3.6).
+export PET_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
+SSLFW_STATE_DIR="${SSLFW_STATE_DIR:-${SLURM_SUBMIT_DIR:-$PWD}/.sslfw-slurm}"
+mkdir -p "$SSLFW_STATE_DIR"
+export SSLFW_EXIT_FILE="$SSLFW_STATE_DIR/exit-${SLURM_JOB_ID}.txt"
+if [[ "${SSLFW_CPU:-0}" == 1 ]]; then
+    export ACCELERATE_USE_CPU=true
+    : "${SSLFW_ACCELERATE_CONFIG:=$SSLFW_ROOT/launch/cpu_2proc.yaml}"
+fi
+: "${SSLFW_ACCELERATE_CONFIG:=$SSLFW_ROOT/launch/multi_gpu.yaml}"
+: "${SSLFW_PROCS_PER_NODE:=${SLURM_GPUS_ON_NODE:-1}}"
+: "${SSLFW_MASTER_ADDR:=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
+: "${SSLFW_PORT:=$((20000 + SLURM_JOB_ID % 20000))}"
+export SSLFW_ACCELERATE_CONFIG SSLFW_PROCS_PER_NODE SSLFW_MASTER_ADDR SSLFW_PORT
+
+sslfw_run() {
+    local machines=$SLURM_NTASKS  # one launcher per task; the scripts ask for one task per node
+    echo "[sslfw-slurm] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST:" \
+         "$machines launcher(s) x $SSLFW_PROCS_PER_NODE process(es), rendezvous $SSLFW_MASTER_ADDR:$SSLFW_PORT: sslfw $*"
+    rm -f "$SSLFW_EXIT_FILE"
+    # Single quotes: SLURM_PROCID is expanded inside each task, not here. Task 0's launcher hosts the c10d store;
+    # the others wait until it listens (accelerate refuses to start task 0 if its port is taken first, which
+    # happens when launchers share a host, as in the tests).
+    # shellcheck disable=SC2016
+    srun --export=ALL --kill-on-bad-exit=1 bash -c 'if [[ $SLURM_PROCID != 0 ]]; then
+            for _ in $(seq 600); do (exec 3<>"/dev/tcp/$SSLFW_MASTER_ADDR/$SSLFW_PORT") 2>/dev/null && break; sleep 1; done
+        fi
+        exec accelerate launch --config_file "$SSLFW_ACCELERATE_CONFIG" \
+        --num_processes $(( SLURM_NTASKS * SSLFW_PROCS_PER_NODE )) --num_machines "$SLURM_NTASKS" \
+        --machine_rank "$SLURM_PROCID" --rdzv_backend c10d --main_process_ip "$SSLFW_MASTER_ADDR" \
+        --main_process_port "$SSLFW_PORT" -m sslfw "$@"' sslfw "$@" &
+    local pid=$! rc
+    # --signal=B:USR1@N warns only this shell; a bash trap runs between `wait`s, so the step runs in the background.
+    trap 'echo "[sslfw-slurm] USR1: asking sslfw to save and stop"; kill -USR1 $pid' USR1
+    trap 'echo "[sslfw-slurm] TERM: asking sslfw to save and stop"; kill -TERM $pid' TERM
+    while :; do
+        wait "$pid"; rc=$?
+        kill -0 "$pid" 2>/dev/null || break  # wait returned because of a trap: keep waiting for the step
+    done
+    trap - USR1 TERM
+    local code
+    code=$(cat "$SSLFW_EXIT_FILE" 2>/dev/null) || code=""
+    echo "[sslfw-slurm] step finished: srun rc=$rc, sslfw exit code ${code:-unknown (no $SSLFW_EXIT_FILE)}"
+    if [[ "$code" == 75 ]]; then
+        if (( ${SLURM_RESTART_COUNT:-0} >= ${SSLFW_MAX_REQUEUES:-20} )); then
+            echo "[sslfw-slurm] saved, but SSLFW_MAX_REQUEUES=${SSLFW_MAX_REQUEUES:-20} reached; resubmit to go on" >&2
+            exit 75
+        fi
+        local id=$SLURM_JOB_ID
+        [[ -n "${SLURM_ARRAY_JOB_ID:-}" ]] && id="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+        echo "[sslfw-slurm] saved; requeueing job $id: it resumes from the newest checkpoint"
+        scontrol requeue "$id"
+        exit 0
+    fi
+    exit "${code:-${rc:-1}}"
+}

@@ -1,0 +1,53 @@
+"""Data: the shard stream against plain decode + crop of the same images held in memory (the per-core limit;
+the images must be at least as large as the crop)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from sslfw.bench import Table, median_seconds
+from sslfw.data.stream import ShardSet, TrainStream, make_loader
+
+
+def bench_data(shards: str, crop: int, batch: int, batches: int, workers: list[int], reps: int) -> Table:
+    Image.core.set_blocks_max(16)  # as in the loader's workers: the limit gets the same decoder settings
+    lb = ShardSet(shards, "train")
+    ref = TrainStream(lb, batch, (crop, crop), seed=0, rank=0)
+    ids = np.concatenate([ref.batch_indices(s) for s in range(batches)])
+    blobs = [lb.read(int(i))[0] for i in ids]  # the bytes the stream will read, already in memory
+
+    def limit() -> None:  # the irreducible work: decode, then copy out one crop window
+        rng = np.random.default_rng(0)
+        for b in blobs:
+            with Image.open(io.BytesIO(b)) as im:
+                im.load()
+                w, h = im.size
+                y, x = int(rng.integers(h - crop + 1)), int(rng.integers(w - crop + 1))
+                np.asarray(im.crop((x, y, x + crop, y + crop)))
+
+    def stream_fn(nw: int):
+        # A persistent loader per worker count, started (and its workers warmed) before timing.
+        it = iter(make_loader(TrainStream(lb, batch, (crop, crop), seed=0, rank=0), nw))
+
+        def run() -> None:
+            for _ in range(batches):
+                next(it)
+        return run
+
+    fns = {"limit": limit} | {f"stream{nw}": stream_fn(nw) for nw in workers}
+    t = median_seconds(fns, reps)
+    n = len(ids)
+    table = Table(f"data: shard stream vs decode+crop of the same {n} images in memory ({crop}px crops, "
+                  f"batch {batch})", ["path", "workers", "images/s", "images/s per worker", "ratio to limit",
+                                      "target"])
+    per_core = n / t["limit"]
+    table.add("decode+crop from memory (limit, 1 core)", 1, per_core, per_core, 1.0, "")
+    for nw in workers:
+        rate = n / t[f"stream{nw}"]
+        per_worker = rate / max(nw, 1)
+        table.add("shard stream -> uint8 batches", nw if nw else "0 (in process)", rate, per_worker,
+                  per_worker / per_core, ">= 0.85")
+    return table

@@ -1,0 +1,52 @@
+"""Pseudo-labelling: the job's own loop (chunks of the pool through the shard stream) against a forward-only loop
+over the same images preloaded on the device."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+
+from sslfw.bench import Table, median_seconds
+from sslfw.config import Config
+from sslfw.data.stream import EvalStream, ShardSet, make_loader
+from sslfw.dist import make_accelerator
+from sslfw.evaluate import predict_stream
+from sslfw.model import IQAModel
+
+
+def bench_pseudolabel(cfg: Config, shards: str, batch: int, workers: int, chunk: int, limit: int,
+                      reps: int) -> Table:
+    acc = make_accelerator(cfg.train.bf16)
+    device = acc.device
+    autocast = acc.autocast if device.type == "cuda" and cfg.train.bf16 else nullcontext
+    torch.manual_seed(0)
+    model = IQAModel(cfg.model).to(device).eval()  # random weights: the speed does not depend on them
+    pool = ShardSet(shards, "unlabelled")
+    n = min(limit, len(pool)) if limit else len(pool)
+    size = (cfg.model.img_size, cfg.model.img_size)
+
+    def job() -> None:  # what sslfw/pseudolabel.py does per chunk: a fresh stream over the chunk's ids
+        for c in range(math.ceil(n / chunk)):
+            ids = range(c * chunk, min(n, (c + 1) * chunk))
+            predict_stream(model, EvalStream(pool, batch, size, 0, 1, ids=ids), workers, device, autocast)
+
+    preloaded = [b["image"].to(device) for b in make_loader(EvalStream(pool, batch, size, 0, 1, ids=range(n)), 0)]
+
+    @torch.no_grad()
+    def forward_only() -> None:
+        for x in preloaded:
+            with autocast():
+                logits = model(x.float() / 255)["logits"]
+            logits.float().softmax(-1).cpu()
+
+    t = median_seconds({"job": job, "forward": forward_only}, reps)
+    table = Table(f"pseudolabel: {n} pool images, {cfg.model.name} at {cfg.model.img_size}px, batch {batch}, "
+                  f"{workers} loader worker(s), chunks of {chunk}, {device.type}"
+                  f"{', bf16' if autocast is not nullcontext else ''}",
+                  ["path", "images/s", "ratio to forward-only", "target"])
+    table.add("forward only, images preloaded on the device", n / t["forward"], 1.0, "")
+    table.add("pseudolabel loop (shards -> decode -> crop -> model)", n / t["job"], t["forward"] / t["job"],
+              ">= 0.9")
+    return table

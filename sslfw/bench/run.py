@@ -1,0 +1,44 @@
+"""Dispatch for `sslfw bench`: builds the config, runs the chosen benchmarks, prints and saves their tables."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sslfw.bench import Table, save
+from sslfw.config import load_config
+from sslfw.dist import is_main_process
+
+ALL = ("data", "augment", "step", "pseudolabel")
+
+
+def run_bench(a: argparse.Namespace) -> dict:
+    cfg = load_config(a.config, a.overrides)
+    shards = str(a.shards or cfg.data.shards)
+    todo = ALL if a.what == "all" else (a.what,)
+    tables: list[Table] = []
+    for what in todo:
+        if what == "data":
+            from sslfw.bench.data import bench_data
+
+            t = bench_data(shards, cfg.data.load_crop, a.batch or cfg.train.batch_size, a.batches,
+                           [int(w) for w in a.workers.split(",")], a.reps)
+        elif what == "augment":
+            from sslfw.bench.compute import bench_augment
+
+            t = bench_augment(cfg, shards, a.steps, a.reps)
+        elif what == "step":
+            from sslfw.bench.compute import bench_step
+
+            t = bench_step(cfg, shards, a.algorithms.split(","), a.steps, a.reps)
+        else:
+            from sslfw.bench.infer import bench_pseudolabel
+
+            t = bench_pseudolabel(cfg, shards, a.batch or cfg.data.eval_batch_size, cfg.data.num_workers, a.chunk,
+                                  a.limit, a.reps)
+        tables.append(t)
+        if is_main_process():
+            print(t.markdown() + "\n", flush=True)
+    if a.out and is_main_process():
+        save(Path(a.out), tables, {"config": str(a.config), "overrides": a.overrides, "shards": shards})
+    return {"tables": [t.title for t in tables], "out": str(a.out) if a.out else None}

@@ -1,0 +1,135 @@
+"""The repository's sbatch scripts on a real Slurm cluster (../shared/slurm-local, started here when needed).
+
+Jobs run the real `accelerate launch` with 2 gloo CPU processes; a stop is a real signal (scancel or one raised by
+the worker), and the requeue is the script's own `scontrol requeue`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sslfw import ckpt
+from sslfw.data.shards import load_index
+from tests.conftest import ROOT, tiny_overrides
+
+SLURM_LOCAL = Path(os.environ.get("SSLFW_SLURM_LOCAL", ROOT.parent / "shared" / "slurm-local"))
+
+
+def _cluster_answers() -> bool:
+    return shutil.which("scontrol") is not None and subprocess.run(
+        ["scontrol", "ping"], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A running cluster: the one already up, else slurm-local's, stopped again after these tests."""
+    started = False
+    if not _cluster_answers():
+        start = SLURM_LOCAL / "start.sh"
+        if not start.is_file():
+            if shutil.which("sbatch") is None:
+                pytest.skip(f"no sbatch here and no {start} to start a local cluster (set SSLFW_SLURM_LOCAL)")
+            pytest.fail(f"sbatch is installed but no cluster answers `scontrol ping`, and {start} is missing")
+        proc = subprocess.run(["bash", str(start)], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        key, _, value = proc.stdout.strip().removeprefix("export ").partition("=")
+        os.environ[key] = value  # SLURM_CONF, for the client commands below
+        started = True
+    yield
+    if started:
+        subprocess.run(["bash", str(SLURM_LOCAL / "stop.sh")], capture_output=True, timeout=300)
+
+
+def submit(script: str, args: list[str], cwd: Path, sbatch: list[str], env: dict | None = None) -> str:
+    env = {**os.environ, "SSLFW_ROOT": str(ROOT), "SSLFW_VENV": sys.prefix, "SSLFW_CPU": "1",
+           "WANDB_MODE": "offline", **(env or {})}
+    proc = subprocess.run(["sbatch", "--parsable", "--gres=gpu:0", "-o", "job.out", *sbatch,
+                           str(ROOT / "slurm" / script), *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def show(job: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def wait(job: str, timeout: float = 300) -> dict:
+    """Until the job has ended for good. A requeue passes through an ended state (the old run is killed) before
+    PENDING, so an end other than COMPLETED must last a few seconds. A requeued job is released after 3 s pending
+    (Slurm would hold it for ~2 minutes)."""
+    end, ended_for, pending_for = time.monotonic() + timeout, 0, 0
+    while time.monotonic() < end:
+        info = show(job)
+        state = info.get("JobState", "")
+        pending_for = pending_for + 1 if state == "PENDING" else 0
+        if pending_for >= 3:  # released too soon, the node may still hold the old run ("credential revoked")
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+        ended_for = ended_for + 1 if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
+                                               "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE") else 0
+        if state == "COMPLETED" or ended_for >= 5:
+            return info
+        time.sleep(1)
+    raise AssertionError(f"job {job} still {state} after {timeout}s")
+
+
+def history(run: Path) -> list[tuple]:
+    rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    return [(r["event"], r["step"], r["restart_count"], r.get("exit_code")) for r in rows]
+
+
+def test_two_task_training_job_completes_and_checkpoints(slurm, small_shards, tmp_path):
+    """train_multinode.sbatch: two srun tasks, each an `accelerate launch` (like two nodes), meet by c10d."""
+    run = tmp_path / "run"
+    job = submit("train_multinode.sbatch", tiny_overrides(small_shards, run, **{"train.steps": 12, "ckpt.every": 6}),
+                 tmp_path, ["--nodes=1", "--ntasks-per-node=2", "-c", "1"], {"SSLFW_PROCS_PER_NODE": "1"})
+    info = wait(job)
+    log = (tmp_path / "job.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert "2 launcher(s) x 1 process(es)" in log
+    assert [s for s, _ in ckpt.valid_checkpoints(run)] == [6, 12]
+    assert history(run) == [("start", 0, 0, None), ("end", 12, 0, 0)]
+    assert json.loads((run / "history.jsonl").read_text().splitlines()[0])["world_size"] == 2
+
+
+def test_signalled_job_saves_requeues_and_resumes_without_repeating_a_step(slurm, small_shards, tmp_path):
+    run, steps = tmp_path / "run", 200
+    job = submit("train.sbatch", tiny_overrides(small_shards, run, **{"train.steps": steps, "ckpt.every": 100,
+                                                                      "eval.every": 0}),
+                 tmp_path, ["-c", "2"], {"SSLFW_PROCS_PER_NODE": "2"})
+    metrics, end = run / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 5) and time.monotonic() < end:
+        time.sleep(0.2)
+    subprocess.run(["scancel", "-b", "-s", "USR1", job], check=True)  # what --signal=B:USR1@300 delivers
+    info = wait(job)
+    log = (tmp_path / "job.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    assert "USR1: asking sslfw to save and stop" in log and "requeueing job" in log
+    (_, _, _, _), (_, stopped, _, code), resumed, last = history(run)
+    assert 5 <= stopped < steps and code == 75
+    assert resumed == ("start", stopped, 1, None) and last == ("end", steps, 1, 0)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    trained = [r["step"] for r in rows if "train/loss" in r]
+    assert trained == list(range(1, steps + 1))  # every step logged once: none repeated, none skipped
+    assert ckpt.valid_checkpoints(run)[-1][0] == steps and stopped in [s for s, _ in ckpt.valid_checkpoints(run)]
+
+
+def test_pseudolabel_job_requeues_and_covers_the_pool_exactly_once(slurm, tiny_run, small_shards, tmp_path):
+    out = tmp_path / "pseudo.csv"
+    job = submit("pseudolabel.sbatch", ["--checkpoint", str(tiny_run), "--out", str(out), "--chunk", "16",
+                                        "--num-workers", "0", "--quiet"],
+                 tmp_path, ["-c", "2"], {"SSLFW_PROCS_PER_NODE": "2", "SSLFW_FAULT_SIGNAL": "0:0"})
+    info = wait(job)
+    log = (tmp_path / "job.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    assert "sslfw exit code 75" in log and '"chunks_reused": 1' in log  # rank 0 stopped after its chunk 0
+    idx = [int(line.split(",")[1]) for line in out.read_text().splitlines()[1:]]
+    assert idx == list(range(load_index(small_shards)["sets"]["unlabelled"]["count"]))
