@@ -28,13 +28,16 @@ SYNC = {"on": False, "seconds": 0.0, "calls": 0}  # time in the algorithms' coll
 
 @contextmanager
 def timed_sync() -> Iterator[None]:
-    """Counts the wall time of a bank/statistics collective into SYNC while SYNC["on"] (benchmarks only): the device
-    is synchronised around it, so waiting for a slower rank is counted too."""
+    """Counts the wall time of a bank/statistics collective into SYNC while SYNC["on"] (benchmarks only). Ranks
+    first meet at an untimed barrier: waiting for a slower rank is not the collective's cost (without it, the
+    ranks would wait as long at DDP's gradient all-reduce)."""
     if not SYNC["on"]:
         yield
         return
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+    if is_dist():
+        dist.barrier()
     t0 = time.perf_counter()
     yield
     if torch.cuda.is_available():

@@ -55,8 +55,12 @@ class Harness:
         return batch
 
     def images_per_step(self) -> int:
-        b = self.batch
-        return len(b.x_lb) + (len(b.x_ulb_w) * (1 + len(b.x_ulb_s)) if b.x_ulb_w is not None else 0)
+        """Images through the student in one step on this rank (views, rotations, everything the loss forwards)."""
+        seen = []
+        hook = self.raw_model.register_forward_pre_hook(lambda _m, args: seen.append(len(args[0])))
+        self.step()
+        hook.remove()
+        return sum(seen)
 
     def step(self) -> None:
         ctx = StepContext(self.step_no, 10**6, self.ema.module if self.ema else None, self.raw["num_labelled"])
@@ -117,7 +121,7 @@ def bench_step(cfg: Config, shards: str, algorithms: list[str], steps: int, reps
     table = Table(f"step: {cfg.model.name} at {cfg.model.img_size}px, global labelled batch "
                   f"{cfg.train.batch_size}, uratio {cfg.algorithm.uratio}, {world} process(es) on {acc.device.type}"
                   f"{', bf16' if cfg.train.bf16 and acc.device.type == 'cuda' else ''}",
-                  ["algorithm", "step ms", "images/step (global)", "images/s", "step time / supervised",
+                  ["algorithm", "step ms", "images through the model/step", "images/s", "step time / supervised",
                    "bank+stats sync ms", "sync / step", "target"])
     base = None
     for name in ["supervised"] + [a for a in algorithms if a != "supervised"]:
