@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Every `sslfw bench` table on one GPU in bf16 for ViT-S/16 at 224 px, in one command (about 5 minutes on an
-# H100, data generation included). Usage: bash launch/bench_gpu.sh [OUT]   (default runs/bench_gpu)
-# Prints the tables and leaves OUT/bench.json and OUT/bench.md; copy them into BENCHMARKS.md with the date.
+# Every `sslfw bench` table on one GPU in bf16 for ViT-S/16 at 224 px, in one command (about 4 minutes on an
+# H200, data generation included). Usage: bash launch/bench_gpu.sh [OUT]   (default runs/bench_gpu)
+# Prints the tables and leaves OUT/bench.{json,md} (shards as packed) and OUT/raw/bench.{json,md} (the same images
+# packed with --pixels raw, for the loader-bound paths); copy them into BENCHMARKS.md with the date.
 set -euo pipefail
 OUT=${1:-runs/bench_gpu}
 PY=${PYTHON:-python3}
@@ -13,5 +14,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
     $PY -m sslfw data prepare --koniq "$D/raw/koniq10k" --kadis "$D/raw/kadis700k" --out "$D/manifest"
     $PY -m sslfw shards pack --manifest "$D/manifest" --out "$D/shards" --quiet
 }
+[[ -f $D/shards_raw/index.json ]] || $PY -m sslfw shards pack --manifest "$D/manifest" --out "$D/shards_raw" \
+    --pixels raw --quiet
 $PY -m sslfw bench all --config configs/bench_gpu.yaml --shards "$D/shards" --out "$OUT" \
     --reps 5 --steps 10 --batches 10 --workers 0,1,4,8
+$PY -m sslfw bench data,pseudolabel --config configs/bench_gpu.yaml --shards "$D/shards_raw" --out "$OUT/raw" \
+    --reps 5 --batches 10 --workers 0,1,4,8

@@ -36,7 +36,7 @@ def cmd_pack(a: argparse.Namespace) -> dict:
     from sslfw.data.shards import pack
 
     index = pack(a.manifest, a.out, samples_per_shard=a.samples_per_shard, max_side=a.max_side, seed=a.seed,
-                 workers=a.workers, progress=not a.quiet)
+                 workers=a.workers, progress=not a.quiet, pixels=a.pixels)
     summary = {name: {"samples": s["count"], "shards": len(s["shards"]), "class_counts": s["class_counts"]}
                for name, s in index["sets"].items()}
     summary["skipped"] = index["skipped"]
@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--samples-per-shard", type=int, default=256)
     s.add_argument("--max-side", type=int, help="downscale larger images (re-encodes them: changes quality)")
+    s.add_argument("--pixels", default="original", choices=("original", "raw"),
+                   help="raw: store decoded RGB pixels (.npy), lossless, nothing left to decode (more disk)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=0)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -171,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", type=Path, help="pipeline YAML (sslfw/pipeline.py: PipelineConfig)")
     s.set_defaults(func=cmd_pipeline)
     s = verbs.add_parser("bench", help="throughput against its limit or alternative, as ratios (BENCHMARKS.md)")
-    s.add_argument("what", choices=("data", "augment", "step", "pseudolabel", "all"))
+    s.add_argument("what", help="data, augment, step, pseudolabel (comma-separated) or all")
     s.add_argument("--config", type=Path, help="training YAML: model, batch, augmentation, algorithm settings")
     s.add_argument("--shards", type=Path, help="packed folder (default: the config's data.shards)")
     s.add_argument("--reps", type=int, default=5, help="repetitions; tables report medians")

@@ -17,25 +17,33 @@ from sslfw.model import expected_score
 
 
 @torch.no_grad()
+def predict_batch(model: nn.Module, batch: dict, device: torch.device, autocast) -> dict[str, np.ndarray]:
+    """idx, label, mos, key and crop-averaged class probabilities of one loader batch (model in eval mode)."""
+    x = batch["image"].to(device).float() / 255
+    crops = x.shape[1] if x.ndim == 5 else 1
+    with autocast():
+        logits = model(x.flatten(0, 1) if x.ndim == 5 else x)["logits"]
+    probs = logits.float().softmax(-1).view(len(x), crops, -1).mean(1)
+    return {"probs": probs.cpu().numpy(), "key": np.array(batch["key"]),
+            **{k: batch[k].numpy() for k in ("idx", "label", "mos")}}
+
+
+def concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if not parts:
+        return {"idx": np.zeros(0, dtype=np.int64), "label": np.zeros(0, dtype=np.int64), "mos": np.zeros(0),
+                "probs": np.zeros((0, 5)), "key": np.zeros(0, dtype=str)}
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+@torch.no_grad()
 def predict_stream(model: nn.Module, stream: EvalStream, num_workers: int, device: torch.device,
                    autocast) -> dict[str, np.ndarray]:
-    """idx, label, mos and crop-averaged probs for what `stream` yields on this rank (no communication)."""
+    """Predictions for what `stream` yields on this rank (no communication)."""
     was_training = model.training
     model.eval()
-    parts: dict[str, list] = {"idx": [], "label": [], "mos": [], "probs": [], "key": []}
-    for batch in make_loader(stream, num_workers):
-        x = batch["image"].to(device).float() / 255
-        crops = x.shape[1] if x.ndim == 5 else 1
-        with autocast():
-            logits = model(x.flatten(0, 1) if x.ndim == 5 else x)["logits"]
-        probs = logits.float().softmax(-1).view(len(x), crops, -1).mean(1)
-        parts["probs"].append(probs.cpu().numpy())
-        for k in ("idx", "label", "mos"):
-            parts[k].append(batch[k].numpy())
-        parts["key"].append(np.array(batch["key"]))
+    parts = [predict_batch(model, batch, device, autocast) for batch in make_loader(stream, num_workers)]
     model.train(was_training)
-    return {k: np.concatenate(v) if v else np.zeros((0, 5) if k == "probs" else 0, dtype=str if k == "key" else float)
-            for k, v in parts.items()}
+    return concat(parts)
 
 
 def predict(model: nn.Module, shards: ShardSet, img_size: int, batch_size: int, num_workers: int, rank: int,

@@ -1,7 +1,7 @@
 """`sslfw pseudolabel`: distributed inference over the unlabelled shards with a trained checkpoint.
 
-The set is cut into fixed chunks of samples (independent of the number of ranks); rank r takes chunks r, r+W, ...
-and writes each as `OUT.parts/chunk-NNNNNN.npz`, atomically. A rerun skips chunks already written, even with a
+The set is cut into fixed chunks of samples (independent of the number of ranks); rank r takes chunks r, r+W, ...,
+streams them through one loader and writes each as `OUT.parts/chunk-NNNNNN.npz`, atomically, once complete. A rerun skips chunks already written, even with a
 different number of ranks, so an interrupted job resumes without duplicates. Rank 0 then merges the chunks,
 checks that every sample of the shard index appears exactly once, and writes OUT (csv) atomically:
 key, idx, p0..p4, label, confidence, score. The loop runs no collective, so ranks may finish at different times.
@@ -18,16 +18,18 @@ import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from sslfw import faults, fsio
 from sslfw.data.manifest import DataError
-from sslfw.data.stream import EvalStream, ShardSet
+from sslfw.data.stream import ChunkStream, ShardSet, make_loader
 from sslfw.dist import any_across_ranks, barrier, make_accelerator
-from sslfw.evaluate import predict_stream
+from sslfw.evaluate import concat, predict_batch
 from sslfw.inference import load_model
 from sslfw.model import expected_score
 from sslfw.preempt import EXIT_PREEMPTED, StopFlag
@@ -60,23 +62,23 @@ def pseudolabel(checkpoint: Path, out: Path, shards: Path | None = None, which: 
     autocast = acc.autocast if device.type == "cuda" else nullcontext
     mine = list(range(rank, math.ceil(n / chunk), world))
     todo = [c for c in mine if not (parts / f"chunk-{c:06d}.npz").is_file()]
-    bar = tqdm(total=sum(min(n, (c + 1) * chunk) - c * chunk for c in todo), unit="img", desc="pseudo-labelling",
+    ranges = [range(c * chunk, min(n, (c + 1) * chunk)) for c in todo]
+    bar = tqdm(total=sum(len(r) for r in ranges), unit="img", desc="pseudo-labelling",
                disable=not (progress and acc.is_main_process))
     t0, done, stop = time.perf_counter(), 0, StopFlag()
-    for c in todo:
-        if stop.signal:
-            break
-        ids = range(c * chunk, min(n, (c + 1) * chunk))
-        stream = EvalStream(pool, batch_size, (cfg.model.img_size, cfg.model.img_size), 0, 1, ids=ids, crops=crops)
-        pred = predict_stream(model, stream, num_workers, device, autocast)
+    size = (cfg.model.img_size, cfg.model.img_size)
+    for pos, pred in predict_chunks(model, pool, ranges, batch_size, size, crops, num_workers, device, autocast):
+        bar.update(len(pred["idx"]))
+        c = todo[pos]
         with fsio.atomic_open(parts / f"chunk-{c:06d}.npz") as f:
             np.savez(f, **pred)
-        done += len(ids)
-        bar.update(len(ids))
+        done += len(ranges[pos])
         if faults.armed("KILL", rank, c):
             os.kill(os.getpid(), signal.SIGKILL)
         if faults.armed("SIGNAL", rank, c):  # as if Slurm's warning signal arrived during this chunk
             signal.raise_signal(signal.SIGUSR1)
+        if stop.signal:
+            break
     bar.close()
     stop.restore()
     elapsed = time.perf_counter() - t0
@@ -89,6 +91,23 @@ def pseudolabel(checkpoint: Path, out: Path, shards: Path | None = None, which: 
         summary |= merge(parts, out, n)
     barrier()
     return summary
+
+
+@torch.no_grad()
+def predict_chunks(model: nn.Module, pool: ShardSet, ranges: list[range], batch_size: int, size: tuple[int, int],
+                   crops: int, num_workers: int, device: torch.device, autocast) -> Iterator[tuple[int, dict]]:
+    """(position in `ranges`, predictions) for each range as soon as all its samples are predicted. One loader
+    serves all ranges, so its workers decode the next chunk while the model runs on this one."""
+    if not ranges:
+        return
+    model.eval()
+    pending: dict[int, list] = {}
+    for batch in make_loader(ChunkStream(pool, ranges, batch_size, size, crops), num_workers,
+                             pin_memory=device.type == "cuda"):
+        pos = int(batch.pop("chunk"))
+        pending.setdefault(pos, []).append(predict_batch(model, batch, device, autocast))
+        if sum(len(p["idx"]) for p in pending[pos]) == len(ranges[pos]):
+            yield pos, concat(pending.pop(pos))
 
 
 def merge(parts: Path, out: Path, n: int) -> dict:

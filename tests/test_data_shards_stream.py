@@ -99,3 +99,20 @@ def test_ddp_two_ranks_two_workers_seven_shards(small_shards, tmp_path):
         assert sorted(everything) == list(range(r0[name]["size"]))  # every sample exactly once
         assert set(r0[name]["idx"]).isdisjoint(r1[name]["idx"])
     assert r0["val"]["shards"] == 1  # fewer shards than 2 ranks x 2 workers, still exactly once
+
+
+def test_raw_pixel_shards_give_the_same_batches_with_nothing_to_decode(small_manifest, small_shards, tmp_path):
+    raw = tmp_path / "raw"
+    index = pack(small_manifest, raw, samples_per_shard=15, workers=1, progress=False, pixels="raw")
+    assert index["pixels"] == "raw"
+    first = next(iter(wds.WebDataset(str(raw / index["sets"]["unlabelled"]["shards"][0]["name"]), shardshuffle=False)))
+    assert "npy" in first  # plain webdataset still reads them
+    for name in ("train", "unlabelled"):
+        a, b = TrainStream(ShardSet(small_shards, name), 8, (40, 40), 3, 0), TrainStream(ShardSet(raw, name), 8,
+                                                                                            (40, 40), 3, 0)
+        for step in range(3):
+            assert torch.equal(a.make_batch(step)["image"], b.make_batch(step)["image"])
+    for crop, crops in (((40, 40), 5), ((200, 200), 1)):  # corners, and a crop larger than the image (padding)
+        a = next(iter(EvalStream(ShardSet(small_shards, "test"), 6, crop, 0, 1, crops=crops)))
+        b = next(iter(EvalStream(ShardSet(raw, "test"), 6, crop, 0, 1, crops=crops)))
+        assert torch.equal(a["image"], b["image"])

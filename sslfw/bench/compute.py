@@ -54,6 +54,10 @@ class Harness:
             batch.idx_ulb = r["idx_ulb"]
         return batch
 
+    def steps(self, n: int) -> None:
+        for _ in range(n):
+            self.step()
+
     def images_per_step(self) -> int:
         """Images through the student in one step on this rank (views, rotations, everything the loss forwards)."""
         seen = []
@@ -100,14 +104,7 @@ def bench_augment(cfg: Config, shards: str, steps: int, reps: int) -> Table:
     for policy in ("iqa_safe", "randaugment"):
         h = Harness(replace(cfg, aug=replace(cfg.aug, strong=policy)), "fixmatch", acc, raw, raw["num_labelled"])
 
-        def aug() -> None:
-            for _ in range(steps):
-                h.views()
-
-        def step() -> None:
-            for _ in range(steps):
-                h.step()
-        t = median_seconds({"aug": aug, "step": step}, reps)
+        t = median_seconds({"aug": lambda: [h.views() for _ in range(steps)], "step": lambda: h.steps(steps)}, reps)
         table.add(policy, 1e3 * t["aug"] / steps, 1e3 * t["step"] / steps, t["aug"] / t["step"],
                   "< 0.05 on a GPU")
     return table
@@ -126,18 +123,13 @@ def bench_step(cfg: Config, shards: str, algorithms: list[str], steps: int, reps
     base = None
     for name in ["supervised"] + [a for a in algorithms if a != "supervised"]:
         h = Harness(cfg, name, acc, raw, raw["num_labelled"])
-
-        def run() -> None:
-            for _ in range(steps):
-                h.step()
-        run()  # warm-up: allocator, kernel selection and the first bank fills happen here
+        h.steps(steps)  # warm-up: allocator, kernel selection and the first bank fills happen here
         SYNC.update(on=True, seconds=0.0, calls=0)
-        t = median_seconds({"step": run}, reps, warmup=0)["step"] / steps
+        t = median_seconds({"step": lambda: h.steps(steps)}, reps, warmup=0)["step"] / steps
         sync_ms = 1e3 * SYNC["seconds"] / (reps * steps)
         SYNC.update(on=False)
         base = base or t
         images = h.images_per_step() * world
         table.add(name, 1e3 * t, images, images / t, t / base, sync_ms, sync_ms / (1e3 * t),
                   "sync < 0.05" if world > 1 else "")
-        del h
     return table

@@ -4,12 +4,13 @@ the images must be at least as large as the crop)."""
 from __future__ import annotations
 
 import io
+import time
 
 import numpy as np
 from PIL import Image
 
 from sslfw.bench import Table, median_seconds
-from sslfw.data.stream import ShardSet, TrainStream, make_loader
+from sslfw.data.stream import NPY_MAGIC, PREFETCH, ShardSet, TrainStream, make_loader
 
 
 def bench_data(shards: str, crop: int, batch: int, batches: int, workers: list[int], reps: int) -> Table:
@@ -22,6 +23,11 @@ def bench_data(shards: str, crop: int, batch: int, batches: int, workers: list[i
     def limit() -> None:  # the irreducible work: decode, then copy out one crop window
         rng = np.random.default_rng(0)
         for b in blobs:
+            if b[:6] == NPY_MAGIC:  # --pixels raw: nothing to decode, the crop is a copy
+                a = np.load(io.BytesIO(b))
+                y, x = int(rng.integers(a.shape[0] - crop + 1)), int(rng.integers(a.shape[1] - crop + 1))
+                np.ascontiguousarray(a[y : y + crop, x : x + crop])
+                continue
             with Image.open(io.BytesIO(b)) as im:
                 im.load()
                 w, h = im.size
@@ -29,12 +35,18 @@ def bench_data(shards: str, crop: int, batch: int, batches: int, workers: list[i
                 np.asarray(im.crop((x, y, x + crop, y + crop)))
 
     def stream_fn(nw: int):
-        # A persistent loader per worker count, started (and its workers warmed) before timing.
-        it = iter(make_loader(TrainStream(lb, batch, (crop, crop), seed=0, rank=0), nw))
-
-        def run() -> None:
-            for _ in range(batches):
+        def run() -> float:
+            # A fresh loader per round (no idle workers decoding in the background while other paths are timed);
+            # its start-up and first queued batches are not timed, then nw x `batches` batches are.
+            it = iter(make_loader(TrainStream(lb, batch, (crop, crop), seed=0, rank=0), nw))
+            for _ in range(max(nw, 1) * PREFETCH):
                 next(it)
+            t0 = time.perf_counter()
+            for _ in range(batches * max(nw, 1)):
+                next(it)
+            elapsed = time.perf_counter() - t0
+            del it  # stops the workers
+            return elapsed
         return run
 
     fns = {"limit": limit} | {f"stream{nw}": stream_fn(nw) for nw in workers}
@@ -46,7 +58,7 @@ def bench_data(shards: str, crop: int, batch: int, batches: int, workers: list[i
     per_core = n / t["limit"]
     table.add("decode+crop from memory (limit, 1 core)", 1, per_core, per_core, 1.0, "")
     for nw in workers:
-        rate = n / t[f"stream{nw}"]
+        rate = n * max(nw, 1) / t[f"stream{nw}"]
         per_worker = rate / max(nw, 1)
         table.add("shard stream -> uint8 batches", nw if nw else "0 (in process)", rate, per_worker,
                   per_worker / per_core, ">= 0.85")

@@ -3,17 +3,16 @@ over the same images preloaded on the device."""
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 
 import torch
 
 from sslfw.bench import Table, median_seconds
 from sslfw.config import Config
-from sslfw.data.stream import EvalStream, ShardSet, make_loader
+from sslfw.data.stream import ChunkStream, EvalStream, ShardSet, make_loader
 from sslfw.dist import make_accelerator
-from sslfw.evaluate import predict_stream
 from sslfw.model import IQAModel
+from sslfw.pseudolabel import predict_chunks
 
 
 def bench_pseudolabel(cfg: Config, shards: str, batch: int, workers: int, chunk: int, limit: int,
@@ -27,10 +26,11 @@ def bench_pseudolabel(cfg: Config, shards: str, batch: int, workers: int, chunk:
     n = min(limit, len(pool)) if limit else len(pool)
     size = (cfg.model.img_size, cfg.model.img_size)
 
-    def job() -> None:  # what sslfw/pseudolabel.py does per chunk: a fresh stream over the chunk's ids
-        for c in range(math.ceil(n / chunk)):
-            ids = range(c * chunk, min(n, (c + 1) * chunk))
-            predict_stream(model, EvalStream(pool, batch, size, 0, 1, ids=ids), workers, device, autocast)
+    ranges = [range(lo, min(n, lo + chunk)) for lo in range(0, n, chunk)]
+
+    def job() -> None:  # the loop of sslfw/pseudolabel.py, without writing the chunk files
+        for _ in predict_chunks(model, pool, ranges, batch, size, 1, workers, device, autocast):
+            pass
 
     preloaded = [b["image"].to(device) for b in make_loader(EvalStream(pool, batch, size, 0, 1, ids=range(n)), 0)]
 
@@ -42,10 +42,8 @@ def bench_pseudolabel(cfg: Config, shards: str, batch: int, workers: int, chunk:
             logits.float().softmax(-1).cpu()
 
     def stream_only() -> None:  # the loader side of the job alone: where the time goes when the ratio is low
-        for c in range(math.ceil(n / chunk)):
-            for _ in make_loader(EvalStream(pool, batch, size, 0, 1, ids=range(c * chunk, min(n, (c + 1) * chunk))),
-                                 workers):
-                pass
+        for _ in make_loader(ChunkStream(pool, ranges, batch, size), workers):
+            pass
 
     t = median_seconds({"job": job, "forward": forward_only, "stream": stream_only}, reps)
     table = Table(f"pseudolabel: {n} pool images, {cfg.model.name} at {cfg.model.img_size}px, batch {batch}, "

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from sslfw.bench import Table, save
-from sslfw.config import load_config
+from sslfw.config import ConfigError, load_config
 from sslfw.dist import is_main_process
 
 ALL = ("data", "augment", "step", "pseudolabel")
@@ -15,7 +15,10 @@ ALL = ("data", "augment", "step", "pseudolabel")
 def run_bench(a: argparse.Namespace) -> dict:
     cfg = load_config(a.config, a.overrides)
     shards = str(a.shards or cfg.data.shards)
-    todo = ALL if a.what == "all" else (a.what,)
+    todo = ALL if a.what == "all" else tuple(a.what.split(","))
+    unknown = set(todo) - set(ALL)
+    if unknown:
+        raise ConfigError(f"sslfw bench: unknown benchmark(s) {sorted(unknown)}; choose from {ALL} or all")
     tables: list[Table] = []
     for what in todo:
         if what == "data":

@@ -7,7 +7,10 @@ exactly-once with any number of shards, ranks and workers (stream.py).
 
 Rows are shuffled once, with a fixed seed, before they are cut into shards, so every shard is an i.i.d. slice.
 Image bytes are stored as they are (re-encoding would change the quality the MOS describes) unless --max-side asks
-for a resize. An image that fails to decode is skipped, counted and listed in index.json, never a crash.
+for a resize. `--pixels raw` stores the decoded RGB pixels instead (`{key}.npy`): the same pixels, lossless, with no
+decoding left for the loader, which is what keeps a GPU fed when CPU cores cannot decode PNGs fast enough
+(BENCHMARKS.md); it costs disk (3x a PNG, 5x a JPEG here). An image that fails to decode is skipped, counted and
+listed in index.json, never a crash.
 index.json is written last and marks a complete pack.
 """
 
@@ -38,13 +41,17 @@ OFFSET_COLUMNS = ("shard", "image_offset", "image_size", "json_offset", "json_si
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}
 
 
-def check_image(path: str, max_side: int | None) -> tuple[bytes | None, str, str]:
+def check_image(path: str, max_side: int | None, raw: bool = False) -> tuple[bytes | None, str, str]:
     """(bytes to store, extension, error). Decodes fully, so truncated or corrupt files are caught here."""
     try:
         data = Path(path).read_bytes()
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             fmt = im.format or ""
+            if raw:  # what the loader would decode (RGB uint8 HWC), stored as .npy
+                buf = io.BytesIO()
+                np.save(buf, np.asarray(im if im.mode == "RGB" else im.convert("RGB")), allow_pickle=False)
+                return buf.getvalue(), "npy", ""
             if max_side and max(im.size) > max_side:
                 scale = max_side / max(im.size)
                 im = im.convert("RGB").resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
@@ -59,7 +66,7 @@ def check_image(path: str, max_side: int | None) -> tuple[bytes | None, str, str
         return None, "", f"{type(e).__name__}: {e}"
 
 
-def _check_star(args: tuple[str, int | None]) -> tuple[bytes | None, str, str]:
+def _check_star(args: tuple[str, int | None, bool]) -> tuple[bytes | None, str, str]:
     return check_image(*args)
 
 
@@ -120,8 +127,13 @@ class _ShardRoller:
 
 
 def pack(manifest: Path, out: Path, samples_per_shard: int = 256, max_side: int | None = None, seed: int = 0,
-         workers: int = 0, progress: bool = True) -> dict:
+         workers: int = 0, progress: bool = True, pixels: str = "original") -> dict:
     """Pack every set of the manifest; returns the index (also written to out/index.json)."""
+    if pixels not in ("original", "raw"):
+        raise mf.DataError(f"--pixels {pixels!r}: choose original (the file bytes) or raw (decoded RGB, .npy)")
+    if pixels == "raw" and max_side:
+        raise mf.DataError("--pixels raw cannot be combined with --max-side (it would store resized pixels as if "
+                           "they were original); pack with one or the other")
     labelled, pool, meta = mf.load(manifest)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +146,8 @@ def pack(manifest: Path, out: Path, samples_per_shard: int = 256, max_side: int 
     members["unlabelled"] = [(k, p, None) for k, p in pool]
 
     index = {"format": FORMAT, "label_scheme": meta["label_scheme"], "split": meta["split"], "seed": seed,
-             "samples_per_shard": samples_per_shard, "max_side": max_side, "sets": {}, "skipped": []}
+             "samples_per_shard": samples_per_shard, "max_side": max_side, "pixels": pixels, "sets": {},
+             "skipped": []}
     total = sum(len(v) for v in members.values())
     bar = tqdm(total=total, desc="packing", unit="img", disable=not progress)
     n_workers = workers or os.cpu_count() or 1
@@ -145,7 +158,7 @@ def pack(manifest: Path, out: Path, samples_per_shard: int = 256, max_side: int 
             rows = members[set_name]
             order = np.random.default_rng([seed, set_id]).permutation(len(rows))
             rows = [rows[i] for i in order]
-            jobs = [(p, max_side) for _, p, _ in rows]
+            jobs = [(p, max_side, pixels == "raw") for _, p, _ in rows]
             results = pool_ctx.imap(_check_star, jobs, chunksize=8) if pool_ctx else map(_check_star, jobs)
             roller = _ShardRoller(out, set_name, samples_per_shard)
             start = gidx

@@ -33,6 +33,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from sslfw.data.manifest import DataError
 from sslfw.data.shards import load_index
 
+NPY_MAGIC = b"\x93NUMPY"  # shards packed with --pixels raw hold .npy arrays
+PREFETCH = 4  # batches each loader worker keeps ready
+
 
 class ShardSet:
     """One packed set (train/val/test/unlabelled): random access to sample i via the offsets table."""
@@ -79,23 +82,32 @@ class ShardSet:
 def decode_crop(data: bytes, crop: tuple[int, int] | None, rng: np.random.Generator | None) -> np.ndarray:
     """Decode to RGB uint8 HWC and cut a crop of (h, w) at native resolution: random with `rng`, else centred.
     An image smaller than the crop is reflect-padded rather than resized, which would change its sharpness."""
+    if data[:6] == NPY_MAGIC:  # packed with --pixels raw: already RGB uint8 HWC
+        return _crop_array(np.load(io.BytesIO(data), allow_pickle=False), crop, rng)
     with Image.open(io.BytesIO(data)) as im:
         if im.mode != "RGB":
             im = im.convert("RGB")
         w, h = im.size
-        if crop is None:
-            return np.asarray(im)
-        ch, cw = crop
-        if h < ch or w < cw:
-            img = decode_pad(np.asarray(im), crop)
-            h, w = img.shape[:2]
-        else:
-            img = None
-        y = int(rng.integers(h - ch + 1)) if rng is not None else (h - ch) // 2
-        x = int(rng.integers(w - cw + 1)) if rng is not None else (w - cw) // 2
-        if img is None:  # copy out only the window (numpy of the whole image was a quarter of the loader's time)
-            return np.asarray(im.crop((x, y, x + cw, y + ch)))
-        return img[y : y + ch, x : x + cw]
+        if crop is None or h < crop[0] or w < crop[1]:
+            return _crop_array(np.asarray(im), crop, rng)
+        y, x = _corner(h, w, crop, rng)
+        # Copy out only the window (numpy of the whole image was a quarter of the loader's time).
+        return np.asarray(im.crop((x, y, x + crop[1], y + crop[0])))
+
+
+def _corner(h: int, w: int, crop: tuple[int, int], rng: np.random.Generator | None) -> tuple[int, int]:
+    ch, cw = crop
+    if rng is None:
+        return (h - ch) // 2, (w - cw) // 2
+    return int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
+
+
+def _crop_array(img: np.ndarray, crop: tuple[int, int] | None, rng: np.random.Generator | None) -> np.ndarray:
+    if crop is None:
+        return img
+    img = decode_pad(img, crop)
+    y, x = _corner(*img.shape[:2], crop, rng)
+    return img[y : y + crop[0], x : x + crop[1]]
 
 
 def decode_pad(img: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
@@ -207,14 +219,36 @@ class EvalStream(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         ids = self.slot_range(self.rank * nw + wid, self.world_size * nw)
         for lo in range(ids.start, ids.stop, self.batch_size):
-            samples = []
-            for i in range(lo, min(lo + self.batch_size, ids.stop)):
-                data, meta = self.shards.read(i)
-                if self.crops == 1:
-                    samples.append((decode_crop(data, self.crop, None), meta))
-                else:
-                    samples.append((fixed_crops(decode_crop(data, None, None), self.crop), meta))
-            yield collate(samples)
+            yield eval_batch(self.shards, range(lo, min(lo + self.batch_size, ids.stop)), self.crop, self.crops)
+
+
+class ChunkStream(IterableDataset):
+    """Batches over a list of id ranges (pseudo-labelling chunks), never crossing one, each tagged with its chunk's
+    position. Batch j goes to worker j % num_workers, and DataLoader takes batches from workers round-robin, so
+    one set of workers serves a whole job in order (a loader per chunk paid worker start-up and an empty pipeline
+    per chunk: BENCHMARKS.md)."""
+
+    def __init__(self, shards: ShardSet, chunks: list[range], batch_size: int, crop: tuple[int, int],
+                 crops: int = 1):
+        self.shards, self.crop, self.crops = shards, crop, crops
+        self.batches = [(c, range(lo, min(lo + batch_size, ids.stop)))
+                        for c, ids in enumerate(chunks) for lo in range(ids.start, ids.stop, batch_size)]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for c, ids in self.batches[wid::nw]:
+            yield eval_batch(self.shards, ids, self.crop, self.crops) | {"chunk": c}
+
+
+def eval_batch(shards: ShardSet, ids: range, crop: tuple[int, int] | None, crops: int) -> dict[str, torch.Tensor]:
+    """Fixed views of samples `ids`: the centre crop, or (crops=5) centre and corners as (B, 5, 3, h, w)."""
+    samples = []
+    for i in ids:
+        data, meta = shards.read(i)
+        img = decode_crop(data, crop if crops == 1 else None, None)
+        samples.append((img if crops == 1 else fixed_crops(img, crop), meta))
+    return collate(samples)
 
 
 def fixed_crops(img: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
@@ -239,4 +273,4 @@ def make_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool = F
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       worker_init_fn=_worker_init if num_workers else None,
                       persistent_workers=num_workers > 0 and isinstance(dataset, TrainStream),
-                      prefetch_factor=4 if num_workers else None)
+                      prefetch_factor=PREFETCH if num_workers else None)
