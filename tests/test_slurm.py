@@ -20,7 +20,17 @@ from sslfw import ckpt
 from sslfw.data.shards import load_index
 from tests.conftest import ROOT, tiny_overrides
 
-SLURM_LOCAL = Path(os.environ.get("SSLFW_SLURM_LOCAL", ROOT.parent / "shared" / "slurm-local"))
+
+
+def _slurm_local() -> Path:
+    """$SSLFW_SLURM_LOCAL, else the first shared/slurm-local beside the checkout or a folder above it."""
+    if os.environ.get("SSLFW_SLURM_LOCAL"):
+        return Path(os.environ["SSLFW_SLURM_LOCAL"])
+    found = [p / "shared" / "slurm-local" for p in ROOT.parents if (p / "shared" / "slurm-local" / "start.sh").is_file()]
+    return found[0] if found else ROOT.parent / "shared" / "slurm-local"
+
+
+SLURM_LOCAL = _slurm_local()
 
 
 def _cluster_answers() -> bool:
