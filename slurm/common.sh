@@ -8,6 +8,7 @@
 #   SSLFW_ACCELERATE_CONFIG  accelerate config file (default: launch/multi_gpu.yaml, or launch/cpu_2proc.yaml)
 #   SSLFW_MASTER_ADDR / SSLFW_PORT  rendezvous host and port (default: the first node; 20000 + job id % 20000)
 #   SSLFW_MAX_REQUEUES    stop requeueing after this many restarts (default 20)
+#   SSLFW_SAVE_GRACE      seconds the launcher waits for workers to save after a signal (default 240)
 #   SSLFW_STATE_DIR       where the exit code of each attempt is left (default: $SLURM_SUBMIT_DIR/.sslfw-slurm);
 #                         must be visible from every node, like the run directory
 set -uo pipefail
@@ -24,6 +25,9 @@ command -v accelerate >/dev/null || { echo "sslfw: accelerate not found; set SSL
 export WANDB_MODE="${WANDB_MODE:-offline}"
 # Without this the launcher dies on SIGUSR1 and leaves its workers orphaned (research/infra.md 3.6).
 export PET_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+# The launcher SIGKILLs its workers this long after forwarding a signal (torch's default, 30 s, can be shorter than a
+# step plus a checkpoint); keep it under the --signal warning (300 s in the scripts).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${SSLFW_SAVE_GRACE:-240}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 SSLFW_STATE_DIR="${SSLFW_STATE_DIR:-${SLURM_SUBMIT_DIR:-$PWD}/.sslfw-slurm}"
 mkdir -p "$SSLFW_STATE_DIR"

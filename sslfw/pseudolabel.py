@@ -32,7 +32,7 @@ from sslfw.dist import any_across_ranks, barrier, make_accelerator
 from sslfw.evaluate import concat, predict_batch
 from sslfw.inference import load_model
 from sslfw.model import expected_score
-from sslfw.preempt import EXIT_PREEMPTED, StopFlag
+from sslfw.preempt import EXIT_PREEMPTED, StopFlag, write_exit_file
 
 COLUMNS = ["key", "idx", "p0", "p1", "p2", "p3", "p4", "label", "confidence", "score"]
 
@@ -87,8 +87,11 @@ def pseudolabel(checkpoint: Path, out: Path, shards: Path | None = None, which: 
     summary = {"samples": n, "chunks_reused": len(mine) - len(todo), "rank0_images": done,
                "rank0_images_per_s": round(done / elapsed, 1) if done else None, "out": str(out),
                "exit_code": EXIT_PREEMPTED if stopped else 0}
-    if acc.is_main_process and not stopped:
-        summary |= merge(parts, out, n)
+    if acc.is_main_process:
+        if stopped:
+            write_exit_file(EXIT_PREEMPTED)  # before any rank exits (srun may end the step at the first one)
+        else:
+            summary |= merge(parts, out, n)
     barrier()
     return summary
 

@@ -41,7 +41,7 @@ from sslfw.logger import RunLogger
 from sslfw.metrics import constant_guess
 from sslfw.model import IQAModel
 from sslfw.optim import build_optimizer, set_lr
-from sslfw.preempt import EXIT_NONFINITE, EXIT_PREEMPTED, StopFlag, record
+from sslfw.preempt import EXIT_NONFINITE, EXIT_PREEMPTED, StopFlag, record, write_exit_file
 from sslfw.pseudolabel import load_pseudo_labels
 
 PREEMPTED = "preempted.json"  # written with EXIT_PREEMPTED: {"step", "signal"}; removed when the run restarts
@@ -226,8 +226,10 @@ def train(cfg: Config) -> dict:
             save(step)
             if main:  # launchers hide worker exit codes, so the reason is also left in the run dir
                 fsio.write_json(run_dir / PREEMPTED, {"step": step, "signal": stop.signal})
+                write_exit_file(EXIT_PREEMPTED)
                 print(f"[sslfw] {stop.signal or 'stop signal'} on some rank: saved step-{step}, exiting with "
                       f"{EXIT_PREEMPTED} (resume with --ckpt.resume auto)", flush=True)
+            barrier()  # the code is on disk before any rank exits: srun may end the step at the first non-zero exit
             exit_code = EXIT_PREEMPTED
             break
         if step % cfg.ckpt.every == 0 or step == cfg.train.steps:

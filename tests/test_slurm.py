@@ -110,11 +110,15 @@ def test_two_task_training_job_completes_and_checkpoints(slurm, small_shards, tm
     assert json.loads((run / "history.jsonl").read_text().splitlines()[0])["world_size"] == 2
 
 
-def test_signalled_job_saves_requeues_and_resumes_without_repeating_a_step(slurm, small_shards, tmp_path):
+@pytest.mark.parametrize("script,tasks", [("train.sbatch", 1), ("train_multinode.sbatch", 2)])
+def test_signalled_job_saves_requeues_and_resumes_without_repeating_a_step(slurm, small_shards, tmp_path, script,
+                                                                           tasks):
+    """1 task x 2 processes, and 2 tasks x 1 process (where srun ends the step as the first task exits)."""
     run, steps = tmp_path / "run", 200
-    job = submit("train.sbatch", tiny_overrides(small_shards, run, **{"train.steps": steps, "ckpt.every": 100,
-                                                                      "eval.every": 0}),
-                 tmp_path, ["-c", "2"], {"SSLFW_PROCS_PER_NODE": "2"})
+    job = submit(script, tiny_overrides(small_shards, run, **{"train.steps": steps, "ckpt.every": 100,
+                                                              "eval.every": 0}),
+                 tmp_path, ["--nodes=1", f"--ntasks-per-node={tasks}", "-c", str(2 // tasks)],
+                 {"SSLFW_PROCS_PER_NODE": str(2 // tasks)})
     metrics, end = run / "metrics.jsonl", time.monotonic() + 120
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 5) and time.monotonic() < end:
         time.sleep(0.2)
