@@ -28,7 +28,6 @@ export PET_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 # The launcher SIGKILLs its workers this long after forwarding a signal (torch's default, 30 s, can be shorter than a
 # step plus a checkpoint); keep it under the --signal warning (300 s in the scripts).
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${SSLFW_SAVE_GRACE:-240}"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 SSLFW_STATE_DIR="${SSLFW_STATE_DIR:-${SLURM_SUBMIT_DIR:-$PWD}/.sslfw-slurm}"
 mkdir -p "$SSLFW_STATE_DIR"
 export SSLFW_EXIT_FILE="$SSLFW_STATE_DIR/exit-${SLURM_JOB_ID}.txt"
@@ -41,6 +40,9 @@ fi
 : "${SSLFW_MASTER_ADDR:=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
 : "${SSLFW_PORT:=$((20000 + SLURM_JOB_ID % 20000))}"
 export SSLFW_ACCELERATE_CONFIG SSLFW_PROCS_PER_NODE SSLFW_MASTER_ADDR SSLFW_PORT
+# The processes of a node share its task's CPUs: one share of threads each, not all of them each.
+_threads=$(( ${SLURM_CPUS_PER_TASK:-1} / SSLFW_PROCS_PER_NODE ))
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( _threads > 0 ? _threads : 1 ))}"
 
 sslfw_run() {
     local machines=$SLURM_NTASKS  # one launcher per task; the scripts ask for one task per node

@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = _run(argv)
     except SystemExit as e:  # argparse errors and stages that stop a pipeline (preempted, diverged)
-        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-        if code == 1:
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        if not isinstance(e.code, (int, type(None))):
             print(e.code, file=sys.stderr)
     except Exception:
         write_exit_file(1)

@@ -23,7 +23,7 @@ def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-SYNC = {"on": False, "seconds": 0.0, "calls": 0}  # time in the algorithms' collectives; `sslfw bench step` reads it
+SYNC = {"on": False, "seconds": 0.0}  # time in the algorithms' collectives; `sslfw bench step` reads it
 
 
 @contextmanager
@@ -43,7 +43,6 @@ def timed_sync() -> Iterator[None]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     SYNC["seconds"] += time.perf_counter() - t0
-    SYNC["calls"] += 1
 
 
 def is_main_process() -> bool:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sslfw.data.labels import NUM_CLASSES
 from sslfw.data.stream import EvalStream, ShardSet, make_loader
 from sslfw.dist import gather_objects
 from sslfw.metrics import iqa_metrics
@@ -31,7 +32,7 @@ def predict_batch(model: nn.Module, batch: dict, device: torch.device, autocast)
 def concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     if not parts:
         return {"idx": np.zeros(0, dtype=np.int64), "label": np.zeros(0, dtype=np.int64), "mos": np.zeros(0),
-                "probs": np.zeros((0, 5)), "key": np.zeros(0, dtype=str)}
+                "probs": np.zeros((0, NUM_CLASSES)), "key": np.zeros(0, dtype=str)}
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 

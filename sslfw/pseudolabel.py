@@ -1,8 +1,8 @@
 """`sslfw pseudolabel`: distributed inference over the unlabelled shards with a trained checkpoint.
 
 The set is cut into fixed chunks of samples (independent of the number of ranks); rank r takes chunks r, r+W, ...,
-streams them through one loader and writes each as `OUT.parts/chunk-NNNNNN.npz`, atomically, once complete. A rerun skips chunks already written, even with a
-different number of ranks, so an interrupted job resumes without duplicates. Rank 0 then merges the chunks,
+streams them through one loader and writes each as `OUT.parts/chunk-NNNNNN.npz`, atomically, once complete. A
+rerun skips chunks already written, even with a different number of ranks, so an interrupted job resumes without duplicates. Rank 0 then merges the chunks,
 checks that every sample of the shard index appears exactly once, and writes OUT (csv) atomically:
 key, idx, p0..p4, label, confidence, score. The loop runs no collective, so ranks may finish at different times.
 SIGUSR1/SIGTERM stop a rank after its current chunk; the job then exits with EXIT_PREEMPTED and a rerun resumes.
@@ -105,11 +105,13 @@ def predict_chunks(model: nn.Module, pool: ShardSet, ranges: list[range], batch_
         return
     model.eval()
     pending: dict[int, list] = {}
+    left = [len(r) for r in ranges]
     for batch in make_loader(ChunkStream(pool, ranges, batch_size, size, crops), num_workers,
                              pin_memory=device.type == "cuda"):
         pos = int(batch.pop("chunk"))
         pending.setdefault(pos, []).append(predict_batch(model, batch, device, autocast))
-        if sum(len(p["idx"]) for p in pending[pos]) == len(ranges[pos]):
+        left[pos] -= len(batch["idx"])
+        if left[pos] == 0:
             yield pos, concat(pending.pop(pos))
 
 

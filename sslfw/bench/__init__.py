@@ -7,7 +7,6 @@ Results print as a markdown table and, with --out, are saved as JSON and markdow
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -75,6 +74,3 @@ def save(out: Path, tables: list[Table], meta: dict) -> None:
                                                      "notes": t.notes} for t in tables]})
     fsio.write_text(out / "bench.md", "\n\n".join(t.markdown() for t in tables) + "\n")
 
-
-def describe(meta: dict) -> str:
-    return json.dumps({"machine": machine(), **meta})

@@ -26,12 +26,12 @@ from sslfw.optim import build_optimizer
 class Harness:
     """One algorithm's model, optimizer and EMA on the device, stepping on fixed augmented views."""
 
-    def __init__(self, cfg: Config, name: str, acc, raw: dict, num_labelled: int):
-        self.acc, self.cfg = acc, cfg
+    def __init__(self, cfg: Config, name: str, acc, raw: dict):
+        self.acc = acc
         self.algo_cls = get_algorithm(name)
         torch.manual_seed(cfg.train.seed)
         model = IQAModel(cfg.model, self.algo_cls.extra_heads, self.algo_cls.projection)
-        self.algorithm = self.algo_cls(replace(cfg.algorithm, name=name), num_labelled,
+        self.algorithm = self.algo_cls(replace(cfg.algorithm, name=name), raw["num_labelled"],
                                        cfg.model.proj_dim).to(acc.device)
         self.ema = EMATeacher(model, cfg.ema.decay) if cfg.ema.enabled else None
         if self.ema is not None:
@@ -102,8 +102,7 @@ def bench_augment(cfg: Config, shards: str, steps: int, reps: int) -> Table:
                   f"labelled {len(raw['x_lb'])} + unlabelled {len(raw['x_ulb'])} per rank)",
                   ["strong policy", "augment ms", "step ms", "augment / step", "target"])
     for policy in ("iqa_safe", "randaugment"):
-        h = Harness(replace(cfg, aug=replace(cfg.aug, strong=policy)), "fixmatch", acc, raw, raw["num_labelled"])
-
+        h = Harness(replace(cfg, aug=replace(cfg.aug, strong=policy)), "fixmatch", acc, raw)
         t = median_seconds({"aug": lambda: [h.views() for _ in range(steps)], "step": lambda: h.steps(steps)}, reps)
         table.add(policy, 1e3 * t["aug"] / steps, 1e3 * t["step"] / steps, t["aug"] / t["step"],
                   "< 0.05 on a GPU")
@@ -122,9 +121,9 @@ def bench_step(cfg: Config, shards: str, algorithms: list[str], steps: int, reps
                    "bank+stats sync ms", "sync / step", "target"])
     base = None
     for name in ["supervised"] + [a for a in algorithms if a != "supervised"]:
-        h = Harness(cfg, name, acc, raw, raw["num_labelled"])
+        h = Harness(cfg, name, acc, raw)
         h.steps(steps)  # warm-up: allocator, kernel selection and the first bank fills happen here
-        SYNC.update(on=True, seconds=0.0, calls=0)
+        SYNC.update(on=True, seconds=0.0)
         t = median_seconds({"step": lambda: h.steps(steps)}, reps, warmup=0)["step"] / steps
         sync_ms = 1e3 * SYNC["seconds"] / (reps * steps)
         SYNC.update(on=False)
