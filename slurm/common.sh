@@ -23,7 +23,7 @@ command -v accelerate >/dev/null || { echo "sslfw: accelerate not found; set SSL
 
 # Compute nodes rarely reach the internet: W&B writes offline; upload later with `wandb sync RUN_DIR/wandb/offline-run-*`.
 export WANDB_MODE="${WANDB_MODE:-offline}"
-# Without this the launcher dies on SIGUSR1 and leaves its workers orphaned (research/infra.md 3.6).
+# Without this the launcher dies on SIGUSR1 and leaves its workers orphaned (docs/NOTES.md, Distributed training).
 export PET_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 # The launcher SIGKILLs its workers this long after forwarding a signal (torch's default, 30 s, can be shorter than a
 # step plus a checkpoint); keep it under the --signal warning (300 s in the scripts).

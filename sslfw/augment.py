@@ -1,12 +1,12 @@
 """Weak and strong views, drawn per sample, computed batched on the training device (same code on CPU and GPU).
 
-torchvision v2 and kornia's RandAugment draw one parameter set (or one op set) per batch (research/infra.md 4.1);
+torchvision v2 and kornia's RandAugment draw one parameter set (or one op set) per batch (docs/NOTES.md, Augmentation);
 here every sample gets its own crop window, flips and ops. Randomness comes only from the `torch.Generator` passed
 in, so a step's views are a function of that generator's seed.
 
 Policies for the strong view:
 - `iqa_safe`: geometry only (another native-resolution crop window, flips, 90-degree turns on square crops). Pixel
-  values are moved, never changed, so the view has the quality of the original (research/iqa.md 2.5).
+  values are moved, never changed, so the view has the quality of the original (docs/NOTES.md, Augmentation).
 - `randaugment`: USB's op list with USB's magnitude ranges, plus cutout, for reproducing the paper. Most of these ops
   change perceived quality; that is the point of offering both.
 """
@@ -14,7 +14,7 @@ Policies for the strong view:
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,7 @@ def random_crops(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tens
 
 def random_flips(x: torch.Tensor, gen: torch.Generator, vertical: bool = False, turns: bool = False) -> torch.Tensor:
     """Per-sample horizontal flips, optionally vertical flips and transposes (all 8 symmetries of a square)."""
+
     def pick(y: torch.Tensor, alt: torch.Tensor) -> torch.Tensor:
         return torch.where((_u(len(y), gen, y.device) < 0.5)[:, None, None, None], alt, y)
 
@@ -86,6 +87,7 @@ def _shear(axis: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         t = _eye(len(x), x)
         t[:, axis, 1 - axis] = u * 0.6 - 0.3
         return _affine(x, t)
+
     return op
 
 
@@ -94,6 +96,7 @@ def _translate(axis: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         t = _eye(len(x), x)
         t[:, axis, 2] = (u * 0.6 - 0.3) * 2  # fraction of the side; normalised coordinates span 2
         return _affine(x, t)
+
     return op
 
 
@@ -189,9 +192,3 @@ class Augmenter:
         if self.cfg.strong == "iqa_safe":
             return random_flips(random_crops(x, self.size, gen), gen, vertical=True, turns=True).float() / 255
         return randaugment(self.weak(x, gen), gen, self.cfg.randaugment_ops, self.cfg.cutout)
-
-    def centre(self, x: torch.Tensor) -> torch.Tensor:
-        """Evaluation view: the central window, no randomness."""
-        h, w = x.shape[-2:]
-        y0, x0 = (h - self.size) // 2, (w - self.size) // 2
-        return x[..., y0 : y0 + self.size, x0 : x0 + self.size].float() / 255

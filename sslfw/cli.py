@@ -17,9 +17,17 @@ def cmd_synth(a: argparse.Namespace) -> dict:
     from sslfw.data.frmetrics import MOS_KNOTS_Q
     from sslfw.data.synth import SynthConfig, calibrate, synthesize
 
-    cfg = SynthConfig(out=a.out, koniq_count=a.koniq_count, kadis_count=a.kadis_count, extra_count=a.extra_count,
-                      width=a.width, height=a.height, seed=a.seed, workers=a.workers,
-                      distortions=tuple(int(x) for x in a.distortions.split(",")))
+    cfg = SynthConfig(
+        out=a.out,
+        koniq_count=a.koniq_count,
+        kadis_count=a.kadis_count,
+        extra_count=a.extra_count,
+        width=a.width,
+        height=a.height,
+        seed=a.seed,
+        workers=a.workers,
+        distortions=tuple(int(x) for x in a.distortions.split(",")),
+    )
     if a.calibrate:
         return {"fr_quality_quantiles": calibrate(cfg), "current_knots": list(MOS_KNOTS_Q)}
     return synthesize(cfg)
@@ -28,17 +36,36 @@ def cmd_synth(a: argparse.Namespace) -> dict:
 def cmd_prepare(a: argparse.Namespace) -> dict:
     from sslfw.data.manifest import prepare
 
-    return prepare(a.koniq, a.kadis, a.out, extra_labels=a.extra_labels, bins=a.bins, split=a.split, seed=a.seed,
-                   koniq_sets=a.koniq_sets, koniq_images=a.koniq_images)
+    return prepare(
+        a.koniq,
+        a.kadis,
+        a.out,
+        extra_labels=a.extra_labels,
+        bins=a.bins,
+        split=a.split,
+        seed=a.seed,
+        koniq_sets=a.koniq_sets,
+        koniq_images=a.koniq_images,
+    )
 
 
 def cmd_pack(a: argparse.Namespace) -> dict:
     from sslfw.data.shards import pack
 
-    index = pack(a.manifest, a.out, samples_per_shard=a.samples_per_shard, max_side=a.max_side, seed=a.seed,
-                 workers=a.workers, progress=not a.quiet, pixels=a.pixels)
-    summary = {name: {"samples": s["count"], "shards": len(s["shards"]), "class_counts": s["class_counts"]}
-               for name, s in index["sets"].items()}
+    index = pack(
+        a.manifest,
+        a.out,
+        samples_per_shard=a.samples_per_shard,
+        max_side=a.max_side,
+        seed=a.seed,
+        workers=a.workers,
+        progress=not a.quiet,
+        pixels=a.pixels,
+    )
+    summary = {
+        name: {"samples": s["count"], "shards": len(s["shards"]), "class_counts": s["class_counts"]}
+        for name, s in index["sets"].items()
+    }
     summary["skipped"] = index["skipped"]
     return summary
 
@@ -52,28 +79,45 @@ def cmd_train(a: argparse.Namespace) -> dict:
 
 
 def cmd_pseudolabel(a: argparse.Namespace) -> dict:
-    from sslfw.pseudolabel import pseudolabel
+    from sslfw.commands.pseudolabel import pseudolabel
 
-    return pseudolabel(a.checkpoint, a.out, shards=a.shards, which=a.model, crops=a.crops, batch_size=a.batch_size,
-                       num_workers=a.num_workers, chunk=a.chunk, progress=not a.quiet)
+    return pseudolabel(
+        a.checkpoint,
+        a.out,
+        shards=a.shards,
+        weights=a.weights,
+        crops=a.crops,
+        batch_size=a.batch_size,
+        num_workers=a.num_workers,
+        chunk=a.chunk,
+        progress=not a.quiet,
+    )
 
 
 def cmd_eval(a: argparse.Namespace) -> dict:
-    from sslfw.evaljob import run_eval
+    from sslfw.commands.evaljob import run_eval
 
-    return run_eval(a.checkpoint, a.split, a.model, a.crops, out=a.out, batch_size=a.batch_size,
-                    num_workers=a.num_workers, shards=a.shards)
+    return run_eval(
+        a.checkpoint,
+        a.split,
+        a.weights,
+        a.crops,
+        out=a.out,
+        batch_size=a.batch_size,
+        num_workers=a.num_workers,
+        shards=a.shards,
+    )
 
 
 def cmd_predict(a: argparse.Namespace) -> None:
-    from sslfw.predict import predict_files
+    from sslfw.commands.predict import predict_files
 
-    predict_files(a.checkpoint, a.inputs, out=a.out, which=a.model, crops=a.crops)
+    predict_files(a.checkpoint, a.inputs, out=a.out, weights=a.weights, crops=a.crops)
 
 
 def cmd_pipeline(a: argparse.Namespace) -> dict:
+    from sslfw.commands.pipeline import PipelineConfig, run_pipeline
     from sslfw.config import load_config
-    from sslfw.pipeline import PipelineConfig, run_pipeline
 
     result = run_pipeline(load_config(a.config, a.overrides, cls=PipelineConfig))
     if result.get("report_text"):
@@ -89,7 +133,7 @@ def cmd_bench(a: argparse.Namespace) -> dict:
 
 def _inference_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--checkpoint", type=Path, required=True, help="a step-N directory or a run directory (newest)")
-    s.add_argument("--model", default="ema", choices=("ema", "student"), help="which weights")
+    s.add_argument("--weights", default="ema", choices=("ema", "student"), help="the EMA teacher or the student")
     s.add_argument("--crops", type=int, default=1, choices=(1, 5), help="1: centre; 5: centre + corners, averaged")
 
 
@@ -109,8 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--height", type=int, default=96)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=0, help="processes; 0 = one per core (output does not change)")
-    s.add_argument("--distortions", default=",".join(map(str, DEFAULT_MIX)),
-                   help="KADID distortion codes to draw from (default: the structural ones)")
+    s.add_argument(
+        "--distortions",
+        default=",".join(map(str, DEFAULT_MIX)),
+        help="KADID distortion codes to draw from (default: the structural ones)",
+    )
     s.add_argument("--calibrate", action="store_true", help="print the fr_quality quantiles behind the MOS map")
     s.set_defaults(func=cmd_synth)
 
@@ -132,8 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--samples-per-shard", type=int, default=256)
     s.add_argument("--max-side", type=int, help="downscale larger images (re-encodes them: changes quality)")
-    s.add_argument("--pixels", default="original", choices=("original", "raw"),
-                   help="raw: store decoded RGB pixels (.npy), lossless, nothing left to decode (more disk)")
+    s.add_argument(
+        "--pixels",
+        default="original",
+        choices=("original", "raw"),
+        help="raw: store decoded RGB pixels (.npy), lossless, nothing left to decode (more disk)",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=0)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -170,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_predict)
 
     s = verbs.add_parser("pipeline", help="SSL -> pseudo-label -> retrain -> eval for algorithms x seeds; report")
-    s.add_argument("--config", type=Path, help="pipeline YAML (sslfw/pipeline.py: PipelineConfig)")
+    s.add_argument("--config", type=Path, help="pipeline YAML (sslfw/commands/pipeline.py: PipelineConfig)")
     s.set_defaults(func=cmd_pipeline)
     s = verbs.add_parser("bench", help="throughput against its limit or alternative, as ratios (BENCHMARKS.md)")
     s.add_argument("what", help="data, augment, step, pseudolabel (comma-separated) or all")
@@ -179,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reps", type=int, default=5, help="repetitions; tables report medians")
     s.add_argument("--steps", type=int, default=5, help="steps per repetition (augment, step)")
     s.add_argument("--batches", type=int, default=20, help="batches per repetition (data)")
-    s.add_argument("--batch", type=int, help="batch size (data: default train.batch_size; pseudolabel: "
-                                             "data.eval_batch_size)")
+    s.add_argument(
+        "--batch", type=int, help="batch size (data: default train.batch_size; pseudolabel: data.eval_batch_size)"
+    )
     s.add_argument("--workers", default="0,1,2", help="loader worker counts to compare (data)")
     s.add_argument("--algorithms", default="supervised,fixmatch,adamatch,freematch,comatch,simmatch,crmatch")
     s.add_argument("--chunk", type=int, default=1024, help="pseudolabel chunk size, as in `sslfw pseudolabel`")
@@ -212,9 +264,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
-    from sslfw.data.manifest import DataError
-
-    from sslfw.config import ConfigError
+    from sslfw.errors import ConfigError, DataError
 
     args, extra = build_parser().parse_known_args(argv)
     if extra and args.verb not in ("train", "pipeline", "bench"):

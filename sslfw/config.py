@@ -16,10 +16,7 @@ from typing import Any
 import yaml
 
 from sslfw import fsio
-
-
-class ConfigError(ValueError):
-    """A config key or value that cannot be used; the message names the dotted key."""
+from sslfw.errors import ConfigError
 
 
 @dataclass
@@ -85,7 +82,7 @@ class EMAConfig:
 class EvalConfig:
     every: int = 100  # steps; 0 disables periodic evaluation (the last step is always evaluated)
     split: str = "val"
-    model: str = "both"  # student | ema | both
+    weights: str = "both"  # student | ema | both
 
 
 @dataclass
@@ -107,7 +104,9 @@ class AlgorithmConfig:
     name: str = "supervised"
     uratio: int = 1  # unlabelled batch = uratio x labelled batch
     lambda_u: float = 1.0  # weight of the unlabelled loss
-    params: dict = field(default_factory=dict)  # the algorithm's own hyper-parameters (its file lists defaults)
+    # The algorithm's own hyper-parameters: checked against its Params dataclass when the config loads, and filled
+    # with its defaults, so config.yaml, checkpoints and W&B record every value in force.
+    params: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -222,20 +221,42 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 
 def validate(cfg: Config) -> None:
-    choices = {"aug.strong": (cfg.aug.strong, ("iqa_safe", "randaugment")),
-               "optim.name": (cfg.optim.name, ("adamw", "adam")),
-               "eval.model": (cfg.eval.model, ("student", "ema", "both")),
-               "log.wandb": (cfg.log.wandb, ("offline", "online", "disabled"))}
+    choices = {
+        "aug.strong": (cfg.aug.strong, ("iqa_safe", "randaugment")),
+        "optim.name": (cfg.optim.name, ("adamw", "adam")),
+        "eval.weights": (cfg.eval.weights, ("student", "ema", "both")),
+        "log.wandb": (cfg.log.wandb, ("offline", "online", "disabled")),
+    }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {allowed}")
     if cfg.model.img_size > cfg.data.load_crop:
-        raise ConfigError(f"model.img_size ({cfg.model.img_size}) must not exceed data.load_crop "
-                          f"({cfg.data.load_crop}): views are crops of the loaded crop")
-    for key, value in (("train.steps", cfg.train.steps), ("train.batch_size", cfg.train.batch_size),
-                       ("train.grad_accum", cfg.train.grad_accum), ("algorithm.uratio", cfg.algorithm.uratio)):
+        raise ConfigError(
+            f"model.img_size ({cfg.model.img_size}) must not exceed data.load_crop "
+            f"({cfg.data.load_crop}): views are crops of the loaded crop"
+        )
+    resolve_params(cfg.algorithm)
+    for key, value in (
+        ("train.steps", cfg.train.steps),
+        ("train.batch_size", cfg.train.batch_size),
+        ("train.grad_accum", cfg.train.grad_accum),
+        ("algorithm.uratio", cfg.algorithm.uratio),
+    ):
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+
+
+def resolve_params(alg: AlgorithmConfig) -> None:
+    """Replace `alg.params` by every field of the algorithm's Params: given values type-checked, the rest defaults."""
+    from sslfw.algorithms import get_algorithm  # here, not at the top: the registry imports torch
+
+    params_cls = get_algorithm(alg.name).Params
+    hints = typing.get_type_hints(params_cls)
+    unknown = sorted(set(alg.params) - set(hints))
+    if unknown:
+        raise ConfigError(f"algorithm.params.{unknown[0]}: {alg.name} has no such setting; known: {sorted(hints)}")
+    defaults = dataclasses.asdict(params_cls())
+    alg.params = {k: _coerce(f"algorithm.params.{k}", alg.params.get(k, defaults[k]), hints[k]) for k in hints}
 
 
 def to_dict(cfg: Config) -> dict:

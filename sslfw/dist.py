@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import contextmanager
-from typing import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -13,10 +13,16 @@ from accelerate import Accelerator
 
 
 def make_accelerator(bf16: bool = False) -> Accelerator:
-    """cpu=True on a GPU-less host, or `accelerate launch` starts N unconnected processes (research/infra.md
-    3.1); bf16 autocast only where there is a GPU."""
+    """cpu=True on a GPU-less host, or `accelerate launch` starts N unconnected processes (docs/NOTES.md,
+    Distributed training); bf16 autocast only where there is a GPU."""
     cuda = torch.cuda.is_available()
     return Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and bf16 else "no")
+
+
+def autocast_for(acc: Accelerator, bf16: bool = True) -> Callable[[], AbstractContextManager]:
+    """A factory of autocast contexts: bf16 on a GPU when asked for, a no-op elsewhere (one rule for training,
+    evaluation, pseudo-labelling and benchmarks)."""
+    return acc.autocast if acc.device.type == "cuda" and bf16 else nullcontext
 
 
 def is_dist() -> bool:

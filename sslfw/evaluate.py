@@ -25,20 +25,29 @@ def predict_batch(model: nn.Module, batch: dict, device: torch.device, autocast)
     with autocast():
         logits = model(x.flatten(0, 1) if x.ndim == 5 else x)["logits"]
     probs = logits.float().softmax(-1).view(len(x), crops, -1).mean(1)
-    return {"probs": probs.cpu().numpy(), "key": np.array(batch["key"]),
-            **{k: batch[k].numpy() for k in ("idx", "label", "mos")}}
+    return {
+        "probs": probs.cpu().numpy(),
+        "key": np.array(batch["key"]),
+        **{k: batch[k].numpy() for k in ("idx", "label", "mos")},
+    }
 
 
 def concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     if not parts:
-        return {"idx": np.zeros(0, dtype=np.int64), "label": np.zeros(0, dtype=np.int64), "mos": np.zeros(0),
-                "probs": np.zeros((0, NUM_CLASSES)), "key": np.zeros(0, dtype=str)}
+        return {
+            "idx": np.zeros(0, dtype=np.int64),
+            "label": np.zeros(0, dtype=np.int64),
+            "mos": np.zeros(0),
+            "probs": np.zeros((0, NUM_CLASSES)),
+            "key": np.zeros(0, dtype=str),
+        }
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 @torch.no_grad()
-def predict_stream(model: nn.Module, stream: EvalStream, num_workers: int, device: torch.device,
-                   autocast) -> dict[str, np.ndarray]:
+def predict_stream(
+    model: nn.Module, stream: EvalStream, num_workers: int, device: torch.device, autocast
+) -> dict[str, np.ndarray]:
     """Predictions for what `stream` yields on this rank (no communication)."""
     was_training = model.training
     model.eval()
@@ -47,8 +56,18 @@ def predict_stream(model: nn.Module, stream: EvalStream, num_workers: int, devic
     return concat(parts)
 
 
-def predict(model: nn.Module, shards: ShardSet, img_size: int, batch_size: int, num_workers: int, rank: int,
-            world: int, device: torch.device, autocast, crops: int = 1) -> dict[str, np.ndarray]:
+def predict(
+    model: nn.Module,
+    shards: ShardSet,
+    img_size: int,
+    batch_size: int,
+    num_workers: int,
+    rank: int,
+    world: int,
+    device: torch.device,
+    autocast,
+    crops: int = 1,
+) -> dict[str, np.ndarray]:
     """Predictions for the whole set, gathered from all ranks, sorted by sample index, checked exactly-once."""
     stream = EvalStream(shards, batch_size, (img_size, img_size), rank, world, crops=crops)
     ranks = gather_objects(predict_stream(model, stream, num_workers, device, autocast))
@@ -56,8 +75,10 @@ def predict(model: nn.Module, shards: ShardSet, img_size: int, batch_size: int, 
     order = np.argsort(out["idx"], kind="stable")
     out = {k: v[order] for k, v in out.items()}
     if not np.array_equal(out["idx"], np.arange(len(shards))):
-        raise RuntimeError(f"evaluation of {shards.name} covered {len(np.unique(out['idx']))} distinct of "
-                           f"{len(shards)} samples with {len(out['idx'])} predictions: the split is broken")
+        raise RuntimeError(
+            f"evaluation of {shards.name} covered {len(np.unique(out['idx']))} distinct of "
+            f"{len(shards)} samples with {len(out['idx'])} predictions: the split is broken"
+        )
     return out
 
 

@@ -1,13 +1,29 @@
-"""Fault injection for the tests: real faults (SIGKILL, a signal, a NaN) at chosen points, never mocks.
+"""Fault injection for the tests: real faults (SIGKILL, a stop signal, a NaN loss) at chosen points, never mocks.
 
-SSLFW_FAULT_<NAME>="rank:step,rank:step" arms fault NAME on that rank at that step (or chunk); unset, nothing
-happens.
+SSLFW_FAULT_<NAME>="rank:at,rank:at" arms fault NAME on that rank when the job reaches `at` (the 0-based index of
+the optimizer step being computed, or of the pseudo-label chunk just written); unset, nothing happens. The loop
+calls `inject` once per point, whatever faults exist.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+
+import torch
 
 
-def armed(name: str, rank: int, step: int) -> bool:
-    return f"{rank}:{step}" in os.environ.get(f"SSLFW_FAULT_{name}", "").split(",")
+def _armed(name: str, rank: int, at: int) -> bool:
+    return f"{rank}:{at}" in os.environ.get(f"SSLFW_FAULT_{name}", "").split(",")
+
+
+def inject(rank: int, at: int, loss: torch.Tensor | None = None) -> torch.Tensor | None:
+    """KILL: SIGKILL this process now. SIGNAL: deliver SIGUSR1 now, as Slurm's warning would (the job stops at its
+    next boundary). NAN: return `loss` made non-finite, so its gradients are NaN too. Returns `loss` otherwise."""
+    if _armed("KILL", rank, at):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if _armed("SIGNAL", rank, at):
+        signal.raise_signal(signal.SIGUSR1)
+    if loss is not None and _armed("NAN", rank, at):
+        return loss * float("nan")
+    return loss

@@ -1,7 +1,7 @@
 """Load a trained model from a checkpoint for evaluation, pseudo-labelling and prediction.
 
 A checkpoint carries its resolved config, so the model is rebuilt exactly as trained (architecture, heads) with no
-config file to keep in sync; `which` picks the EMA teacher or the student weights.
+config file to keep in sync; `weights` picks the EMA teacher or the student weights.
 """
 
 from __future__ import annotations
@@ -26,20 +26,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
-def load_model(path: str | Path, which: str = "ema") -> tuple[IQAModel, Config, Path]:
+def load_model(path: str | Path, weights: str = "ema") -> tuple[IQAModel, Config, Path]:
     """(model in eval mode on CPU, its training config, the checkpoint directory used)."""
     path = resolve_checkpoint(path)
     state, info = ckpt.load(path)
     cfg = load_config(None, info["config"]) if "config" in info else load_config(path.parent / "config.yaml")
     algo = get_algorithm(cfg.algorithm.name)
     model = IQAModel(replace(cfg.model, pretrained=""), algo.extra_heads, algo.projection)
-    if which == "ema":
+    if weights == "ema":
         if not state.get("ema"):
             raise ValueError(f"{path} has no EMA teacher (trained with ema.enabled=false); use the student")
         weights = state["ema"]["module"]
-    elif which == "student":
+    elif weights == "student":
         weights = state["model"]
     else:
-        raise ValueError(f"model must be 'ema' or 'student', got {which!r}")
+        raise ValueError(f"weights must be 'ema' or 'student', got {weights!r}")
     model.load_state_dict(weights)
     return model.eval(), cfg, path

@@ -29,8 +29,14 @@ class RunLogger:
             id_file = Path(run_dir) / "wandb_id"
             if not id_file.is_file():
                 fsio.write_text(id_file, uuid.uuid4().hex[:12])
-            self._wandb = wandb.init(project=project, id=id_file.read_text().strip(), resume="allow",
-                                     mode=wandb_mode, dir=str(run_dir), config=config)
+            self._wandb = wandb.init(
+                project=project,
+                id=id_file.read_text().strip(),
+                resume="allow",
+                mode=wandb_mode,
+                dir=str(run_dir),
+                config=config,
+            )
             self._wandb.define_metric("train/step")
             self._wandb.define_metric("*", step_metric="train/step")
 

@@ -1,5 +1,5 @@
 """IQA metrics over gathered predictions. Every MAE comes with the constant-guess MAE beside it, because on
-KonIQ's skewed classes always answering the majority level already scores MAE 0.55 (research/iqa.md 0)."""
+KonIQ's skewed classes always answering the majority level already scores MAE 0.55 (docs/NOTES.md, Labels)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,13 @@ def iqa_metrics(true: np.ndarray, pred: np.ndarray, score: np.ndarray, mos: np.n
     """`true`/`pred` levels 0..4, `score` expected level, `mos` (NaN where unknown), `constant` the guessed level."""
     true, pred = np.asarray(true, int), np.asarray(pred, int)
     err = np.abs(true - pred)
-    out: dict = {"n": int(len(true)), "mae": float(err.mean()), "accuracy": float((true == pred).mean()),
-                 "const_mae": float(np.abs(true - constant).mean()), "qwk": quadratic_weighted_kappa(true, pred)}
+    out: dict = {
+        "n": int(len(true)),
+        "mae": float(err.mean()),
+        "accuracy": float((true == pred).mean()),
+        "const_mae": float(np.abs(true - constant).mean()),
+        "qwk": quadratic_weighted_kappa(true, pred),
+    }
     per_class = {c: float(err[true == c].mean()) for c in range(NUM_CLASSES) if (true == c).any()}
     out |= {f"mae_class{c}": v for c, v in per_class.items()}
     out["macro_mae"] = float(np.mean(list(per_class.values())))

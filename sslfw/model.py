@@ -32,8 +32,9 @@ class IQAModel(nn.Module):
     def __init__(self, cfg: ModelConfig, extra_heads: dict[str, int] | None = None, projection: bool = False):
         super().__init__()
         kwargs = {"img_size": cfg.img_size, **cfg.kwargs} if "vit" in cfg.name or "deit" in cfg.name else cfg.kwargs
-        self.backbone = timm.create_model(cfg.name, pretrained=False, num_classes=0, drop_path_rate=cfg.drop_path,
-                                          **kwargs)
+        self.backbone = timm.create_model(
+            cfg.name, pretrained=False, num_classes=0, drop_path_rate=cfg.drop_path, **kwargs
+        )
         dim = self.backbone.num_features
         self.head = nn.Linear(dim, NUM_CLASSES)
         self.proj = mlp(dim, cfg.proj_dim) if projection else None
@@ -71,9 +72,12 @@ def load_pretrained(backbone: nn.Module, path: Path) -> None:
         from timm.layers import resample_abs_pos_embed
 
         prefix = 0 if getattr(backbone, "no_embed_class", False) else getattr(backbone, "num_prefix_tokens", 1)
-        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], backbone.patch_embed.grid_size,
-                                                    num_prefix_tokens=prefix)
+        state["pos_embed"] = resample_abs_pos_embed(
+            state["pos_embed"], backbone.patch_embed.grid_size, num_prefix_tokens=prefix
+        )
     missing, unexpected = backbone.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"model.pretrained {path}: does not fit {type(backbone).__name__}: missing {missing[:5]}..., "
-                         f"unexpected {unexpected[:5]}...")
+        raise ValueError(
+            f"model.pretrained {path}: does not fit {type(backbone).__name__}: missing {missing[:5]}..., "
+            f"unexpected {unexpected[:5]}..."
+        )

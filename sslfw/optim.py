@@ -19,13 +19,16 @@ def build_optimizer(model: IQAModel, cfg: OptimConfig) -> torch.optim.Optimizer:
     1-D parameters and the backbone's no_weight_decay() set (cls token, position embedding) get no weight decay."""
     skip = set(getattr(model.backbone, "no_weight_decay", lambda: set())())
     if cfg.layer_decay < 1.0:
-        groups = param_groups_layer_decay(model.backbone, cfg.weight_decay, no_weight_decay_list=skip,
-                                          layer_decay=cfg.layer_decay)
+        groups = param_groups_layer_decay(
+            model.backbone, cfg.weight_decay, no_weight_decay_list=skip, layer_decay=cfg.layer_decay
+        )
     else:
         groups = param_groups_weight_decay(model.backbone, cfg.weight_decay, no_weight_decay_list=skip)
     heads = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
-    groups += [{"params": [p for p in heads if p.ndim > 1], "weight_decay": cfg.weight_decay},
-               {"params": [p for p in heads if p.ndim <= 1], "weight_decay": 0.0}]
+    groups += [
+        {"params": [p for p in heads if p.ndim > 1], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in heads if p.ndim <= 1], "weight_decay": 0.0},
+    ]
     for g in groups:
         g["lr_scale"] = g.get("lr_scale", 1.0)
         g["lr"] = cfg.lr * g["lr_scale"]

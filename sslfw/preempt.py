@@ -49,8 +49,13 @@ def write_exit_file(code: int) -> None:
 def record(run_dir: Path, event: str, step: int, **extra) -> None:
     """Append to run_dir/history.jsonl (main process): starts and ends with their steps show that a run that was
     stopped and requeued trained every step exactly once."""
-    row = {"event": event, "step": step, "time": round(time.time(), 3),
-           "slurm_job": os.environ.get("SLURM_JOB_ID"), "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
-           **extra}
+    row = {
+        "event": event,
+        "step": step,
+        "time": round(time.time(), 3),
+        "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+        **extra,
+    }
     with open(Path(run_dir) / HISTORY, "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -16,33 +16,36 @@ Semantics worth knowing:
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from torch import nn
 from tqdm import tqdm
 
 from sslfw import ckpt, faults, fsio
 from sslfw.algorithms import get_algorithm
-from sslfw.algorithms.base import StepBatch, StepContext
+from sslfw.algorithms.base import Algorithm, DataInfo, StepBatch, StepContext, Views
 from sslfw.augment import Augmenter
-from sslfw.config import Config, ConfigError, save_config, to_dict
+from sslfw.config import Config, save_config, to_dict
+from sslfw.data.pseudo import load_pseudo_labels
 from sslfw.data.shards import load_index
-from sslfw.data.stream import ShardSet, TrainStream, make_loader
-from sslfw.dist import any_across_ranks, barrier, make_accelerator, mean_across_ranks
+from sslfw.data.stream import ShardSet, StreamId, TrainStream, make_loader
+from sslfw.dist import any_across_ranks, autocast_for, barrier, make_accelerator, mean_across_ranks
 from sslfw.ema import EMATeacher
+from sslfw.errors import ConfigError
 from sslfw.evaluate import metrics_from_predictions, predict
 from sslfw.logger import RunLogger
 from sslfw.metrics import constant_guess
 from sslfw.model import IQAModel
 from sslfw.optim import build_optimizer, set_lr
 from sslfw.preempt import EXIT_NONFINITE, EXIT_PREEMPTED, StopFlag, record, write_exit_file
-from sslfw.pseudolabel import load_pseudo_labels
 
 PREEMPTED = "preempted.json"  # written with EXIT_PREEMPTED: {"step", "signal"}; removed when the run restarts
 
@@ -51,15 +54,122 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
-def train(cfg: Config) -> dict:
-    cuda = torch.cuda.is_available()
-    acc = make_accelerator(cfg.train.bf16)
-    rank, world, device, main = acc.process_index, acc.num_processes, acc.device, acc.is_main_process
-    run_dir = Path(cfg.run_dir)
+def per_rank_batch(cfg: Config, world: int) -> int:
+    """Labelled images per rank and micro-step: the global batch split over ranks and accumulation steps."""
     per_rank, rem = divmod(cfg.train.batch_size, world * cfg.train.grad_accum)
     if rem or per_rank == 0:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of world_size ({world}) x "
-                          f"train.grad_accum ({cfg.train.grad_accum})")
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} must be a multiple of world_size ({world}) x "
+            f"train.grad_accum ({cfg.train.grad_accum})"
+        )
+    return per_rank
+
+
+@dataclass
+class Run:
+    """Everything one optimizer step touches; built once by `build_run`, stepped by `train_step` (the trainer and
+    `sslfw bench step` both)."""
+
+    cfg: Config
+    acc: Accelerator
+    model: nn.Module  # what forward/backward go through (DDP-wrapped when distributed)
+    raw_model: IQAModel  # the same parameters, unwrapped (checkpoints, EMA, evaluation)
+    optimizer: torch.optim.Optimizer
+    algorithm: Algorithm
+    ema: EMATeacher | None
+    augment: Augmenter
+    views: Views  # unlabelled views per image the algorithm asked for
+    autocast: Callable[[], AbstractContextManager]
+
+
+def build_run(cfg: Config, acc: Accelerator, data: DataInfo, state: dict | None = None) -> Run:
+    """Model, algorithm, optimizer and EMA on the device, from `state` (a checkpoint payload) when resuming."""
+    algo_cls = get_algorithm(cfg.algorithm.name)
+    torch.manual_seed(cfg.train.seed)  # the same init on every rank; DDP then keeps the replicas equal
+    model = IQAModel(cfg.model, algo_cls.extra_heads, algo_cls.projection)
+    algorithm = algo_cls(cfg.algorithm, data).to(acc.device)
+    optimizer = build_optimizer(model, cfg.optim)
+    ema = EMATeacher(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        algorithm.load_state_dict(state["algorithm"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+    if ema is not None:
+        ema.module.to(acc.device)
+    model, optimizer = acc.prepare(model, optimizer)  # never the loaders: they are per-rank streams already
+    return Run(
+        cfg,
+        acc,
+        model,
+        acc.unwrap_model(model),
+        optimizer,
+        algorithm,
+        ema,
+        Augmenter(cfg.aug, cfg.model.img_size),
+        algo_cls.views(cfg.aug),
+        autocast_for(acc, cfg.train.bf16),
+    )
+
+
+def make_batch(run: Run, lb: dict, ulb: dict | None, gen: torch.Generator) -> StepBatch:
+    """The algorithm's views of one loader batch (uint8 crops), augmented per sample on the device."""
+    device = run.acc.device
+    batch = StepBatch(
+        run.augment.weak(lb["image"].to(device, non_blocking=True), gen), lb["label"].to(device), lb["idx"].to(device)
+    )
+    if ulb is not None:
+        x_u = ulb["image"].to(device, non_blocking=True)
+        batch.x_ulb_w = [run.augment.weak(x_u, gen) for _ in range(run.views.weak)]
+        batch.x_ulb_s = [run.augment.strong(x_u, gen) for _ in range(run.views.strong)]
+        batch.idx_ulb = ulb["idx"].to(device)
+    return batch
+
+
+@dataclass
+class StepResult:
+    applied: bool  # False: some rank had a non-finite loss, so every rank skipped the update
+    stop: bool  # some rank was asked to stop (signal): save and exit at this boundary
+    loss: torch.Tensor  # this rank's loss on the last micro-batch (detached)
+    logs: dict[str, float]
+    lr: float
+
+
+def train_step(
+    run: Run, step: int, batches: Iterable[StepBatch], stop_requested: Callable[[], bool] = lambda: False
+) -> StepResult:
+    """One optimizer step over `grad_accum` micro-batches: forward + loss, backward, then (when every rank's loss
+    was finite) clipping, the update at the scheduled lr, and the EMA update. Ends with the one collective every
+    step needs: ranks agree on skip and stop."""
+    cfg, acc = run.cfg, run.acc
+    lr = set_lr(run.optimizer, step, cfg.train.steps, cfg.optim)
+    ctx = StepContext(step, cfg.train.steps, run.ema.module if run.ema else None)
+    accum, finite = cfg.train.grad_accum, True
+    for micro, batch in enumerate(batches):
+        # DDP all-reduces gradients only on the last micro-step.
+        with acc.no_sync(run.model) if micro < accum - 1 else nullcontext(), run.autocast():
+            out = run.algorithm.step(run.model, batch, ctx)
+            loss = faults.inject(acc.process_index, step, out.loss / accum)
+            acc.backward(loss)
+        finite &= bool(torch.isfinite(loss.detach()))
+    bad, stop = any_across_ranks([not finite, stop_requested()], acc.device)
+    if not bad:  # one rank's NaN already reached everyone's gradients through DDP: then skip on all ranks
+        if cfg.optim.clip_grad > 0:
+            acc.clip_grad_norm_(run.model.parameters(), cfg.optim.clip_grad)
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if not bad and run.ema is not None:
+        run.ema.update(run.raw_model)
+    return StepResult(not bad, stop, out.loss.detach(), {k: float(v) for k, v in out.logs.items()}, lr)
+
+
+def train(cfg: Config) -> dict:
+    acc = make_accelerator(cfg.train.bf16)
+    rank, world, device, main = acc.process_index, acc.num_processes, acc.device, acc.is_main_process
+    cuda = device.type == "cuda"
+    run_dir = Path(cfg.run_dir)
+    per_rank = per_rank_batch(cfg, world)
 
     # Resume: the newest complete step-N in run_dir (or the one named), else a fresh start.
     resume_from = None
@@ -76,159 +186,168 @@ def train(cfg: Config) -> dict:
         record(run_dir, "start", start, world_size=world)
     index = load_index(Path(cfg.data.shards))
     constant = constant_guess(index["sets"]["train"]["class_counts"])
-
-    # Model: the same init on every rank (one seed), then DDP keeps replicas equal.
-    algo_cls = get_algorithm(cfg.algorithm.name)
-    torch.manual_seed(cfg.train.seed)
-    model = IQAModel(cfg.model, algo_cls.extra_heads, algo_cls.projection)
     lb_set = ShardSet(cfg.data.shards, "train")
-    algorithm = algo_cls(cfg.algorithm, len(lb_set), cfg.model.proj_dim).to(device)
-    optimizer = build_optimizer(model, cfg.optim)
-    ema = EMATeacher(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
-    if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        algorithm.load_state_dict(state["algorithm"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-    if ema is not None:
-        ema.module.to(device)
-    model, optimizer = acc.prepare(model, optimizer)  # never the loaders: they are per-rank streams already
-    raw_model = acc.unwrap_model(model)
+    data = DataInfo(len(lb_set), index["sets"].get("unlabelled", {}).get("count", 0), cfg.model.proj_dim)
+    run = build_run(cfg, acc, data, state)
+    uses_unlabelled = run.algorithm.uses_unlabelled
 
     # Streams: batch s of a stream is a pure function of (seed, stream, rank, s); start where the checkpoint left.
-    accum, crop = cfg.train.grad_accum, (cfg.data.load_crop, cfg.data.load_crop)
+    accum, crop, seed = cfg.train.grad_accum, (cfg.data.load_crop, cfg.data.load_crop), cfg.train.seed
     n_lb, pl_iter = per_rank, None
     if cfg.data.pseudo_labels:  # the paper's retraining: labelled and pseudo-labelled images drawn as one union
-        if algo_cls.uses_unlabelled or per_rank < 2:
-            raise ConfigError("data.pseudo_labels: retraining on pseudo-labels is supervised, with at least 2 "
-                              "images per rank; set algorithm.name=supervised and a larger train.batch_size")
+        if uses_unlabelled or per_rank < 2:
+            raise ConfigError(
+                "data.pseudo_labels: retraining on pseudo-labels is supervised, with at least 2 "
+                "images per rank; set algorithm.name=supervised and a larger train.batch_size"
+            )
         pool = ShardSet(cfg.data.shards, "unlabelled")
         pl_labels, keep = load_pseudo_labels(Path(cfg.data.pseudo_labels), len(pool), cfg.data.pseudo_min_confidence)
         n_pl = min(per_rank - 1, max(1, round(per_rank * keep.sum() / (keep.sum() + len(lb_set)))))
         n_lb = per_rank - n_pl
-        pl_iter = iter(make_loader(TrainStream(pool, n_pl, crop, cfg.train.seed, rank, 2, start * accum, keep=keep,
-                                               labels=pl_labels), cfg.data.num_workers, pin_memory=cuda))
-    lb_iter = iter(make_loader(TrainStream(lb_set, n_lb, crop, cfg.train.seed, rank, 0, start * accum),
-                               cfg.data.num_workers, pin_memory=cuda))
+        pl_iter = iter(
+            make_loader(
+                TrainStream(
+                    pool, n_pl, crop, seed, rank, StreamId.PSEUDO_LABELLED, start * accum, keep=keep, labels=pl_labels
+                ),
+                cfg.data.num_workers,
+                pin_memory=cuda,
+            )
+        )
+    lb_iter = iter(
+        make_loader(
+            TrainStream(lb_set, n_lb, crop, seed, rank, StreamId.LABELLED, start * accum),
+            cfg.data.num_workers,
+            pin_memory=cuda,
+        )
+    )
     ulb_iter = None
-    if algo_cls.uses_unlabelled:
+    if uses_unlabelled:
         ulb_set = ShardSet(cfg.data.shards, "unlabelled")
-        ulb_iter = iter(make_loader(TrainStream(ulb_set, per_rank * cfg.algorithm.uratio, crop, cfg.train.seed, rank,
-                                                1, start * accum), cfg.data.num_workers, pin_memory=cuda))
-    augment = Augmenter(cfg.aug, cfg.model.img_size)
+        ulb_iter = iter(
+            make_loader(
+                TrainStream(
+                    ulb_set, per_rank * cfg.algorithm.uratio, crop, seed, rank, StreamId.UNLABELLED, start * accum
+                ),
+                cfg.data.num_workers,
+                pin_memory=cuda,
+            )
+        )
     eval_set = ShardSet(cfg.data.shards, cfg.eval.split)
-    num_strong = max(algo_cls.num_strong, cfg.aug.num_strong if algo_cls.num_strong else 0)
+
+    def next_labelled() -> dict:
+        lb = next(lb_iter)
+        if pl_iter is not None:
+            pl = next(pl_iter)
+            lb = {k: torch.cat([lb[k], pl[k]]) for k in ("image", "label", "idx")}
+        return lb
 
     logger = RunLogger(run_dir, main, cfg.log.wandb, cfg.log.project, to_dict(cfg), start)
     if main:
-        print(f"[sslfw] {world} process(es) on {device}: global batch {cfg.train.batch_size} = {world} ranks x "
-              f"{per_rank} x {accum} accumulation ({per_rank - n_lb} of {per_rank} pseudo-labelled); "
-              f"unlabelled x{cfg.algorithm.uratio if ulb_iter is not None else 0}; "
-              f"steps {start}->{cfg.train.steps}; algorithm {cfg.algorithm.name}; run_dir {run_dir}", flush=True)
+        print(
+            f"[sslfw] {world} process(es) on {device}: global batch {cfg.train.batch_size} = {world} ranks x "
+            f"{per_rank} x {accum} accumulation ({per_rank - n_lb} of {per_rank} pseudo-labelled); "
+            f"unlabelled x{cfg.algorithm.uratio if ulb_iter is not None else 0}; "
+            f"steps {start}->{cfg.train.steps}; algorithm {cfg.algorithm.name}; run_dir {run_dir}",
+            flush=True,
+        )
     stop, nonfinite_run, skipped = StopFlag(), 0, int(info.get("skipped_steps", 0))
-    autocast = acc.autocast if cuda and cfg.train.bf16 else nullcontext
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=not (main and cfg.log.progress), unit="step",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.train.steps, initial=start, disable=not (main and cfg.log.progress), unit="step", dynamic_ncols=True
+    )
     t_last, exit_code, step, val = time.perf_counter(), 0, start, {}
 
-    def evaluate_now(step: int) -> dict:
+    def evaluate_now() -> dict:
         out = {}
-        models = {"student": raw_model, "ema": ema.module if ema else None}
-        for name in ("student", "ema") if cfg.eval.model == "both" else (cfg.eval.model,):
+        models = {"student": run.raw_model, "ema": run.ema.module if run.ema else None}
+        for name in ("student", "ema") if cfg.eval.weights == "both" else (cfg.eval.weights,):
             if models[name] is None:
                 continue
-            pred = predict(models[name], eval_set, cfg.model.img_size,
-                           cfg.data.eval_batch_size, cfg.data.num_workers, rank, world, device, autocast)
+            pred = predict(
+                models[name],
+                eval_set,
+                cfg.model.img_size,
+                cfg.data.eval_batch_size,
+                cfg.data.num_workers,
+                rank,
+                world,
+                device,
+                run.autocast,
+            )
             out |= {f"{cfg.eval.split}/{name}/{k}": v for k, v in metrics_from_predictions(pred, constant).items()}
         return out
 
     def save(step: int) -> None:
         if main:
-            payload = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "algorithm": algorithm.state_dict(), "ema": ema.state_dict() if ema else None}
+            payload = {
+                "model": run.raw_model.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "algorithm": run.algorithm.state_dict(),
+                "ema": run.ema.state_dict() if run.ema else None,
+            }
             # Per-rank RNG and stream positions are functions of (seed, rank, step): storing those pins them all.
-            meta = {"step": step, "seed": cfg.train.seed, "world_size": world, "skipped_steps": skipped,
-                    "stream_position": step * accum, "rng": "reseeded each step from (seed, rank, step)",
-                    "lr_schedule": "warmup+cosine, a function of step (optim config)", "config": to_dict(cfg)}
+            meta = {
+                "step": step,
+                "seed": seed,
+                "world_size": world,
+                "skipped_steps": skipped,
+                "stream_position": step * accum,
+                "rng": "reseeded each step from (seed, rank, step)",
+                "lr_schedule": "warmup+cosine, a function of step (optim config)",
+                "config": to_dict(cfg),
+            }
             ckpt.save(run_dir, step, payload, meta, cfg.ckpt.keep)
         barrier()
 
-    model.train()
+    run.model.train()
     while step < cfg.train.steps:
-        torch.manual_seed(_seed(cfg.train.seed, rank, step))  # drop path and anything else using the global RNG
-        gen = torch.Generator(device).manual_seed(_seed(cfg.train.seed, rank, step, 1))
-        ctx = StepContext(step, cfg.train.steps, ema.module if ema else None, len(lb_set))
-        lr = set_lr(optimizer, step, cfg.train.steps, cfg.optim)
-        finite, logs = True, {}
-        for micro in range(accum):
-            lb = next(lb_iter)
-            if pl_iter is not None:
-                pl = next(pl_iter)
-                lb = {k: torch.cat([lb[k], pl[k]]) for k in ("image", "label", "idx")}
-            x_lb = lb["image"].to(device, non_blocking=True)
-            batch = StepBatch(augment.weak(x_lb, gen), lb["label"].to(device), lb["idx"].to(device))
-            if ulb_iter is not None:
-                ulb = next(ulb_iter)
-                x_u = ulb["image"].to(device, non_blocking=True)
-                batch.x_ulb_w = augment.weak(x_u, gen)
-                batch.x_ulb_s = [augment.strong(x_u, gen) for _ in range(num_strong)]
-                batch.idx_ulb = ulb["idx"].to(device)
-            # DDP all-reduces gradients only on the last micro-step.
-            with acc.no_sync(model) if micro < accum - 1 else nullcontext(), autocast():
-                out = algorithm.step(model, batch, ctx)
-                loss = out.loss / accum
-                if faults.armed("NAN", rank, step):
-                    loss = loss * float("nan")
-                acc.backward(loss)
-            finite &= bool(torch.isfinite(loss.detach()))
-            logs = {k: float(v) for k, v in out.logs.items()}
-        bad, stop_now = any_across_ranks([not finite, stop.signal is not None], device)
-        if bad:  # one rank's NaN already reached everyone's gradients through DDP: skip on all ranks
-            optimizer.zero_grad(set_to_none=True)
+        torch.manual_seed(_seed(seed, rank, step))  # drop path and anything else using the global RNG
+        gen = torch.Generator(device).manual_seed(_seed(seed, rank, step, 1))
+        batches = (
+            make_batch(run, next_labelled(), next(ulb_iter) if ulb_iter is not None else None, gen)
+            for _ in range(accum)
+        )
+        res = train_step(run, step, batches, lambda: stop.signal is not None)
+        if res.applied:
+            nonfinite_run = 0
+        else:
             nonfinite_run, skipped = nonfinite_run + 1, skipped + 1
             if main:
-                print(f"[sslfw] step {step}: non-finite loss on some rank; step skipped ({nonfinite_run} in a row, "
-                      f"{skipped} total)", flush=True)
+                print(
+                    f"[sslfw] step {step}: non-finite loss on some rank; step skipped ({nonfinite_run} in a row, "
+                    f"{skipped} total)",
+                    flush=True,
+                )
             if nonfinite_run >= cfg.train.max_nonfinite:
                 if main:
-                    print(f"[sslfw] stopping: {nonfinite_run} non-finite steps in a row (train.max_nonfinite). "
-                          f"Lower optim.lr or check the data; the last checkpoint is intact.", file=sys.stderr)
+                    print(
+                        f"[sslfw] stopping: {nonfinite_run} non-finite steps in a row (train.max_nonfinite). "
+                        f"Lower optim.lr or check the data; the last checkpoint is intact.",
+                        file=sys.stderr,
+                    )
                 exit_code = EXIT_NONFINITE
                 break
-        else:
-            nonfinite_run = 0
-            if cfg.optim.clip_grad > 0:
-                acc.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(raw_model)
         step += 1
         bar.update()
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            logs = mean_across_ranks({**logs, "loss": float(loss.detach()) * accum if not bad else float("nan")},
-                                     device)
+            logs = mean_across_ranks({**res.logs, "loss": float(res.loss) if res.applied else float("nan")}, device)
             now = time.perf_counter()
-            logs |= {"lr": lr, "skipped_steps": skipped, "steps_per_s": cfg.train.log_every / (now - t_last)}
+            logs |= {"lr": res.lr, "skipped_steps": skipped, "steps_per_s": cfg.train.log_every / (now - t_last)}
             t_last = now
             logger.log(step, {f"train/{k}": v for k, v in logs.items()})
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps:
-            val = evaluate_now(step)
+            val = evaluate_now()
             logger.log(step, val)
-        if faults.armed("KILL", rank, step):
-            os.kill(os.getpid(), signal.SIGKILL)
-        if faults.armed("SIGNAL", rank, step):  # as if Slurm's warning signal arrived during this step
-            signal.raise_signal(signal.SIGUSR1)
-            stop_now = any_across_ranks([True], device)[0]
-        if stop_now:
+        if res.stop:
             save(step)
             if main:  # launchers hide worker exit codes, so the reason is also left in the run dir
                 fsio.write_json(run_dir / PREEMPTED, {"step": step, "signal": stop.signal})
                 write_exit_file(EXIT_PREEMPTED)
-                print(f"[sslfw] {stop.signal or 'stop signal'} on some rank: saved step-{step}, exiting with "
-                      f"{EXIT_PREEMPTED} (resume with --ckpt.resume auto)", flush=True)
+                print(
+                    f"[sslfw] {stop.signal or 'stop signal'} on some rank: saved step-{step}, exiting with "
+                    f"{EXIT_PREEMPTED} (resume with --ckpt.resume auto)",
+                    flush=True,
+                )
             barrier()  # the code is on disk before any rank exits: srun may end the step at the first non-zero exit
             exit_code = EXIT_PREEMPTED
             break

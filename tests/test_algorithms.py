@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,9 +12,9 @@ import torch
 from torch import nn
 
 from sslfw.algorithms import get_algorithm
-from sslfw.algorithms.base import StepBatch, StepContext
-from sslfw.config import AlgorithmConfig
-from tests.conftest import ROOT
+from sslfw.algorithms.base import DataInfo, StepBatch, StepContext
+from sslfw.config import AlgorithmConfig, resolve_params
+from tests.helpers import ROOT, child_env, torchrun
 
 
 class LogitsAreInputs(nn.Module):
@@ -31,10 +29,12 @@ def logits(*rows: list[float]) -> torch.Tensor:
 
 
 def make(name: str, **params):
-    return get_algorithm(name)(AlgorithmConfig(name=name, params=params), 8, 4)
+    cfg = AlgorithmConfig(name=name, params=params)
+    resolve_params(cfg)
+    return get_algorithm(name)(cfg, DataInfo(num_labelled=8, num_unlabelled=16, proj_dim=4))
 
 
-CTX = StepContext(step=5, total_steps=10, teacher=None, num_labelled=8)
+CTX = StepContext(step=5, total_steps=10, teacher=None)
 
 
 def test_fixmatch_mask_targets_and_loss():
@@ -42,7 +42,7 @@ def test_fixmatch_mask_targets_and_loss():
     z_lb = logits([4.0, 0, 0, 0, 0])
     z_w = logits([5.0, 0, 0, 0, 0], [1.0, 0.5, 0, 0, 0])  # confident (p=0.974) / not
     z_s = logits([1.0, 2.0, 0, 0, 0], [0.0, 0, 3.0, 0, 0])
-    out = alg.step(LogitsAreInputs(), StepBatch(z_lb, torch.tensor([0]), torch.tensor([0]), z_w, [z_s]), CTX)
+    out = alg.step(LogitsAreInputs(), StepBatch(z_lb, torch.tensor([0]), torch.tensor([0]), [z_w], [z_s]), CTX)
     sup = -math.log(math.exp(4) / (math.exp(4) + 4))
     ce0 = -math.log(math.exp(1) / (math.exp(1) + math.exp(2) + 3))
     assert out.logs["mask_ratio"] == pytest.approx(0.5)
@@ -50,7 +50,7 @@ def test_fixmatch_mask_targets_and_loss():
     assert float(out.loss) == pytest.approx(sup + ce0 / 2, rel=1e-5)
     soft = make("fixmatch", p_cutoff=0.9, hard_label=False, T=0.5)
     compat = make("fixmatch", p_cutoff=0.9, hard_label=False, usb_compat=True)
-    batch = StepBatch(z_lb, torch.tensor([0]), torch.tensor([0]), z_w, [z_s])
+    batch = StepBatch(z_lb, torch.tensor([0]), torch.tensor([0]), [z_w], [z_s])
     t = torch.softmax(z_w[0] / 0.5, -1)
     want = -(t * torch.log_softmax(z_s[0], -1)).sum().item() / 2
     assert float(soft.step(LogitsAreInputs(), batch, CTX).logs["unsup_loss"]) == pytest.approx(want, rel=1e-5)
@@ -61,22 +61,27 @@ def test_adamatch_alignment_relative_threshold_and_warmup():
     alg = make("adamatch", p_cutoff=0.9, ema_p=0.5)
     z_lb = logits([3.0, 0, 0, 0, 0], [0, 0, 2.0, 0, 0])
     z_w = logits([2.0, 0, 0, 0, 0], [0, 0, 0, 0, 1.0])
-    batch = StepBatch(z_lb, torch.tensor([0, 2]), torch.tensor([0, 1]), z_w, [z_w.clone()])
+    batch = StepBatch(z_lb, torch.tensor([0, 2]), torch.tensor([0, 1]), [z_w], [z_w.clone()])
     out = alg.step(LogitsAreInputs(), batch, CTX)
     p_lb, p_w = z_lb.softmax(-1), z_w.softmax(-1)
     assert torch.allclose(alg.p_model, p_w.mean(0))  # first call: the batch mean
     assert torch.allclose(alg.p_target, 0.5 * torch.full((5,), 0.2) + 0.5 * p_lb.mean(0))
     assert float(out.logs["threshold"]) == pytest.approx(0.9 * p_lb.max(-1).values.mean().item(), rel=1e-6)
-    assert alg.unsup_weight(StepContext(0, 10, None, 8)) == pytest.approx(0.0)
-    assert alg.unsup_weight(StepContext(5, 10, None, 8)) == pytest.approx(1.0)
-    assert make("adamatch", usb_compat=True).unsup_weight(StepContext(0, 10, None, 8)) == 1.0
+    assert alg.unsup_weight(StepContext(0, 10, None)) == pytest.approx(0.0)
+    assert alg.unsup_weight(StepContext(5, 10, None)) == pytest.approx(1.0)
+    assert make("adamatch", usb_compat=True).unsup_weight(StepContext(0, 10, None)) == 1.0
 
 
 def test_freematch_state_updates_mask_and_fairness_sign():
     alg = make("freematch", ema_p=0.5)
     z_w = logits([6.0, 0, 0, 0, 0], [0, 0, 0.2, 0, 0])
-    batch = StepBatch(logits([1.0, 0, 0, 0, 0]), torch.tensor([0]), torch.tensor([0]), z_w, [logits([2.0, 0, 0, 0, 0],
-                                                                                                   [0, 0, 2.0, 0, 0])])
+    batch = StepBatch(
+        logits([1.0, 0, 0, 0, 0]),
+        torch.tensor([0]),
+        torch.tensor([0]),
+        [z_w],
+        [logits([2.0, 0, 0, 0, 0], [0, 0, 2.0, 0, 0])],
+    )
     out = alg.step(LogitsAreInputs(), batch, CTX)
     p_w = z_w.softmax(-1)
     conf = p_w.max(-1).values
@@ -91,16 +96,15 @@ def test_freematch_state_updates_mask_and_fairness_sign():
 SSL = ["fixmatch", "adamatch", "freematch", "comatch", "simmatch", "crmatch"]
 
 
+@pytest.mark.slow  # real processes (DDP, signals, kills)
 @pytest.mark.parametrize("name", SSL)
 def test_two_ranks_equal_one_rank_with_the_global_batch(name, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     results = {}
     for nproc in (1, 2):
         out = tmp_path / f"n{nproc}"
         out.mkdir()
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               str(ROOT / "tests" / "dist" / "algo_invariance.py"), name, str(out), "4"]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        cmd = torchrun(nproc, str(ROOT / "tests" / "dist" / "algo_invariance.py"), name, str(out), "4")
+        proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[nproc] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
     one, (r0, r1) = results[1][0], results[2]
@@ -121,11 +125,11 @@ def test_trains_checkpoints_and_resumes_to_identical_state(name, small_shards, t
     from sslfw import ckpt
     from sslfw.config import load_config
     from sslfw.train import EXIT_PREEMPTED, train
-    from tests.conftest import tiny_overrides
+    from tests.helpers import tiny_overrides
 
     extra = {"algorithm.name": name, "train.steps": 6, "ckpt.every": 6, "eval.every": 0, "aug.strong": "randaugment"}
     whole = train(load_config(None, tiny_overrides(small_shards, tmp_path / "whole", **extra)))
-    monkeypatch.setenv("SSLFW_FAULT_SIGNAL", "0:3")
+    monkeypatch.setenv("SSLFW_FAULT_SIGNAL", "0:2")  # a signal during step index 2: stops after 3 steps
     stopped = train(load_config(None, tiny_overrides(small_shards, tmp_path / "cut", **extra)))
     monkeypatch.delenv("SSLFW_FAULT_SIGNAL")
     resumed = train(load_config(None, tiny_overrides(small_shards, tmp_path / "cut", **extra)))
@@ -190,7 +194,7 @@ def test_comatch_targets_smoothing_and_graph_contrast():
     alg = make("comatch", p_cutoff=0.5, T=0.5, contrast_p_cutoff=0.3, queue_size=4, da_len=1, smoothing_alpha=0.6)
     g = torch.Generator().manual_seed(0)
     x_lb, x_w, x_s0, x_s1 = (torch.randn(2, 9, generator=g) * 2 for _ in range(4))
-    batch = StepBatch(x_lb, torch.tensor([1, 3]), torch.tensor([0, 1]), x_w, [x_s0, x_s1])
+    batch = StepBatch(x_lb, torch.tensor([1, 3]), torch.tensor([0, 1]), [x_w], [x_s0, x_s1])
     m = LogitsAndProj()
     first = alg.step(m, batch, CTX)  # queue empty: the target is the aligned weak prediction
     p_w = x_w[:, :5].softmax(-1)
@@ -224,12 +228,12 @@ def test_simmatch_unfolding_aggregation_and_instance_loss():
     m = LogitsAndProj()
     x_lb = torch.randn(8, 9, generator=g)
     y = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
-    fill = StepBatch(x_lb, y, torch.arange(8), torch.randn(2, 9, generator=g), [torch.randn(2, 9, generator=g)])
+    fill = StepBatch(x_lb, y, torch.arange(8), [torch.randn(2, 9, generator=g)], [torch.randn(2, 9, generator=g)])
     first = alg.step(m, fill, CTX)
     assert float(first.logs["in_loss"]) == 0 and alg.bank.full  # the bank is complete only after this write
     bank, labels = alg.bank.feats.clone(), alg.bank.labels.clone()
     x_w, x_s = torch.randn(2, 9, generator=g), torch.randn(2, 9, generator=g)
-    out = alg.step(m, StepBatch(x_lb[:2], y[:2], torch.arange(2), x_w, [x_s]), CTX)
+    out = alg.step(m, StepBatch(x_lb[:2], y[:2], torch.arange(2), [x_w], [x_s]), CTX)
     p = x_w[:, :5].softmax(-1)
     p = p * 0.2 / p.mean(0)
     p = p / p.sum(1, keepdim=True)
@@ -263,6 +267,59 @@ def test_crmatch_rotations_and_feature_distance():
     alg = make("crmatch", p_cutoff=0.5, rot_loss_ratio=0.0)
     w = torch.tensor([[5.0, 0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 1, 0]])
     s = torch.tensor([[0.0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 1, 1]])
-    out = alg.step(Heads(), StepBatch(w[:1], torch.tensor([0]), torch.tensor([0]), w, [s]), CTX)
+    out = alg.step(Heads(), StepBatch(w[:1], torch.tensor([0]), torch.tensor([0]), [w], [s]), CTX)
     assert float(out.logs["mask_ratio"]) == 0.5
     assert float(out.logs["ds_loss"]) == pytest.approx(math.cos(math.pi / 4) / 2, rel=1e-5)  # masked row only
+
+
+def test_a_new_algorithm_is_one_class_plus_registration(small_shards, tmp_path):
+    """FlexMatch-like needs: state sized by the unlabelled pool and two weak views; nothing in train.py changes."""
+    from dataclasses import dataclass
+
+    import torch.nn.functional as F
+
+    from sslfw import ckpt
+    from sslfw.algorithms.base import REGISTRY, Algorithm, StepOutput, Views, forward_views, register
+    from sslfw.config import load_config
+    from sslfw.train import train
+    from tests.helpers import tiny_overrides
+
+    seen_views = []
+
+    @register
+    class ToyMatch(Algorithm):
+        name = "toymatch"
+        min_views = Views(weak=2, strong=1)
+
+        @dataclass
+        class Params:
+            agreement_weight: float = 0.5
+
+        def __init__(self, cfg, data):
+            super().__init__(cfg, data)
+            self.register_buffer("seen", torch.zeros(data.num_unlabelled, dtype=torch.long))
+
+        def step(self, model, batch, ctx):
+            seen_views.append((len(batch.x_ulb_w), len(batch.x_ulb_s)))
+            lb, w0, w1 = forward_views(model, [batch.x_lb, *batch.x_ulb_w])
+            self.seen[batch.idx_ulb] += 1
+            agree = F.mse_loss(w0["logits"].float().softmax(-1), w1["logits"].float().softmax(-1))
+            sup = F.cross_entropy(lb["logits"].float(), batch.y_lb)
+            return StepOutput(sup + self.p.agreement_weight * agree, {"agree": agree.detach()})
+
+    try:
+        extra = {
+            "algorithm.name": "toymatch",
+            "algorithm.params.agreement_weight": 2.0,
+            "train.steps": 4,
+            "ckpt.every": 4,
+            "eval.every": 0,
+        }
+        result = train(load_config(None, tiny_overrides(small_shards, tmp_path / "toy", **extra)))
+    finally:
+        REGISTRY.pop("toymatch")
+    assert result["exit_code"] == 0 and result["step"] == 4
+    assert seen_views == [(2, 1)] * 4
+    state = ckpt.load(ckpt.latest(tmp_path / "toy"))
+    assert int(state[0]["algorithm"]["seen"].sum()) == 4 * 8  # 4 steps x 8 unlabelled images per step
+    assert state[1]["config"]["algorithm"]["params"] == {"agreement_weight": 2.0}

@@ -33,7 +33,10 @@ def test_same_seed_same_views_and_float_range(policy):
 def test_each_sample_gets_its_own_parameters():
     """Identical input images must come out different: the crop window and flips are drawn per sample."""
     x = images(n=1).expand(16, -1, -1, -1).contiguous()
-    for view in (Augmenter(AugConfig(), 12).weak(x, gen()), Augmenter(AugConfig(strong="randaugment"), 12).strong(x, gen())):
+    for view in (
+        Augmenter(AugConfig(), 12).weak(x, gen()),
+        Augmenter(AugConfig(strong="randaugment"), 12).strong(x, gen()),
+    ):
         distinct = {view[i].numpy().tobytes() for i in range(16)}
         assert len(distinct) > 8
 
@@ -61,9 +64,12 @@ def test_iqa_safe_only_moves_pixels():
     views = Augmenter(AugConfig(strong="iqa_safe"), 8).strong(x, gen(4))
     for i in range(8):
         target = (views[i] * 255).round().to(torch.uint8)
-        found = any(torch.equal(target, window)
-                    for y0 in range(14 - 8 + 1) for x0 in range(16 - 8 + 1)
-                    for window in _dihedral(x[i, :, y0 : y0 + 8, x0 : x0 + 8]))
+        found = any(
+            torch.equal(target, window)
+            for y0 in range(14 - 8 + 1)
+            for x0 in range(16 - 8 + 1)
+            for window in _dihedral(x[i, :, y0 : y0 + 8, x0 : x0 + 8])
+        )
         assert found, f"sample {i} is not a geometric copy of its input"
 
 

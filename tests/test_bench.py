@@ -5,23 +5,68 @@ from __future__ import annotations
 import json
 import math
 
+import torch
+
 from sslfw.cli import main
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 
 def test_bench_all_writes_every_table_with_finite_ratios(small_shards, tmp_path):
     overrides = [o for o in tiny_overrides(small_shards, tmp_path / "unused") if not o.startswith("--run_dir")]
-    assert main(["bench", "all", "--reps", "1", "--steps", "1", "--batches", "2", "--workers", "0,1", "--chunk", "16",
-                 "--out", str(tmp_path / "b"), *overrides]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "all",
+                "--reps",
+                "1",
+                "--steps",
+                "1",
+                "--batches",
+                "2",
+                "--workers",
+                "0,1",
+                "--chunk",
+                "16",
+                "--out",
+                str(tmp_path / "b"),
+                *overrides,
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "b" / "bench.json").read_text())
     titles = [t["title"].split(":")[0] for t in report["tables"]]
     assert titles == ["data", "augment", "step", "pseudolabel"]
     step = report["tables"][2]
-    assert [r[0] for r in step["rows"]] == ["supervised", "fixmatch", "adamatch", "freematch", "comatch", "simmatch",
-                                            "crmatch"]
+    assert [r[0] for r in step["rows"]] == [
+        "supervised",
+        "fixmatch",
+        "adamatch",
+        "freematch",
+        "comatch",
+        "simmatch",
+        "crmatch",
+    ]
     cols = [next(i for i, c in enumerate(t["columns"]) if "ratio" in c or " / " in c) for t in report["tables"]]
     ratios = [r[c] for t, c in zip(report["tables"], cols) for r in t["rows"]]
     assert len(ratios) == 3 + 2 + 7 + 3
     assert all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in ratios)
     assert "| supervised |" in (tmp_path / "b" / "bench.md").read_text()
     assert main(["bench", "data,nonsense", *overrides]) == 2  # a typo is a clear error, not a crash
+
+
+def test_bench_step_runs_the_trainers_own_step(small_shards, tmp_path):
+    """Whatever the trainer's step does (here: gradient clipping) is what the benchmark times."""
+    from sslfw.bench.compute import Harness, _setup
+    from sslfw.config import load_config
+
+    def weights_after_two_steps(clip: float) -> torch.Tensor:
+        cfg = load_config(None, tiny_overrides(small_shards, tmp_path / "unused", **{"optim.clip_grad": clip}))
+        acc, raw = _setup(cfg, str(small_shards))
+        h = Harness(cfg, "fixmatch", acc, raw)
+        h.steps(2)
+        return torch.cat([p.detach().flatten() for p in h.run.raw_model.parameters()])
+
+    free, clipped, again = weights_after_two_steps(0.0), weights_after_two_steps(1e-6), weights_after_two_steps(0.0)
+    assert torch.equal(free, again) and not torch.allclose(free, clipped)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
-from sslfw.config import ConfigError, load_config, save_config
-from sslfw.metrics import constant_guess, iqa_metrics
-import numpy as np
+from sslfw.config import load_config, save_config
+from sslfw.errors import ConfigError
+from tests.helpers import run_sslfw
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -20,29 +21,47 @@ def test_yaml_then_overrides(tmp_path):
     assert load_config(tmp_path / "saved.yaml") == cfg
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--train.stepz=3", "unknown config key 'train.stepz'"),
-    ("--train.steps=ten", "train.steps: expected int, got 'ten'"),
-    ("--aug.strong=autoaugment", "aug.strong: 'autoaugment' is not one of"),
-    ("--model.img_size=512", "model.img_size (512) must not exceed data.load_crop"),
-    ("--train=3", "train: expected a section"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--train.stepz=3", "unknown config key 'train.stepz'"),
+        ("--train.steps=ten", "train.steps: expected int, got 'ten'"),
+        ("--aug.strong=autoaugment", "aug.strong: 'autoaugment' is not one of"),
+        ("--model.img_size=512", "model.img_size (512) must not exceed data.load_crop"),
+        ("--train=3", "train: expected a section"),
+        ("--algorithm.name=flexmatch", "algorithm.name: 'flexmatch' is not one of"),
+        ("--algorithm.params.p_cutoff=0.7", "algorithm.params.p_cutoff: supervised has no such setting"),
+        ("--algorithm.name=fixmatch --algorithm.params.p_cutoff=high", "algorithm.params.p_cutoff: expected float"),
+    ],
+)
 def test_bad_keys_and_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
-        load_config(None, [override])
+        load_config(None, override.split())
     assert message in str(e.value)
 
 
-def test_metrics_on_a_hand_computed_case():
-    true = np.array([0, 2, 2, 3, 4, 4])
-    pred = np.array([1, 2, 2, 2, 4, 2])
-    score = np.array([0.8, 2.0, 2.1, 2.4, 3.9, 2.2])
-    mos = np.array([1.5, 3.0, 3.1, 3.6, 4.2, np.nan])
-    m = iqa_metrics(true, pred, score, mos, constant=2)
-    assert m["mae"] == pytest.approx((1 + 0 + 0 + 1 + 0 + 2) / 6)
-    assert m["const_mae"] == pytest.approx((2 + 0 + 0 + 1 + 2 + 2) / 6)
-    assert m["mae_class4"] == pytest.approx(1.0) and m["mae_class34"] == pytest.approx(1.0)
-    assert m["macro_mae"] == pytest.approx((1 + 0 + 1 + 1) / 4)
-    assert m["accuracy"] == pytest.approx(3 / 6)
-    assert m["srcc"] == pytest.approx(1.0)  # the 5 rows with a MOS are ranked perfectly
-    assert constant_guess([2, 13, 49, 33, 2]) == 2 and constant_guess([60, 10, 10, 10, 10]) == 0
+def test_algorithm_params_are_resolved_with_every_default_and_saved(tmp_path):
+    cfg = load_config(None, ["--algorithm.name=fixmatch", "--algorithm.params.p_cutoff=0.7"])
+    assert cfg.algorithm.params == {"p_cutoff": 0.7, "hard_label": True, "T": 0.5, "usb_compat": False}
+    save_config(cfg, tmp_path / "c.yaml")
+    saved = yaml.safe_load((tmp_path / "c.yaml").read_text())
+    assert saved["algorithm"]["params"] == cfg.algorithm.params  # the defaults in force are on record
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_a_misspelt_algorithm_param_exits_2_before_any_data_is_read(tmp_path):
+    run = tmp_path / "run"
+    proc = run_sslfw(
+        [
+            "train",
+            f"--run_dir={run}",
+            f"--data.shards={tmp_path / 'no_such_shards'}",
+            "--algorithm.name=fixmatch",
+            "--algorithm.params.p_cutof=0.7",
+        ]
+    )
+    assert proc.returncode == 2
+    assert (
+        "algorithm.params.p_cutof: fixmatch has no such setting; known: ['T', 'hard_label', 'p_cutoff'" in proc.stderr
+    )
+    assert "no_such_shards" not in proc.stderr and not run.exists()

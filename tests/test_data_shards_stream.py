@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import webdataset as wds
 
 from sslfw.data.shards import load_index, pack
 from sslfw.data.stream import EvalStream, ShardSet, TrainStream, make_loader
-from tests.conftest import make_raw, prepare_raw
-from tests.test_data_synth_prepare import tree_hashes
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, child_env, make_raw, prepare_raw, torchrun, tree_hashes
 
 
 def test_pack_is_byte_reproducible_and_skips_a_corrupt_jpeg(tmp_path):
@@ -43,8 +39,11 @@ def test_shards_are_plain_webdataset_with_original_bytes(small_shards, small_man
     assert len(samples) == index["sets"]["val"]["count"]
     meta = json.loads(samples[0]["json"])
     assert set(meta) >= {"key", "idx", "gidx", "label", "mos", "votes", "set"}
-    original = next(Path(r.split(",")[1]) for r in (small_manifest / "labelled.csv").read_text().splitlines()[1:]
-                    if r.startswith(meta["key"] + ","))
+    original = next(
+        Path(r.split(",")[1])
+        for r in (small_manifest / "labelled.csv").read_text().splitlines()[1:]
+        if r.startswith(meta["key"] + ",")
+    )
     assert samples[0]["jpg"] == original.read_bytes()  # stored as is, never re-encoded
     assert sorted(json.loads(s["json"])["idx"] for s in samples) == list(range(len(samples)))
 
@@ -84,11 +83,10 @@ def test_crop_is_native_resolution(small_shards):
     assert torch.equal(crop, full[:, 8:40, 16:48])  # centre crop = a window of the original pixels
 
 
+@pytest.mark.slow  # real processes (DDP, signals, kills)
 def test_ddp_two_ranks_two_workers_seven_shards(small_shards, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "dist" / "stream_ddp.py"), str(small_shards), str(tmp_path), "10"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    cmd = torchrun(2, str(ROOT / "tests" / "dist" / "stream_ddp.py"), str(small_shards), str(tmp_path), "10")
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["train_shards"] == 7
@@ -108,8 +106,10 @@ def test_raw_pixel_shards_give_the_same_batches_with_nothing_to_decode(small_man
     first = next(iter(wds.WebDataset(str(raw / index["sets"]["unlabelled"]["shards"][0]["name"]), shardshuffle=False)))
     assert "npy" in first  # plain webdataset still reads them
     for name in ("train", "unlabelled"):
-        a, b = TrainStream(ShardSet(small_shards, name), 8, (40, 40), 3, 0), TrainStream(ShardSet(raw, name), 8,
-                                                                                            (40, 40), 3, 0)
+        a, b = (
+            TrainStream(ShardSet(small_shards, name), 8, (40, 40), 3, 0),
+            TrainStream(ShardSet(raw, name), 8, (40, 40), 3, 0),
+        )
         for step in range(3):
             assert torch.equal(a.make_batch(step)["image"], b.make_batch(step)["image"])
     for crop, crops in (((40, 40), 5), ((200, 200), 1)):  # corners, and a crop larger than the image (padding)

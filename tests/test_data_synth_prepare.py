@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -12,13 +11,9 @@ import pytest
 
 from sslfw.cli import main
 from sslfw.data.labels import PAPER_SHARES, LabelScheme
-from sslfw.data.manifest import DataError, load, prepare, read_koniq
-from tests.conftest import make_raw, prepare_raw
-
-
-def tree_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+from sslfw.data.manifest import load, prepare, read_koniq
+from sslfw.errors import DataError
+from tests.helpers import make_raw, prepare_raw, tree_hashes
 
 
 def test_synth_is_byte_identical_for_the_same_flags_whatever_the_worker_count(tmp_path):
@@ -70,8 +65,11 @@ def test_prepare_splits_stratified_and_records_a_hash(small_manifest, small_raw,
     assert sum(meta["counts"][s] for s in ("train", "val", "test")) == 126
     for split in ("train", "val", "test"):
         counts = np.array(meta["class_counts"][split])
-        total = np.array(meta["class_counts"]["train"]) + np.array(meta["class_counts"]["val"]) + np.array(
-            meta["class_counts"]["test"])
+        total = (
+            np.array(meta["class_counts"]["train"])
+            + np.array(meta["class_counts"]["val"])
+            + np.array(meta["class_counts"]["test"])
+        )
         frac = {"train": 0.8, "val": 0.1, "test": 0.1}[split]
         assert np.all(np.abs(counts - total * frac) <= 1)  # per-class rounding only
     again = prepare_raw(small_raw, tmp_path / "again")
@@ -115,14 +113,17 @@ def _edit_row(csv_path: Path, row: int, new: str | None) -> None:
     csv_path.write_text("\n".join(lines) + "\n")
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda ln: ln.rsplit(",", 1)[0], "line 4: 9 fields where the header has 10"),
-    (lambda ln: ",".join(ln.split(",")[:7] + ["7.5"] + ln.split(",")[8:]), "line 4: MOS=7.5 is outside 1.0..5.0"),
-    (lambda ln: ",".join(ln.split(",")[:7] + ["good"] + ln.split(",")[8:]), "line 4: MOS='good' is not a number"),
-    (lambda ln: ",".join(ln.split(",")[:9] + ["140"]), "line 4: MOS_zscore=140.0 is outside 0.0..100.0"),
-    (lambda ln: "missing.jpg," + ln.split(",", 1)[1], "line 4: image"),
-    (None, "line 5: duplicate image_name"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda ln: ln.rsplit(",", 1)[0], "line 4: 9 fields where the header has 10"),
+        (lambda ln: ",".join(ln.split(",")[:7] + ["7.5"] + ln.split(",")[8:]), "line 4: MOS=7.5 is outside 1.0..5.0"),
+        (lambda ln: ",".join(ln.split(",")[:7] + ["good"] + ln.split(",")[8:]), "line 4: MOS='good' is not a number"),
+        (lambda ln: ",".join(ln.split(",")[:9] + ["140"]), "line 4: MOS_zscore=140.0 is outside 0.0..100.0"),
+        (lambda ln: "missing.jpg," + ln.split(",", 1)[1], "line 4: image"),
+        (None, "line 5: duplicate image_name"),
+    ],
+)
 def test_bad_rows_name_the_file_and_line(small_raw, tmp_path, edit, message):
     koniq = _koniq_copy(small_raw, tmp_path)
     scores = koniq / "koniq10k_scores_and_distributions.csv"

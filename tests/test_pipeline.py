@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +13,11 @@ import pytest
 import yaml
 
 from sslfw.cli import main
+from sslfw.commands.pipeline import PipelineConfig, run_pipeline
 from sslfw.config import load_config
 from sslfw.data.shards import load_index
-from sslfw.metrics import quadratic_weighted_kappa
-from sslfw.pipeline import PipelineConfig, run_pipeline
-from tests.conftest import run_sslfw, tiny_overrides
+from sslfw.errors import ConfigError
+from tests.helpers import run_sslfw, tiny_overrides
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -23,12 +25,13 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # real processes (DDP, signals, kills)
 def test_pseudolabel_two_ranks_cover_the_pool_exactly_once(tiny_run, small_shards, tmp_path):
     pool = load_index(small_shards)["sets"]["unlabelled"]
     assert len(pool["shards"]) < 2 * 3  # fewer shards than ranks x workers
     out = tmp_path / "pseudo.csv"
-    proc = run_sslfw(["pseudolabel", "--checkpoint", str(tiny_run), "--out", str(out), "--num-workers", "3",
-                      "--chunk", "16", "--quiet"], nproc=2)
+    args = f"pseudolabel --checkpoint {tiny_run} --out {out} --num-workers 3 --chunk 16 --quiet".split()
+    proc = run_sslfw(args, nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_csv(out)
     assert [int(r["idx"]) for r in rows] == list(range(pool["count"]))
@@ -39,10 +42,10 @@ def test_pseudolabel_two_ranks_cover_the_pool_exactly_once(tiny_run, small_shard
     assert np.allclose([float(r["score"]) for r in rows], probs @ np.arange(5), atol=1e-4)
 
 
+@pytest.mark.slow  # real processes (DDP, signals, kills)
 def test_pseudolabel_resumes_after_a_kill_without_duplicates(tiny_run, tmp_path):
     out = tmp_path / "pseudo.csv"
-    args = ["pseudolabel", "--checkpoint", str(tiny_run), "--out", str(out), "--num-workers", "0", "--chunk", "16",
-            "--quiet", "--crops", "5"]
+    args = f"pseudolabel --checkpoint {tiny_run} --out {out} --num-workers 0 --chunk 16 --quiet --crops 5".split()
     killed = run_sslfw(args, env={"SSLFW_FAULT_KILL": "0:1"})  # SIGKILL after chunks 0 and 1 are written
     assert killed.returncode == -9 and not out.exists()
     assert len(list(Path(str(out) + ".parts").glob("chunk-*.npz"))) == 2
@@ -51,14 +54,29 @@ def test_pseudolabel_resumes_after_a_kill_without_duplicates(tiny_run, tmp_path)
     assert '"chunks_reused": 1' in resumed.stdout  # rank 0 owns chunks 0, 2, 4: chunk 0 was already there
     idx = [int(r["idx"]) for r in read_csv(out)]
     assert idx == sorted(set(idx)) and len(idx) == 74
-    other = run_sslfw(["pseudolabel", "--checkpoint", str(tiny_run), "--out", str(out), "--model", "student",
-                       "--chunk", "16", "--quiet"])
+    other = run_sslfw(
+        [
+            "pseudolabel",
+            "--checkpoint",
+            str(tiny_run),
+            "--out",
+            str(out),
+            "--weights",
+            "student",
+            "--chunk",
+            "16",
+            "--quiet",
+        ]
+    )
     assert other.returncode == 2 and "holds chunks of another job" in other.stderr
 
 
+@pytest.mark.slow  # real processes (DDP, signals, kills)
 def test_eval_writes_json_markdown_and_confusion_png(tiny_run, small_shards, tmp_path):
-    proc = run_sslfw(["eval", "--checkpoint", str(tiny_run), "--split", "test", "--out", str(tmp_path / "e"),
-                      "--crops", "5"], nproc=2)
+    proc = run_sslfw(
+        ["eval", "--checkpoint", str(tiny_run), "--split", "test", "--out", str(tmp_path / "e"), "--crops", "5"],
+        nproc=2,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "e" / "eval.json").read_text())
     m = result["metrics"]
@@ -66,18 +84,6 @@ def test_eval_writes_json_markdown_and_confusion_png(tiny_run, small_shards, tmp
     assert {"mae", "const_mae", "macro_mae", "qwk", "accuracy", "mae_class34"} <= set(m)
     assert "| mae |" in (tmp_path / "e" / "eval.md").read_text()
     assert (tmp_path / "e" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def test_qwk_on_a_hand_computed_case():
-    y = np.array([0, 1, 2, 2])
-    p = np.array([0, 2, 2, 1])
-    # observed disagreements (1,2) and (2,1) weigh 1/16 each; expected from the marginals
-    observed = 2 / 16
-    marg_y, marg_p = np.array([1, 1, 2, 0, 0]), np.array([1, 1, 2, 0, 0])
-    w = (np.arange(5)[:, None] - np.arange(5)) ** 2 / 16
-    expected = (w * np.outer(marg_y, marg_p) / 4).sum()
-    assert quadratic_weighted_kappa(y, p) == pytest.approx(1 - observed / expected)
-    assert quadratic_weighted_kappa(y, y) == pytest.approx(1.0)
 
 
 def test_predict_a_folder_and_reject_a_non_image(tiny_run, small_raw, tmp_path, capsys):
@@ -102,11 +108,34 @@ def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, tmp_path):
             node = node.setdefault(p, {})
         node[last] = yaml.safe_load(value)
     base.write_text(yaml.safe_dump(tree))
-    cfg = load_config(None, {"out_dir": str(tmp_path / "out"), "base": str(base),
-                             "algorithms": ["supervised", "fixmatch"], "seeds": [0, 1],
-                             "ssl": {"train.steps": 6, "ckpt.every": 6}, "retrain": {"train.steps": 4}},
-                      cls=PipelineConfig)
+    cfg = load_config(
+        None,
+        {
+            "out_dir": str(tmp_path / "out"),
+            "base": str(base),
+            "algorithms": ["supervised", "fixmatch"],
+            "seeds": [0, 1],
+            "ssl": {"train.steps": 6, "ckpt.every": 6},
+            "retrain": {"train.steps": 4},
+            "params": {"fixmatch": {"p_cutoff": 0.5}},
+        },
+        cls=PipelineConfig,
+    )
+    for bad, message in [
+        ({"algorithms": ["supervised", "fixmatch", "freematchh"]}, "'freematchh' is not one of"),
+        ({"params": {"fixmatch": {"p_cutof": 0.5}}}, "algorithm.params.p_cutof: fixmatch has no"),
+        ({"policies": ["iqa_safe", "autoaugment"]}, "aug.strong: 'autoaugment' is not one of"),
+        ({"ssl": {"algorithm.params.p_cutoff": 0.5}}, "ssl.algorithm.params.p_cutoff: set algori"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):  # before the first stage starts
+            run_pipeline(replace(cfg, **bad))
+        assert not (tmp_path / "out").exists()
     run_pipeline(cfg)
+    ssl_cfg = {
+        name: load_config(tmp_path / "out" / name / "ssl" / "config.yaml").algorithm
+        for name in ("supervised-s0", "fixmatch-iqa_safe-s0")
+    }
+    assert ssl_cfg["fixmatch-iqa_safe-s0"].params["p_cutoff"] == 0.5 and ssl_cfg["supervised-s0"].params == {}
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| constant guess |" in report and "| supervised | 2 |" in report and "| fixmatch (iqa_safe) | 2 |" in report
     rows = read_csv(tmp_path / "out" / "report.csv")
@@ -117,10 +146,21 @@ def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, tmp_path):
     stamp = (tmp_path / "out" / "fixmatch-iqa_safe-s0" / "eval" / "eval.json").stat().st_mtime_ns
     run_pipeline(cfg)  # everything finished: nothing is retrained or re-evaluated
     assert (tmp_path / "out" / "fixmatch-iqa_safe-s0" / "eval" / "eval.json").stat().st_mtime_ns == stamp
-    partial = load_config(None, {"out_dir": str(tmp_path / "out"), "base": str(base), "report_only": True,
-                                 "algorithms": ["supervised", "fixmatch", "comatch"], "seeds": [0, 1]},
-                          cls=PipelineConfig)
+    partial = load_config(
+        None,
+        {
+            "out_dir": str(tmp_path / "out"),
+            "base": str(base),
+            "report_only": True,
+            "algorithms": ["supervised", "fixmatch", "comatch"],
+            "seeds": [0, 1],
+        },
+        cls=PipelineConfig,
+    )
     run_pipeline(partial)  # comatch never ran: reported without it, and nothing is trained
     assert [r["method"] for r in read_csv(tmp_path / "out" / "report.csv")] == [
-        "constant guess", "supervised", "fixmatch (iqa_safe)"]
+        "constant guess",
+        "supervised",
+        "fixmatch (iqa_safe)",
+    ]
     assert not (tmp_path / "out" / "comatch-iqa_safe-s0").exists()

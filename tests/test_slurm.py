@@ -18,15 +18,18 @@ import pytest
 
 from sslfw import ckpt
 from sslfw.data.shards import load_index
-from tests.conftest import ROOT, tiny_overrides
+from tests.helpers import ROOT, tiny_overrides
 
+pytestmark = pytest.mark.slow  # a real Slurm cluster
 
 
 def _slurm_local() -> Path:
     """$SSLFW_SLURM_LOCAL, else the first shared/slurm-local beside the checkout or a folder above it."""
     if os.environ.get("SSLFW_SLURM_LOCAL"):
         return Path(os.environ["SSLFW_SLURM_LOCAL"])
-    found = [p / "shared" / "slurm-local" for p in ROOT.parents if (p / "shared" / "slurm-local" / "start.sh").is_file()]
+    found = [
+        p / "shared" / "slurm-local" for p in ROOT.parents if (p / "shared" / "slurm-local" / "start.sh").is_file()
+    ]
     return found[0] if found else ROOT.parent / "shared" / "slurm-local"
 
 
@@ -34,8 +37,10 @@ SLURM_LOCAL = _slurm_local()
 
 
 def _cluster_answers() -> bool:
-    return shutil.which("scontrol") is not None and subprocess.run(
-        ["scontrol", "ping"], capture_output=True).returncode == 0
+    return (
+        shutil.which("scontrol") is not None
+        and subprocess.run(["scontrol", "ping"], capture_output=True).returncode == 0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +64,21 @@ def slurm():
 
 
 def submit(script: str, args: list[str], cwd: Path, sbatch: list[str], env: dict | None = None) -> str:
-    env = {**os.environ, "SSLFW_ROOT": str(ROOT), "SSLFW_VENV": sys.prefix, "SSLFW_CPU": "1",
-           "WANDB_MODE": "offline", **(env or {})}
-    proc = subprocess.run(["sbatch", "--parsable", "--gres=gpu:0", "-o", "job.out", *sbatch,
-                           str(ROOT / "slurm" / script), *args], cwd=cwd, env=env, capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "SSLFW_ROOT": str(ROOT),
+        "SSLFW_VENV": sys.prefix,
+        "SSLFW_CPU": "1",
+        "WANDB_MODE": "offline",
+        **(env or {}),
+    }
+    proc = subprocess.run(
+        ["sbatch", "--parsable", "--gres=gpu:0", "-o", "job.out", *sbatch, str(ROOT / "slurm" / script), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
@@ -83,8 +99,12 @@ def wait(job: str, timeout: float = 300) -> dict:
         pending_for = pending_for + 1 if state == "PENDING" else 0
         if pending_for >= 3:  # released too soon, the node may still hold the old run ("credential revoked")
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
-        ended_for = ended_for + 1 if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
-                                               "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE") else 0
+        ended_for = (
+            ended_for + 1
+            if state
+            in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+            else 0
+        )
         if state == "COMPLETED" or ended_for >= 5:
             return info
         time.sleep(1)
@@ -99,8 +119,13 @@ def history(run: Path) -> list[tuple]:
 def test_two_task_training_job_completes_and_checkpoints(slurm, small_shards, tmp_path):
     """train_multinode.sbatch: two srun tasks, each an `accelerate launch` (like two nodes), meet by c10d."""
     run = tmp_path / "run"
-    job = submit("train_multinode.sbatch", tiny_overrides(small_shards, run, **{"train.steps": 12, "ckpt.every": 6}),
-                 tmp_path, ["--nodes=1", "--ntasks-per-node=2", "-c", "1"], {"SSLFW_PROCS_PER_NODE": "1"})
+    job = submit(
+        "train_multinode.sbatch",
+        tiny_overrides(small_shards, run, **{"train.steps": 12, "ckpt.every": 6}),
+        tmp_path,
+        ["--nodes=1", "--ntasks-per-node=2", "-c", "1"],
+        {"SSLFW_PROCS_PER_NODE": "1"},
+    )
     info = wait(job)
     log = (tmp_path / "job.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
@@ -111,14 +136,18 @@ def test_two_task_training_job_completes_and_checkpoints(slurm, small_shards, tm
 
 
 @pytest.mark.parametrize("script,tasks", [("train.sbatch", 1), ("train_multinode.sbatch", 2)])
-def test_signalled_job_saves_requeues_and_resumes_without_repeating_a_step(slurm, small_shards, tmp_path, script,
-                                                                           tasks):
+def test_signalled_job_saves_requeues_and_resumes_without_repeating_a_step(
+    slurm, small_shards, tmp_path, script, tasks
+):
     """1 task x 2 processes, and 2 tasks x 1 process (where srun ends the step as the first task exits)."""
     run, steps = tmp_path / "run", 200
-    job = submit(script, tiny_overrides(small_shards, run, **{"train.steps": steps, "ckpt.every": 100,
-                                                              "eval.every": 0}),
-                 tmp_path, ["--nodes=1", f"--ntasks-per-node={tasks}", "-c", str(2 // tasks)],
-                 {"SSLFW_PROCS_PER_NODE": str(2 // tasks)})
+    job = submit(
+        script,
+        tiny_overrides(small_shards, run, **{"train.steps": steps, "ckpt.every": 100, "eval.every": 0}),
+        tmp_path,
+        ["--nodes=1", f"--ntasks-per-node={tasks}", "-c", str(2 // tasks)],
+        {"SSLFW_PROCS_PER_NODE": str(2 // tasks)},
+    )
     metrics, end = run / "metrics.jsonl", time.monotonic() + 120
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 5) and time.monotonic() < end:
         time.sleep(0.2)
@@ -138,9 +167,13 @@ def test_signalled_job_saves_requeues_and_resumes_without_repeating_a_step(slurm
 
 def test_pseudolabel_job_requeues_and_covers_the_pool_exactly_once(slurm, tiny_run, small_shards, tmp_path):
     out = tmp_path / "pseudo.csv"
-    job = submit("pseudolabel.sbatch", ["--checkpoint", str(tiny_run), "--out", str(out), "--chunk", "16",
-                                        "--num-workers", "0", "--quiet"],
-                 tmp_path, ["-c", "2"], {"SSLFW_PROCS_PER_NODE": "2", "SSLFW_FAULT_SIGNAL": "0:0"})
+    job = submit(
+        "pseudolabel.sbatch",
+        ["--checkpoint", str(tiny_run), "--out", str(out), "--chunk", "16", "--num-workers", "0", "--quiet"],
+        tmp_path,
+        ["-c", "2"],
+        {"SSLFW_PROCS_PER_NODE": "2", "SSLFW_FAULT_SIGNAL": "0:0"},
+    )
     info = wait(job)
     log = (tmp_path / "job.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from sslfw import ckpt
 from sslfw.config import load_config
 from sslfw.train import EXIT_NONFINITE, EXIT_PREEMPTED, PREEMPTED, train
-from tests.conftest import ROOT, run_sslfw, tiny_overrides
+from tests.helpers import child_env, run_sslfw, tiny_overrides, torchrun
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -42,6 +42,7 @@ def test_same_seed_gives_identical_losses(small_shards, tmp_path):
     assert saved.train.steps == 20 and saved.model.kwargs["embed_dim"] == 32
 
 
+@pytest.mark.slow  # real processes (DDP, signals, kills)
 def test_kill_and_resume_gives_identical_weights_and_losses(small_shards, tmp_path):
     args = ["train", *tiny_overrides(small_shards, tmp_path / "whole", **{"data.num_workers": 1})]
     assert run_sslfw(args).returncode == 0
@@ -59,10 +60,14 @@ def test_kill_and_resume_gives_identical_weights_and_losses(small_shards, tmp_pa
     assert losses(killed) == losses(tmp_path / "whole")
 
 
+@pytest.mark.slow  # real processes (DDP, signals, kills)
 def test_two_processes_train_and_evaluate_each_sample_once(small_shards, tmp_path):
     run = tmp_path / "ddp"
-    proc = run_sslfw(["train", *tiny_overrides(small_shards, run, **{"data.num_workers": 2, "log.wandb": "offline"})],
-                     nproc=2, launcher="accelerate")
+    proc = run_sslfw(
+        ["train", *tiny_overrides(small_shards, run, **{"data.num_workers": 2, "log.wandb": "offline"})],
+        nproc=2,
+        launcher="accelerate",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout and "= 2 ranks x 4 x 1 accumulation" in proc.stdout
     index = json.loads((small_shards / "index.json").read_text())
@@ -73,13 +78,18 @@ def test_two_processes_train_and_evaluate_each_sample_once(small_shards, tmp_pat
     assert list((run / "wandb").glob("offline-run-*"))  # W&B offline files for `wandb sync`
 
 
+@pytest.mark.slow  # real processes (DDP, signals, kills)
 def test_nan_on_one_rank_is_skipped_on_both_and_repeated_nans_stop(small_shards, tmp_path):
     run = tmp_path / "nan"
     fault = "1:5,1:12,1:13,1:14"  # rank 1 only: once at step 5, then three in a row
-    proc = run_sslfw(["train", *tiny_overrides(small_shards, run, **{"train.max_nonfinite": 3})], nproc=2,
-                     env={"SSLFW_FAULT_NAN": fault})
-    assert f"exitcode  : {EXIT_NONFINITE}" in proc.stderr or f"exitcode: {EXIT_NONFINITE}" in proc.stderr, \
-        proc.stderr[-3000:]
+    proc = run_sslfw(
+        ["train", *tiny_overrides(small_shards, run, **{"train.max_nonfinite": 3})],
+        nproc=2,
+        env={"SSLFW_FAULT_NAN": fault},
+    )
+    assert f"exitcode  : {EXIT_NONFINITE}" in proc.stderr or f"exitcode: {EXIT_NONFINITE}" in proc.stderr, proc.stderr[
+        -3000:
+    ]
     assert "step 5: non-finite loss on some rank; step skipped (1 in a row, 1 total)" in proc.stdout
     assert "stopping: 3 non-finite steps in a row" in proc.stderr
     skipped = {r["step"]: r["train/skipped_steps"] for r in rows(run) if "train/skipped_steps" in r}
@@ -88,13 +98,12 @@ def test_nan_on_one_rank_is_skipped_on_both_and_repeated_nans_stop(small_shards,
     assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())
 
 
+@pytest.mark.slow  # real processes (DDP, signals, kills)
 def test_sigusr1_saves_one_checkpoint_and_exits_with_the_documented_code(small_shards, tmp_path):
     run = tmp_path / "sig"
     args = tiny_overrides(small_shards, run, **{"train.steps": 100000, "ckpt.every": 100000, "eval.every": 0})
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-           "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sslfw",
-           "train", *args]
+    env = child_env(PET_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+    cmd = torchrun(2, "-m", "sslfw", "train", *args)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and len(rows(run)) >= 5):
@@ -110,13 +119,17 @@ def test_sigusr1_saves_one_checkpoint_and_exits_with_the_documented_code(small_s
     assert json.loads((found[0][1] / "trainer_state.json").read_text())["step"] == step
 
 
+@pytest.mark.slow  # real processes (DDP, signals, kills)
 def test_single_process_exit_code_on_sigterm(small_shards, tmp_path):
     run = tmp_path / "term"
-    args = ["train", *tiny_overrides(small_shards, run, **{"train.steps": 100000, "ckpt.every": 100000,
-                                                            "eval.every": 0})]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "sslfw", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    args = [
+        "train",
+        *tiny_overrides(small_shards, run, **{"train.steps": 100000, "ckpt.every": 100000, "eval.every": 0}),
+    ]
+    env = child_env()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sslfw", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and len(rows(run)) >= 3):
         time.sleep(0.2)

@@ -1,23 +1,19 @@
-"""Registry of SSL algorithms by name (timm-style factory)."""
+"""Registry of SSL algorithms by name (timm-style factory). A new algorithm: its file, and its module name here."""
 
 from __future__ import annotations
 
 import importlib
 
-from sslfw.config import ConfigError
+from sslfw.errors import ConfigError
 
-ALGORITHMS: dict[str, type] = {}
-_MODULES = ("supervised", "fixmatch", "adamatch", "freematch", "comatch", "simmatch", "crmatch")
-
-
-def register(cls: type) -> type:
-    ALGORITHMS[cls.name] = cls
-    return cls
+MODULES = ("supervised", "fixmatch", "adamatch", "freematch", "comatch", "simmatch", "crmatch")
 
 
 def get_algorithm(name: str) -> type:
-    for module in _MODULES:
+    from sslfw.algorithms.base import REGISTRY
+
+    for module in MODULES:
         importlib.import_module(f"sslfw.algorithms.{module}")
-    if name not in ALGORITHMS:
-        raise ConfigError(f"algorithm.name: {name!r} is not one of {sorted(ALGORITHMS)}")
-    return ALGORITHMS[name]
+    if name not in REGISTRY:
+        raise ConfigError(f"algorithm.name: {name!r} is not one of {sorted(REGISTRY)}")
+    return REGISTRY[name]

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslfw.algorithms import register
-from sslfw.algorithms.base import Algorithm, StepBatch, StepContext, StepOutput, forward_views
-from sslfw.algorithms.fixmatch import masked_consistency
+from sslfw.algorithms.base import Algorithm, DataInfo, StepBatch, StepContext, StepOutput, forward_views, register
+from sslfw.algorithms.losses import masked_consistency
 from sslfw.algorithms.stats import ema_update, global_mean
+from sslfw.config import AlgorithmConfig
 from sslfw.data.labels import NUM_CLASSES
 
 
@@ -36,8 +36,8 @@ class AdaMatch(Algorithm):
         ema_p: float = 0.999
         usb_compat: bool = False
 
-    def __init__(self, cfg, num_labelled: int, proj_dim: int):
-        super().__init__(cfg, num_labelled, proj_dim)
+    def __init__(self, cfg: AlgorithmConfig, data: DataInfo):
+        super().__init__(cfg, data)
         self.register_buffer("p_model", torch.full((NUM_CLASSES,), 1.0 / NUM_CLASSES))
         self.register_buffer("p_target", torch.full((NUM_CLASSES,), 1.0 / NUM_CLASSES))
         self.register_buffer("initialised", torch.tensor(False))
@@ -48,7 +48,7 @@ class AdaMatch(Algorithm):
         return 0.5 - math.cos(min(math.pi, 2 * math.pi * ctx.step / ctx.total_steps)) / 2
 
     def step(self, model: nn.Module, batch: StepBatch, ctx: StepContext) -> StepOutput:
-        lb, w, s = forward_views(model, [batch.x_lb, batch.x_ulb_w, batch.x_ulb_s[0]])
+        lb, w, s = forward_views(model, [batch.x_lb, batch.x_ulb_w[0], batch.x_ulb_s[0]])
         sup = F.cross_entropy(lb["logits"].float(), batch.y_lb)
         with torch.no_grad():
             p_lb = lb["logits"].detach().float().softmax(-1)
@@ -67,5 +67,6 @@ class AdaMatch(Algorithm):
             mask = (conf >= tau).float()
         unsup = masked_consistency(s["logits"], target, mask)
         loss = sup + self.unsup_weight(ctx) * self.cfg.lambda_u * unsup
-        return StepOutput(loss, {"sup_loss": sup.detach(), "unsup_loss": unsup.detach(), "mask_ratio": mask.mean(),
-                                 "threshold": tau})
+        return StepOutput(
+            loss, {"sup_loss": sup.detach(), "unsup_loss": unsup.detach(), "mask_ratio": mask.mean(), "threshold": tau}
+        )

@@ -46,8 +46,9 @@ class LabelledBank(nn.Module):
 
     def __init__(self, num_labelled: int, dim: int):
         super().__init__()
-        self.register_buffer("feats", F.normalize(torch.randn(num_labelled, dim, generator=torch.Generator()
-                                                              .manual_seed(0)), dim=1))
+        self.register_buffer(
+            "feats", F.normalize(torch.randn(num_labelled, dim, generator=torch.Generator().manual_seed(0)), dim=1)
+        )
         self.register_buffer("labels", torch.zeros(num_labelled, dtype=torch.long))
         self.register_buffer("written", torch.zeros(num_labelled, dtype=torch.bool))
 
@@ -60,7 +61,7 @@ class LabelledBank(nn.Module):
         """Write gathered rows; an index seen twice keeps its last row (deterministic, unlike index_put on GPU)."""
         keep = _last_occurrence(idx)
         idx, feats, labels = idx[keep], feats[keep].float(), labels[keep]
-        if usb_compat:  # USB: EMA 0.7/0.3, then normalise across the updated samples (dim bug, research/usb.md 2.5)
+        if usb_compat:  # USB: EMA 0.7/0.3, then normalise across the updated samples (dim bug, docs/NOTES.md, USB)
             self.feats[idx] = F.normalize(0.7 * self.feats[idx] + 0.3 * feats, dim=0)
         else:
             self.feats[idx] = F.normalize(feats, dim=1)

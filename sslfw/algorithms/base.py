@@ -2,19 +2,45 @@
 
 The trainer owns data, augmentation, optimisation, EMA, checkpoints and logging; an algorithm owns only how the
 loss is computed and its own state (thresholds, distribution estimates, memory banks), which it exposes through
-state_dict/load_state_dict so checkpoints carry it. A new algorithm is one file with a subclass and @register.
+state_dict/load_state_dict so checkpoints carry it. It tells the trainer what to feed through class attributes
+(`views`, `projection`, `extra_heads`) and gets what it needs to size its state from one `DataInfo`. A new
+algorithm is one file with a subclass decorated with `@register`, plus its module name in `algorithms/__init__.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from sslfw.config import AlgorithmConfig, ConfigError
+from sslfw.config import AlgorithmConfig, AugConfig
+
+REGISTRY: dict[str, type[Algorithm]] = {}
+
+
+def register(cls: type[Algorithm]) -> type[Algorithm]:
+    """Class decorator: makes `cls` available as `algorithm.name: <cls.name>`."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What an algorithm may size its state by (banks, queues, per-sample thresholds)."""
+
+    num_labelled: int  # labelled training samples (dense idx 0..n-1)
+    num_unlabelled: int  # unlabelled pool samples (dense idx 0..n-1)
+    proj_dim: int  # width of the model's projection head, when the algorithm asks for one
+
+
+@dataclass(frozen=True)
+class Views:
+    """How many augmented views of each unlabelled image the trainer builds per step."""
+
+    weak: int = 1
+    strong: int = 1
 
 
 @dataclass
@@ -24,7 +50,7 @@ class StepBatch:
     x_lb: torch.Tensor  # weak view of the labelled batch
     y_lb: torch.Tensor  # levels 0..4
     idx_lb: torch.Tensor  # dense indices into the labelled train set (memory banks key on them)
-    x_ulb_w: torch.Tensor | None = None  # weak view of the unlabelled batch
+    x_ulb_w: list[torch.Tensor] = field(default_factory=list)  # weak views of the unlabelled batch
     x_ulb_s: list[torch.Tensor] = field(default_factory=list)  # strong views, as many as the algorithm asked for
     idx_ulb: torch.Tensor | None = None
 
@@ -34,7 +60,6 @@ class StepContext:
     step: int
     total_steps: int
     teacher: nn.Module | None  # the EMA teacher (eval mode, fp32), when enabled
-    num_labelled: int  # size of the labelled train set (memory banks are sized by it)
 
 
 @dataclass
@@ -48,23 +73,24 @@ class Algorithm(nn.Module):
 
     name: ClassVar[str]
     uses_unlabelled: ClassVar[bool] = True
-    num_strong: ClassVar[int] = 1
+    min_views: ClassVar[Views] = Views(weak=1, strong=1)  # aug.num_strong may raise the strong count
     projection: ClassVar[bool] = False  # needs model output "proj" (L2-normalised)
     extra_heads: ClassVar[dict[str, int]] = {}  # name -> output size (0: the feature width), e.g. {"rot": 4}
 
     @dataclass
     class Params:
-        """The algorithm's own hyper-parameters (config: algorithm.params)."""
+        """The algorithm's own hyper-parameters (config: algorithm.params), resolved when the config loads."""
 
-    def __init__(self, cfg: AlgorithmConfig, num_labelled: int, proj_dim: int):
+    @classmethod
+    def views(cls, aug: AugConfig) -> Views:
+        if not cls.uses_unlabelled:
+            return Views(weak=0, strong=0)
+        return Views(weak=cls.min_views.weak, strong=max(cls.min_views.strong, aug.num_strong))
+
+    def __init__(self, cfg: AlgorithmConfig, data: DataInfo):
         super().__init__()
-        self.cfg = cfg
-        names = {f.name for f in dataclasses.fields(self.Params)}
-        unknown = set(cfg.params) - names
-        if unknown:
-            raise ConfigError(f"algorithm.params: unknown key(s) {sorted(unknown)} for {self.name}; "
-                              f"known: {sorted(names)}")
-        self.p = self.Params(**cfg.params)
+        self.cfg, self.data = cfg, data
+        self.p = self.Params(**cfg.params)  # config.py has checked names and types against Params
 
     def step(self, model: nn.Module, batch: StepBatch, ctx: StepContext) -> StepOutput:
         raise NotImplementedError

@@ -22,10 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslfw.algorithms import register
 from sslfw.algorithms.bank import DistAlignQueue, RingQueue
-from sslfw.algorithms.base import Algorithm, StepBatch, StepContext, StepOutput, forward_views
-from sslfw.algorithms.fixmatch import masked_consistency
+from sslfw.algorithms.base import (
+    Algorithm,
+    DataInfo,
+    StepBatch,
+    StepContext,
+    StepOutput,
+    Views,
+    forward_views,
+    register,
+)
+from sslfw.algorithms.losses import masked_consistency
+from sslfw.config import AlgorithmConfig
 from sslfw.data.labels import NUM_CLASSES
 from sslfw.dist import all_gather_cat, all_gather_with_grad, rank_offset
 
@@ -33,7 +42,7 @@ from sslfw.dist import all_gather_cat, all_gather_with_grad, rank_offset
 @register
 class CoMatch(Algorithm):
     name = "comatch"
-    num_strong = 2
+    min_views = Views(weak=1, strong=2)
     projection = True
 
     @dataclass
@@ -48,16 +57,16 @@ class CoMatch(Algorithm):
         usb_compat: bool = False
         usb_epoch_steps: int = 1024  # USB's "epoch" length, used only with usb_compat
 
-    def __init__(self, cfg, num_labelled: int, proj_dim: int):
-        super().__init__(cfg, num_labelled, proj_dim)
-        self.queue = RingQueue(self.p.queue_size, proj_dim, NUM_CLASSES)
+    def __init__(self, cfg: AlgorithmConfig, data: DataInfo):
+        super().__init__(cfg, data)
+        self.queue = RingQueue(self.p.queue_size, data.proj_dim, NUM_CLASSES)
         self.da = DistAlignQueue(self.p.da_len, NUM_CLASSES)
 
     def smoothing_active(self, ctx: StepContext) -> bool:
         return self.queue.full and (not self.p.usb_compat or ctx.step >= self.p.usb_epoch_steps)
 
     def step(self, model: nn.Module, batch: StepBatch, ctx: StepContext) -> StepOutput:
-        lb, w, s0, s1 = forward_views(model, [batch.x_lb, batch.x_ulb_w, *batch.x_ulb_s[:2]])
+        lb, w, s0, s1 = forward_views(model, [batch.x_lb, batch.x_ulb_w[0], *batch.x_ulb_s[:2]])
         sup = F.cross_entropy(lb["logits"].float(), batch.y_lb)
         T = self.p.T
         with torch.no_grad():
@@ -75,12 +84,20 @@ class CoMatch(Algorithm):
             graph[rows, rank_offset(len(target)) + rows] = 1.0  # each sample is its own positive
             graph = graph * (graph >= self.p.contrast_p_cutoff)
             graph = graph / graph.sum(1, keepdim=True)
-            self.queue.push(torch.cat([all_gather_cat(f_w), all_gather_cat(f_lb)]),
-                            torch.cat([all_gather_cat(p_orig),
-                                       all_gather_cat(F.one_hot(batch.y_lb, NUM_CLASSES).float())]))
+            self.queue.push(
+                torch.cat([all_gather_cat(f_w), all_gather_cat(f_lb)]),
+                torch.cat([all_gather_cat(p_orig), all_gather_cat(F.one_hot(batch.y_lb, NUM_CLASSES).float())]),
+            )
         unsup = masked_consistency(s0["logits"], target, mask)
         sim = (s0["proj"].float() @ all_gather_with_grad(s1["proj"].float()).T / T).softmax(-1)
         contrast = -(graph * torch.log(sim + 1e-7)).sum(1).mean()
         loss = sup + self.cfg.lambda_u * unsup + self.p.contrast_loss_ratio * contrast
-        return StepOutput(loss, {"sup_loss": sup.detach(), "unsup_loss": unsup.detach(),
-                                 "contrast_loss": contrast.detach(), "mask_ratio": mask.mean()})
+        return StepOutput(
+            loss,
+            {
+                "sup_loss": sup.detach(),
+                "unsup_loss": unsup.detach(),
+                "contrast_loss": contrast.detach(),
+                "mask_ratio": mask.mean(),
+            },
+        )

@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslfw.algorithms import register
-from sslfw.algorithms.base import Algorithm, StepBatch, StepContext, StepOutput, forward_views
-from sslfw.algorithms.fixmatch import masked_consistency
+from sslfw.algorithms.base import Algorithm, StepBatch, StepContext, StepOutput, forward_views, register
+from sslfw.algorithms.losses import masked_consistency
 
 
 def rotations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,9 +44,9 @@ class CRMatch(Algorithm):
         usb_compat: bool = False
 
     def step(self, model: nn.Module, batch: StepBatch, ctx: StepContext) -> StepOutput:
-        views = [batch.x_lb, batch.x_ulb_w, batch.x_ulb_s[0]]
+        views = [batch.x_lb, batch.x_ulb_w[0], batch.x_ulb_s[0]]
         if self.p.rot_loss_ratio > 0:
-            x_rot, y_rot = rotations(batch.x_ulb_w)
+            x_rot, y_rot = rotations(batch.x_ulb_w[0])
             views.append(x_rot)
         outs = forward_views(model, views)
         lb, w, s = outs[:3]
@@ -61,6 +60,14 @@ class CRMatch(Algorithm):
         if self.p.usb_compat:
             loss = sup + unsup + ds + rot
         else:
-            loss = (sup + self.cfg.lambda_u * unsup + self.p.ds_loss_ratio * ds + self.p.rot_loss_ratio * rot)
-        return StepOutput(loss, {"sup_loss": sup.detach(), "unsup_loss": unsup.detach(), "ds_loss": ds.detach(),
-                                 "rot_loss": rot.detach(), "mask_ratio": mask.mean()})
+            loss = sup + self.cfg.lambda_u * unsup + self.p.ds_loss_ratio * ds + self.p.rot_loss_ratio * rot
+        return StepOutput(
+            loss,
+            {
+                "sup_loss": sup.detach(),
+                "unsup_loss": unsup.detach(),
+                "ds_loss": ds.detach(),
+                "rot_loss": rot.detach(),
+                "mask_ratio": mask.mean(),
+            },
+        )

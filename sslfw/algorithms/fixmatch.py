@@ -15,17 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslfw.algorithms import register
-from sslfw.algorithms.base import Algorithm, StepBatch, StepContext, StepOutput, forward_views
-
-
-def masked_consistency(logits_s: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """mean_i(mask_i * CE(logits_s,i, target_i)) over the whole batch; hard (long) or soft (prob) targets."""
-    if target.dtype == torch.long:
-        ce = F.cross_entropy(logits_s.float(), target, reduction="none")
-    else:
-        ce = -(target * F.log_softmax(logits_s.float(), dim=-1)).sum(-1)
-    return (ce * mask).mean()
+from sslfw.algorithms.base import Algorithm, StepBatch, StepContext, StepOutput, forward_views, register
+from sslfw.algorithms.losses import masked_consistency
 
 
 @register
@@ -40,7 +31,7 @@ class FixMatch(Algorithm):
         usb_compat: bool = False
 
     def step(self, model: nn.Module, batch: StepBatch, ctx: StepContext) -> StepOutput:
-        lb, w, s = forward_views(model, [batch.x_lb, batch.x_ulb_w, batch.x_ulb_s[0]])
+        lb, w, s = forward_views(model, [batch.x_lb, batch.x_ulb_w[0], batch.x_ulb_s[0]])
         sup = F.cross_entropy(lb["logits"].float(), batch.y_lb)
         with torch.no_grad():
             z_w = w["logits"].detach().float()

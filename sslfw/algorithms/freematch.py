@@ -7,7 +7,7 @@ Mask: m = [max p_w >= tau_g * p_bar[argmax p_w] / max(p_bar)];  L_u = mean(m * C
 Fairness (if any sample is masked in the global batch), with inv0(x) = 1/x and 1/0 -> 0:
     L_f = sum_c SumNorm(p_bar * inv0(h_bar))_c * log(SumNorm(mean_m p_s * inv0(hist_m(argmax p_s)))_c + 1e-12)
 L = L_s + lambda_u L_u + ent_loss_ratio L_f   (L_f <= 0: it rewards diverse strong-view predictions).
-USB computes L_f's mean and histogram on each rank's local masked samples (research/usb.md 4.5); here both span
+USB computes L_f's mean and histogram on each rank's local masked samples (docs/NOTES.md, USB); here both span
 the global batch, and the gradient is scaled so DDP's average equals the one-process gradient.
 """
 
@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslfw.algorithms import register
-from sslfw.algorithms.base import Algorithm, StepBatch, StepContext, StepOutput, forward_views
-from sslfw.algorithms.fixmatch import masked_consistency
+from sslfw.algorithms.base import Algorithm, DataInfo, StepBatch, StepContext, StepOutput, forward_views, register
+from sslfw.algorithms.losses import masked_consistency
 from sslfw.algorithms.stats import ema_update, global_mean, global_sum
+from sslfw.config import AlgorithmConfig
 from sslfw.data.labels import NUM_CLASSES
 from sslfw.dist import all_gather_cat, is_dist
 
@@ -46,15 +46,15 @@ class FreeMatch(Algorithm):
         use_quantile: bool = False
         clip_thresh: bool = False
 
-    def __init__(self, cfg, num_labelled: int, proj_dim: int):
-        super().__init__(cfg, num_labelled, proj_dim)
+    def __init__(self, cfg: AlgorithmConfig, data: DataInfo):
+        super().__init__(cfg, data)
         c = NUM_CLASSES
         self.register_buffer("time_p", torch.tensor(1.0 / c))
         self.register_buffer("p_model", torch.full((c,), 1.0 / c))
         self.register_buffer("label_hist", torch.full((c,), 1.0 / c))
 
     def step(self, model: nn.Module, batch: StepBatch, ctx: StepContext) -> StepOutput:
-        lb, w, s = forward_views(model, [batch.x_lb, batch.x_ulb_w, batch.x_ulb_s[0]])
+        lb, w, s = forward_views(model, [batch.x_lb, batch.x_ulb_w[0], batch.x_ulb_s[0]])
         sup = F.cross_entropy(lb["logits"].float(), batch.y_lb)
         with torch.no_grad():
             p_w = w["logits"].detach().float().softmax(-1)
@@ -72,8 +72,16 @@ class FreeMatch(Algorithm):
         unsup = masked_consistency(s["logits"], pseudo, mask)
         fair = self.fairness(s["logits"], mask)
         loss = sup + self.cfg.lambda_u * unsup + self.p.ent_loss_ratio * fair
-        return StepOutput(loss, {"sup_loss": sup.detach(), "unsup_loss": unsup.detach(), "fair_loss": fair.detach(),
-                                 "mask_ratio": mask.mean(), "threshold": self.time_p.clone()})
+        return StepOutput(
+            loss,
+            {
+                "sup_loss": sup.detach(),
+                "unsup_loss": unsup.detach(),
+                "fair_loss": fair.detach(),
+                "mask_ratio": mask.mean(),
+                "threshold": self.time_p.clone(),
+            },
+        )
 
     def fairness(self, logits_s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """L_f over the masked strong views of the global batch (0 if none is masked anywhere)."""

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslfw.algorithms import register
 from sslfw.algorithms.bank import DistAlignQueue, LabelledBank
-from sslfw.algorithms.base import Algorithm, StepBatch, StepContext, StepOutput, forward_views
-from sslfw.algorithms.fixmatch import masked_consistency
+from sslfw.algorithms.base import Algorithm, DataInfo, StepBatch, StepContext, StepOutput, forward_views, register
+from sslfw.algorithms.losses import masked_consistency
+from sslfw.config import AlgorithmConfig
 from sslfw.data.labels import NUM_CLASSES
 from sslfw.dist import all_gather_cat
 
@@ -48,19 +48,19 @@ class SimMatch(Algorithm):
         use_ema_teacher: bool = True  # weak view and bank features from the EMA teacher when one exists
         usb_compat: bool = False
 
-    def __init__(self, cfg, num_labelled: int, proj_dim: int):
-        super().__init__(cfg, num_labelled, proj_dim)
-        self.bank = LabelledBank(num_labelled, proj_dim)
+    def __init__(self, cfg: AlgorithmConfig, data: DataInfo):
+        super().__init__(cfg, data)
+        self.bank = LabelledBank(data.num_labelled, data.proj_dim)
         self.da = DistAlignQueue(self.p.da_len, NUM_CLASSES)
 
     def step(self, model: nn.Module, batch: StepBatch, ctx: StepContext) -> StepOutput:
-        lb, w, s = forward_views(model, [batch.x_lb, batch.x_ulb_w, batch.x_ulb_s[0]])
+        lb, w, s = forward_views(model, [batch.x_lb, batch.x_ulb_w[0], batch.x_ulb_s[0]])
         sup = F.cross_entropy(lb["logits"].float(), batch.y_lb)
         teacher = ctx.teacher if self.p.use_ema_teacher and not self.p.usb_compat else None
         bank = self.bank.feats.clone()  # a snapshot: the bank is rewritten below, before backward needs it
         with torch.no_grad():
             if teacher is not None:
-                t_lb, t_w = forward_views(teacher, [batch.x_lb, batch.x_ulb_w])
+                t_lb, t_w = forward_views(teacher, [batch.x_lb, batch.x_ulb_w[0]])
             else:
                 t_lb, t_w = lb, w
             f_w, f_lb = t_w["proj"].detach().float(), t_lb["proj"].detach().float()
@@ -80,7 +80,15 @@ class SimMatch(Algorithm):
         else:
             in_loss = s["proj"].sum() * 0.0  # keeps the projection in the graph for DDP
         loss = sup + self.cfg.lambda_u * unsup + self.p.in_loss_ratio * in_loss
-        self.bank.update(all_gather_cat(batch.idx_lb), all_gather_cat(f_lb), all_gather_cat(batch.y_lb),
-                         usb_compat=self.p.usb_compat)
-        return StepOutput(loss, {"sup_loss": sup.detach(), "unsup_loss": unsup.detach(), "in_loss": in_loss.detach(),
-                                 "mask_ratio": mask.mean()})
+        self.bank.update(
+            all_gather_cat(batch.idx_lb), all_gather_cat(f_lb), all_gather_cat(batch.y_lb), usb_compat=self.p.usb_compat
+        )
+        return StepOutput(
+            loss,
+            {
+                "sup_loss": sup.detach(),
+                "unsup_loss": unsup.detach(),
+                "in_loss": in_loss.detach(),
+                "mask_ratio": mask.mean(),
+            },
+        )

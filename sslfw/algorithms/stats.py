@@ -1,7 +1,7 @@
 """Statistics over the GLOBAL batch, so W ranks with batch B compute what 1 rank with batch W*B would.
 
 USB takes several of these over the local batch (AdaMatch's labelled confidence, FreeMatch's fairness histogram:
-research/usb.md 4.5); here every cross-sample statistic goes through these helpers.
+docs/NOTES.md, USB); here every cross-sample statistic goes through these helpers.
 """
 
 from __future__ import annotations

@@ -5,15 +5,13 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from sslfw.algorithms import register
-from sslfw.algorithms.base import Algorithm, StepBatch, StepContext, StepOutput
+from sslfw.algorithms.base import Algorithm, StepBatch, StepContext, StepOutput, register
 
 
 @register
 class Supervised(Algorithm):
     name = "supervised"
     uses_unlabelled = False
-    num_strong = 0
 
     def step(self, model: nn.Module, batch: StepBatch, ctx: StepContext) -> StepOutput:
         logits = model(batch.x_lb)["logits"]

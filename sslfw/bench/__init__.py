@@ -11,9 +11,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -56,21 +56,32 @@ class Table:
 
     def markdown(self) -> str:
         fmt = [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in self.rows]
-        lines = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |",
-                 "|" + "---|" * len(self.columns)] + ["| " + " | ".join(r) + " |" for r in fmt]
+        lines = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)] + [
+            "| " + " | ".join(r) + " |" for r in fmt
+        ]
         return "\n".join(lines + ([""] + [f"- {n}" for n in self.notes] if self.notes else []))
 
 
 def machine() -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"host": platform.node(), "cpu_cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    return {
+        "host": platform.node(),
+        "cpu_cores": os.cpu_count(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
 
 
 def save(out: Path, tables: list[Table], meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    fsio.write_json(out / "bench.json", {"machine": machine(), **meta,
-                                         "tables": [{"title": t.title, "columns": t.columns, "rows": t.rows,
-                                                     "notes": t.notes} for t in tables]})
+    fsio.write_json(
+        out / "bench.json",
+        {
+            "machine": machine(),
+            **meta,
+            "tables": [{"title": t.title, "columns": t.columns, "rows": t.rows, "notes": t.notes} for t in tables],
+        },
+    )
     fsio.write_text(out / "bench.md", "\n\n".join(t.markdown() for t in tables) + "\n")
-

@@ -47,19 +47,27 @@ def bench_data(shards: str, crop: int, batch: int, batches: int, workers: list[i
             elapsed = time.perf_counter() - t0
             del it  # stops the workers
             return elapsed
+
         return run
 
     fns = {"limit": limit} | {f"stream{nw}": stream_fn(nw) for nw in workers}
     t = median_seconds(fns, reps)
     n = len(ids)
-    table = Table(f"data: shard stream vs decode+crop of the same {n} images in memory ({crop}px crops, "
-                  f"batch {batch})", ["path", "workers", "images/s", "images/s per worker", "ratio to limit",
-                                      "target"])
+    table = Table(
+        f"data: shard stream vs decode+crop of the same {n} images in memory ({crop}px crops, batch {batch})",
+        ["path", "workers", "images/s", "images/s per worker", "ratio to limit", "target"],
+    )
     per_core = n / t["limit"]
     table.add("decode+crop from memory (limit, 1 core)", 1, per_core, per_core, 1.0, "")
     for nw in workers:
         rate = n * max(nw, 1) / t[f"stream{nw}"]
         per_worker = rate / max(nw, 1)
-        table.add("shard stream -> uint8 batches", nw if nw else "0 (in process)", rate, per_worker,
-                  per_worker / per_core, ">= 0.85")
+        table.add(
+            "shard stream -> uint8 batches",
+            nw if nw else "0 (in process)",
+            rate,
+            per_worker,
+            per_worker / per_core,
+            ">= 0.85",
+        )
     return table

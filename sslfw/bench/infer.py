@@ -8,18 +8,17 @@ from contextlib import nullcontext
 import torch
 
 from sslfw.bench import Table, median_seconds
+from sslfw.commands.pseudolabel import predict_chunks
 from sslfw.config import Config
 from sslfw.data.stream import ChunkStream, EvalStream, ShardSet, make_loader
-from sslfw.dist import make_accelerator
+from sslfw.dist import autocast_for, make_accelerator
 from sslfw.model import IQAModel
-from sslfw.pseudolabel import predict_chunks
 
 
-def bench_pseudolabel(cfg: Config, shards: str, batch: int, workers: int, chunk: int, limit: int,
-                      reps: int) -> Table:
+def bench_pseudolabel(cfg: Config, shards: str, batch: int, workers: int, chunk: int, limit: int, reps: int) -> Table:
     acc = make_accelerator(cfg.train.bf16)
     device = acc.device
-    autocast = acc.autocast if device.type == "cuda" and cfg.train.bf16 else nullcontext
+    autocast = autocast_for(acc, cfg.train.bf16)
     torch.manual_seed(0)
     model = IQAModel(cfg.model).to(device).eval()  # random weights: the speed does not depend on them
     pool = ShardSet(shards, "unlabelled")
@@ -28,7 +27,7 @@ def bench_pseudolabel(cfg: Config, shards: str, batch: int, workers: int, chunk:
 
     ranges = [range(lo, min(n, lo + chunk)) for lo in range(0, n, chunk)]
 
-    def job() -> None:  # the loop of sslfw/pseudolabel.py, without writing the chunk files
+    def job() -> None:  # the loop of sslfw/commands/pseudolabel.py, without writing the chunk files
         for _ in predict_chunks(model, pool, ranges, batch, size, 1, workers, device, autocast):
             pass
 
@@ -46,15 +45,18 @@ def bench_pseudolabel(cfg: Config, shards: str, batch: int, workers: int, chunk:
             pass
 
     t = median_seconds({"job": job, "forward": forward_only, "stream": stream_only}, reps)
-    table = Table(f"pseudolabel: {n} pool images, {cfg.model.name} at {cfg.model.img_size}px, batch {batch}, "
-                  f"{workers} loader worker(s), chunks of {chunk}, {device.type}"
-                  f"{', bf16' if autocast is not nullcontext else ''}",
-                  ["path", "images/s", "ratio to forward-only", "target"])
+    table = Table(
+        f"pseudolabel: {n} pool images, {cfg.model.name} at {cfg.model.img_size}px, batch {batch}, "
+        f"{workers} loader worker(s), chunks of {chunk}, {device.type}"
+        f"{', bf16' if autocast is not nullcontext else ''}",
+        ["path", "images/s", "ratio to forward-only", "target"],
+    )
     table.add("forward only, images preloaded on the device", n / t["forward"], 1.0, "")
     table.add("shard stream alone (decode + crop, no model)", n / t["stream"], t["forward"] / t["stream"], "")
-    table.add("pseudolabel loop (shards -> decode -> crop -> model)", n / t["job"], t["forward"] / t["job"],
-              ">= 0.9")
+    table.add("pseudolabel loop (shards -> decode -> crop -> model)", n / t["job"], t["forward"] / t["job"], ">= 0.9")
     serial = t["stream"] + t["forward"]
-    table.notes.append(f"if loading and the model could not overlap at all (both on the same cores), the loop would "
-                       f"run at {n / serial:.4g} images/s; it runs at {serial / t['job']:.2f} of that")
+    table.notes.append(
+        f"if loading and the model could not overlap at all (both on the same cores), the loop would "
+        f"run at {n / serial:.4g} images/s; it runs at {serial / t['job']:.2f} of that"
+    )
     return table

@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 
 from sslfw.bench import Table, save
-from sslfw.config import ConfigError, load_config
+from sslfw.config import load_config
 from sslfw.dist import is_main_process
+from sslfw.errors import ConfigError
 
 ALL = ("data", "augment", "step", "pseudolabel")
 
@@ -24,8 +25,14 @@ def run_bench(a: argparse.Namespace) -> dict:
         if what == "data":
             from sslfw.bench.data import bench_data
 
-            t = bench_data(shards, cfg.data.load_crop, a.batch or cfg.train.batch_size, a.batches,
-                           [int(w) for w in a.workers.split(",")], a.reps)
+            t = bench_data(
+                shards,
+                cfg.data.load_crop,
+                a.batch or cfg.train.batch_size,
+                a.batches,
+                [int(w) for w in a.workers.split(",")],
+                a.reps,
+            )
         elif what == "augment":
             from sslfw.bench.compute import bench_augment
 
@@ -37,8 +44,9 @@ def run_bench(a: argparse.Namespace) -> dict:
         else:
             from sslfw.bench.infer import bench_pseudolabel
 
-            t = bench_pseudolabel(cfg, shards, a.batch or cfg.data.eval_batch_size, cfg.data.num_workers, a.chunk,
-                                  a.limit, a.reps)
+            t = bench_pseudolabel(
+                cfg, shards, a.batch or cfg.data.eval_batch_size, cfg.data.num_workers, a.chunk, a.limit, a.reps
+            )
         tables.append(t)
         if is_main_process():
             print(t.markdown() + "\n", flush=True)

@@ -1,6 +1,6 @@
 """KADID-style synthetic distortions at 5 levels, used to build the embedded dataset.
 
-Codes follow the KADID-10k/KADIS-700k numbering (research/iqa.md 1.4) so the synthetic KADIS csv means what the
+Codes follow the KADID-10k/KADIS-700k numbering (docs/NOTES.md, Datasets) so the synthetic KADIS csv means what the
 real one does. Parameters are our own, chosen for small images (the embedded set is ~128 px, KADID is 512 px).
 All functions take and return float32 RGB arrays in [0, 1] of shape (H, W, 3).
 """
@@ -8,7 +8,7 @@ All functions take and return float32 RGB arrays in [0, 1] of shape (H, W, 3).
 from __future__ import annotations
 
 import io
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image

@@ -2,8 +2,8 @@
 
 The score must be something a blind model can read off the distorted image alone, so it is built from what the
 distortion does to the picture: gradient structure (GMSD, Xue et al. 2014), chroma (MDSI-style opponent channels,
-Nafchi et al. 2016) and local luminance (the SSIM luminance term). research/iqa.md 6.3 measured rho(level, -score)
-= 0.76 for the first two; the luminance term adds sensitivity to brightness changes, which GMSD barely sees.
+Nafchi et al. 2016) and local luminance (the SSIM luminance term). The first two gave rho(level, -score) = 0.76
+(docs/NOTES.md, Datasets); the luminance term adds sensitivity to brightness changes, which GMSD barely sees.
 Inputs are float32 RGB in [0, 1]; everything is computed on the 0..255 scale the published constants assume.
 """
 
@@ -62,7 +62,7 @@ def fr_quality(ref: np.ndarray, dist: np.ndarray) -> float:
 
 # Monotone map from fr_quality to true MOS on KonIQ's 1..5 scale. The knots are quantiles of fr_quality over the
 # default embedded mixture (`sslfw data synth --calibrate`), matched to KonIQ-10k's MOS distribution: 2 % below 1.79,
-# 15 % below 2.55, 64 % below 3.46, 98 % below 3.94 (research/iqa.md 1.1). The 98 % knot sits at 3.88, not 3.94:
+# 15 % below 2.55, 64 % below 3.46, 98 % below 3.94 (docs/NOTES.md, Labels). The 98 % knot sits at 3.88, not 3.94:
 # pristine crops pile up just under it, and the simulated raters' noise would otherwise push ~4 % over the edge.
 # They are constants, so an image's score never depends on which other images were generated with it.
 MOS_KNOTS_Q = (0.0, 0.045, 0.2529, 0.5573, 0.7825, 0.9911, 1.0)

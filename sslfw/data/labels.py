@@ -1,6 +1,6 @@
 """MOS -> 5 ordinal quality levels (0 worst .. 4 best).
 
-No simple rule reproduces the paper's class shares on KonIQ (about 2/13/49/33/2 %, research/iqa.md 1.1); the
+No simple rule reproduces the paper's class shares on KonIQ (about 2/13/49/33/2 %, docs/NOTES.md, Labels); the
 default edges are the MOS quantiles of the official KonIQ-10k scores at those shares. The scheme is stored in every
 manifest and shard index so a run can say which labels it learned.
 """
@@ -36,11 +36,7 @@ class LabelScheme:
         return {"column": "MOS", "scale": [1.0, 5.0], "edges": list(self.edges), "num_classes": NUM_CLASSES}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LabelScheme":
-        return cls(tuple(float(e) for e in d["edges"]))
-
-    @classmethod
-    def parse(cls, spec: str | None, mos: np.ndarray | None = None) -> "LabelScheme":
+    def parse(cls, spec: str | None, mos: np.ndarray | None = None) -> LabelScheme:
         """`None` -> KonIQ default; "1.8,2.6,3.5,3.9" -> those edges; "quantile:2,13,49,33,2" -> edges that give
         those percentage shares on `mos` (the labelled MOS values being binned)."""
         if not spec:

@@ -18,6 +18,7 @@ import numpy as np
 
 from sslfw import fsio
 from sslfw.data.labels import NUM_CLASSES, LabelScheme
+from sslfw.errors import DataError
 
 KONIQ_SCORES = "koniq10k_scores_and_distributions.csv"
 KONIQ_IMAGE_DIRS = ("1024x768", "512x384", "images")
@@ -25,10 +26,6 @@ KADIS_CSV = "kadis700k_ref_imgs.csv"
 SPLITS = ("train", "val", "test")
 OFFICIAL_SET_NAMES = {"training": "train", "validation": "val", "test": "test"}
 LABELLED_COLUMNS = ["key", "path", "source", "mos", "mos_zscore", "c1", "c2", "c3", "c4", "c5", "label", "split"]
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, the line and the fix."""
 
 
 @dataclass
@@ -57,15 +54,18 @@ def _read_csv(path: Path, required: list[str]) -> list[tuple[int, dict[str, str]
         header = [h.strip() for h in next(reader, [])]
         missing = [c for c in required if c not in header]
         if missing:
-            raise DataError(f"{path}, line 1: header lacks column(s) {missing}; found {header}. "
-                            f"Is this the right file?")
+            raise DataError(
+                f"{path}, line 1: header lacks column(s) {missing}; found {header}. Is this the right file?"
+            )
         rows = []
         for lineno, fields in enumerate(reader, start=2):
             if not fields or all(not x.strip() for x in fields):
                 continue
             if len(fields) != len(header):
-                raise DataError(f"{path}, line {lineno}: {len(fields)} fields where the header has {len(header)}. "
-                                f"Fix or delete this row.")
+                raise DataError(
+                    f"{path}, line {lineno}: {len(fields)} fields where the header has {len(header)}. "
+                    f"Fix or delete this row."
+                )
             rows.append((lineno, dict(zip(header, (x.strip() for x in fields)))))
     return rows
 
@@ -76,15 +76,18 @@ def _number(path: Path, lineno: int, column: str, text: str, lo: float, hi: floa
     except ValueError:
         raise DataError(f"{path}, line {lineno}: {column}={text!r} is not a number. Fix or delete this row.") from None
     if not lo <= value <= hi or math.isnan(value):
-        raise DataError(f"{path}, line {lineno}: {column}={value} is outside {lo}..{hi}. "
-                        f"Check that the file uses the documented scale, or fix this row.")
+        raise DataError(
+            f"{path}, line {lineno}: {column}={value} is outside {lo}..{hi}. "
+            f"Check that the file uses the documented scale, or fix this row."
+        )
     return value
 
 
 def _check_unique(path: Path, seen: dict[str, int], key: str, lineno: int, what: str) -> None:
     if key in seen:
-        raise DataError(f"{path}, line {lineno}: duplicate {what} {key!r} (first on line {seen[key]}). "
-                        f"Remove one of the two rows.")
+        raise DataError(
+            f"{path}, line {lineno}: duplicate {what} {key!r} (first on line {seen[key]}). Remove one of the two rows."
+        )
     seen[key] = lineno
 
 
@@ -94,8 +97,10 @@ def read_koniq(root: Path, image_dir: str | None = None) -> list[LabelledRow]:
     scores = root / KONIQ_SCORES
     names = [image_dir] if image_dir else [d for d in KONIQ_IMAGE_DIRS if (root / d).is_dir()]
     if not names or not (root / names[0]).is_dir():
-        raise DataError(f"{root}: no image folder ({' or '.join(KONIQ_IMAGE_DIRS)}). Unpack the KonIQ image "
-                        f"archive there or pass --koniq-images.")
+        raise DataError(
+            f"{root}: no image folder ({' or '.join(KONIQ_IMAGE_DIRS)}). Unpack the KonIQ image "
+            f"archive there or pass --koniq-images."
+        )
     images = root / names[0]
     out: list[LabelledRow] = []
     seen: dict[str, int] = {}
@@ -105,8 +110,12 @@ def read_koniq(root: Path, image_dir: str | None = None) -> list[LabelledRow]:
         path = images / name
         if not path.is_file():
             raise DataError(f"{scores}, line {lineno}: image {path} does not exist. Copy it there or delete the row.")
-        row = LabelledRow(make_key("koniq", name), str(path.resolve()), "koniq",
-                          mos=_number(scores, lineno, "MOS", r["MOS"], 1.0, 5.0))
+        row = LabelledRow(
+            make_key("koniq", name),
+            str(path.resolve()),
+            "koniq",
+            mos=_number(scores, lineno, "MOS", r["MOS"], 1.0, 5.0),
+        )
         if r.get("MOS_zscore"):
             row.mos_zscore = _number(scores, lineno, "MOS_zscore", r["MOS_zscore"], 0.0, 100.0)
         if all(r.get(f"c{k}") for k in range(1, 6)):
@@ -188,9 +197,17 @@ def split_hash(rows: list[LabelledRow]) -> str:
     return fsio.sha256_text("".join(f"{r.key},{r.split}\n" for r in sorted(rows, key=lambda r: r.key)))
 
 
-def prepare(koniq: Path, kadis: Path | None, out: Path, extra_labels: Path | None = None, bins: str | None = None,
-            split: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0, koniq_sets: Path | None = None,
-            koniq_images: str | None = None) -> dict:
+def prepare(
+    koniq: Path,
+    kadis: Path | None,
+    out: Path,
+    extra_labels: Path | None = None,
+    bins: str | None = None,
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    koniq_sets: Path | None = None,
+    koniq_images: str | None = None,
+) -> dict:
     """Read, validate, label and split; write out/labelled.csv, out/unlabelled.csv and out/meta.json."""
     if abs(sum(split) - 1.0) > 1e-6 or min(split) < 0:
         raise DataError(f"--split {split}: three non-negative fractions that sum to 1, e.g. 0.8,0.1,0.1.")
@@ -224,8 +241,19 @@ def prepare(koniq: Path, kadis: Path | None, out: Path, extra_labels: Path | Non
         method = {"method": "stratified", "fractions": list(split), "seed": seed}
 
     out = Path(out)
-    rows = [[r.key, r.path, r.source, _fmt(r.mos), _fmt(r.mos_zscore), *(_fmt(v) for v in (r.votes or [math.nan] * 5)),
-             r.label, r.split] for r in labelled]
+    rows = [
+        [
+            r.key,
+            r.path,
+            r.source,
+            _fmt(r.mos),
+            _fmt(r.mos_zscore),
+            *(_fmt(v) for v in (r.votes or [math.nan] * 5)),
+            r.label,
+            r.split,
+        ]
+        for r in labelled
+    ]
     fsio.write_csv(out / "labelled.csv", LABELLED_COLUMNS, rows)
     fsio.write_csv(out / "unlabelled.csv", ["key", "path"], [list(p) for p in pool])
     labels = np.array([r.label for r in labelled])
@@ -236,8 +264,11 @@ def prepare(koniq: Path, kadis: Path | None, out: Path, extra_labels: Path | Non
         "counts": {s: int((split_col == s).sum()) for s in SPLITS} | {"unlabelled": len(pool), "extra": len(extras)},
         "class_counts": {s: np.bincount(labels[split_col == s], minlength=NUM_CLASSES).tolist() for s in SPLITS},
         "class_shares": (np.bincount(labels, minlength=NUM_CLASSES) / len(labels)).round(4).tolist(),
-        "sources": {"koniq": str(Path(koniq).resolve()), "kadis": str(Path(kadis).resolve()) if kadis else None,
-                    "extra_labels": str(Path(extra_labels).resolve()) if extra_labels else None},
+        "sources": {
+            "koniq": str(Path(koniq).resolve()),
+            "kadis": str(Path(kadis).resolve()) if kadis else None,
+            "extra_labels": str(Path(extra_labels).resolve()) if extra_labels else None,
+        },
     }
     fsio.write_json(out / "meta.json", meta)
     return meta
@@ -245,7 +276,6 @@ def prepare(koniq: Path, kadis: Path | None, out: Path, extra_labels: Path | Non
 
 def _fmt(x: float) -> str:
     return "" if math.isnan(x) else f"{x:.6g}"
-
 
 
 def load(manifest: Path) -> tuple[list[LabelledRow], list[tuple[str, str]], dict]:
@@ -258,8 +288,17 @@ def load(manifest: Path) -> tuple[list[LabelledRow], list[tuple[str, str]], dict
     labelled = []
     for _, r in _read_csv(manifest / "labelled.csv", LABELLED_COLUMNS):
         votes = [float(r[f"c{k}"]) for k in range(1, 6)] if r["c1"] else []
-        labelled.append(LabelledRow(r["key"], r["path"], r["source"], float(r["mos"] or "nan"),
-                                    float(r["mos_zscore"] or "nan"), votes, int(r["label"]), r["split"]))
+        labelled.append(
+            LabelledRow(
+                r["key"],
+                r["path"],
+                r["source"],
+                float(r["mos"] or "nan"),
+                float(r["mos_zscore"] or "nan"),
+                votes,
+                int(r["label"]),
+                r["split"],
+            )
+        )
     pool = [(r["key"], r["path"]) for _, r in _read_csv(manifest / "unlabelled.csv", ["key", "path"])]
     return labelled, pool, meta
-

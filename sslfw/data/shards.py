@@ -32,6 +32,7 @@ from tqdm import tqdm
 from sslfw import fsio
 from sslfw.data import manifest as mf
 from sslfw.data.labels import NUM_CLASSES
+from sslfw.errors import DataError
 
 INDEX = "index.json"
 FORMAT = "sslfw-shards/1"
@@ -54,8 +55,9 @@ def check_image(path: str, max_side: int | None, raw: bool = False) -> tuple[byt
                 return buf.getvalue(), "npy", ""
             if max_side and max(im.size) > max_side:
                 scale = max_side / max(im.size)
-                im = im.convert("RGB").resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                                              Image.LANCZOS)
+                im = im.convert("RGB").resize(
+                    (max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS
+                )
                 buf = io.BytesIO()
                 im.save(buf, format="JPEG" if fmt == "JPEG" else "PNG", **({"quality": 95} if fmt == "JPEG" else {}))
                 data, fmt = buf.getvalue(), fmt if fmt == "JPEG" else "PNG"
@@ -73,10 +75,13 @@ def _check_star(args: tuple[str, int | None, bool]) -> tuple[bytes | None, str, 
 def _sample_meta(row: mf.LabelledRow | None, key: str, set_name: str, idx: int, gidx: int) -> dict:
     meta = {"key": key, "set": set_name, "idx": idx, "gidx": gidx, "label": -1}
     if row is not None:
-        meta |= {"label": row.label, "source": row.source,
-                 "mos": None if math.isnan(row.mos) else row.mos,
-                 "mos_zscore": None if math.isnan(row.mos_zscore) else row.mos_zscore,
-                 "votes": row.votes or None}
+        meta |= {
+            "label": row.label,
+            "source": row.source,
+            "mos": None if math.isnan(row.mos) else row.mos,
+            "mos_zscore": None if math.isnan(row.mos_zscore) else row.mos_zscore,
+            "votes": row.votes or None,
+        }
     return meta
 
 
@@ -119,21 +124,38 @@ class _ShardRoller:
         for pair in zip(members[0::2], members[1::2]):  # the writer orders a sample's members by name
             js, img = sorted(pair, key=lambda m: not m.name.endswith(".json"))
             self.offsets.append((shard_no, img.offset_data, img.size, js.offset_data, js.size))
-        self.shards.append({"name": self._path.name, "count": self._count, "class_counts": self._classes.tolist(),
-                            "sha256": fsio.sha256_file(self._path), "bytes": self._path.stat().st_size})
+        self.shards.append(
+            {
+                "name": self._path.name,
+                "count": self._count,
+                "class_counts": self._classes.tolist(),
+                "sha256": fsio.sha256_file(self._path),
+                "bytes": self._path.stat().st_size,
+            }
+        )
         self._writer = self._file = None
         self._count = 0
         self._classes = np.zeros(NUM_CLASSES, dtype=int)
 
 
-def pack(manifest: Path, out: Path, samples_per_shard: int = 256, max_side: int | None = None, seed: int = 0,
-         workers: int = 0, progress: bool = True, pixels: str = "original") -> dict:
+def pack(
+    manifest: Path,
+    out: Path,
+    samples_per_shard: int = 256,
+    max_side: int | None = None,
+    seed: int = 0,
+    workers: int = 0,
+    progress: bool = True,
+    pixels: str = "original",
+) -> dict:
     """Pack every set of the manifest; returns the index (also written to out/index.json)."""
     if pixels not in ("original", "raw"):
-        raise mf.DataError(f"--pixels {pixels!r}: choose original (the file bytes) or raw (decoded RGB, .npy)")
+        raise DataError(f"--pixels {pixels!r}: choose original (the file bytes) or raw (decoded RGB, .npy)")
     if pixels == "raw" and max_side:
-        raise mf.DataError("--pixels raw cannot be combined with --max-side (it would store resized pixels as if "
-                           "they were original); pack with one or the other")
+        raise DataError(
+            "--pixels raw cannot be combined with --max-side (it would store resized pixels as if "
+            "they were original); pack with one or the other"
+        )
     labelled, pool, meta = mf.load(manifest)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,9 +167,17 @@ def pack(manifest: Path, out: Path, samples_per_shard: int = 256, max_side: int 
         members[r.split].append((r.key, r.path, r))
     members["unlabelled"] = [(k, p, None) for k, p in pool]
 
-    index = {"format": FORMAT, "label_scheme": meta["label_scheme"], "split": meta["split"], "seed": seed,
-             "samples_per_shard": samples_per_shard, "max_side": max_side, "pixels": pixels, "sets": {},
-             "skipped": []}
+    index = {
+        "format": FORMAT,
+        "label_scheme": meta["label_scheme"],
+        "split": meta["split"],
+        "seed": seed,
+        "samples_per_shard": samples_per_shard,
+        "max_side": max_side,
+        "pixels": pixels,
+        "sets": {},
+        "skipped": [],
+    }
     total = sum(len(v) for v in members.values())
     bar = tqdm(total=total, desc="packing", unit="img", disable=not progress)
     n_workers = workers or os.cpu_count() or 1
@@ -174,8 +204,13 @@ def pack(manifest: Path, out: Path, samples_per_shard: int = 256, max_side: int 
             with fsio.atomic_open(out / f"{set_name}.offsets.npy") as f:
                 np.save(f, table)
             counts = np.array([s["class_counts"] for s in roller.shards]).reshape(-1, NUM_CLASSES).sum(0)
-            index["sets"][set_name] = {"count": len(table), "gidx_offset": start, "class_counts": counts.tolist(),
-                                       "offsets": f"{set_name}.offsets.npy", "shards": roller.shards}
+            index["sets"][set_name] = {
+                "count": len(table),
+                "gidx_offset": start,
+                "class_counts": counts.tolist(),
+                "offsets": f"{set_name}.offsets.npy",
+                "shards": roller.shards,
+            }
     finally:
         bar.close()
         if pool_ctx:
@@ -188,8 +223,8 @@ def pack(manifest: Path, out: Path, samples_per_shard: int = 256, max_side: int 
 def load_index(root: Path) -> dict:
     path = Path(root) / INDEX
     if not path.is_file():
-        raise mf.DataError(f"{root}: no {INDEX}, so this is not a complete pack. Run `sslfw shards pack --out {root}`.")
+        raise DataError(f"{root}: no {INDEX}, so this is not a complete pack. Run `sslfw shards pack --out {root}`.")
     index = json.loads(path.read_text())
     if index.get("format") != FORMAT:
-        raise mf.DataError(f"{path}: format {index.get('format')!r}, expected {FORMAT!r}. Re-pack with this sslfw.")
+        raise DataError(f"{path}: format {index.get('format')!r}, expected {FORMAT!r}. Re-pack with this sslfw.")
     return index

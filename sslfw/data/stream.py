@@ -21,17 +21,18 @@ import io
 import json
 import os
 from bisect import bisect_right
+from collections.abc import Iterator
+from enum import IntEnum
 from itertools import count
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from sslfw.data.manifest import DataError
 from sslfw.data.shards import load_index
+from sslfw.errors import DataError
 
 NPY_MAGIC = b"\x93NUMPY"  # shards packed with --pixels raw hold .npy arrays
 PREFETCH = 4  # batches each loader worker keeps ready
@@ -52,8 +53,10 @@ class ShardSet:
         self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_counts)])
         self.label_scheme = index["label_scheme"]
         if len(self.offsets) != info["count"]:
-            raise DataError(f"{self.root / info['offsets']}: {len(self.offsets)} rows, index says {info['count']}. "
-                            f"Re-pack the shards.")
+            raise DataError(
+                f"{self.root / info['offsets']}: {len(self.offsets)} rows, index says {info['count']}. "
+                f"Re-pack the shards."
+            )
         self._files: dict[int, object] = {}
         self._pid = -1
 
@@ -124,26 +127,48 @@ def collate(samples: list[tuple[np.ndarray, dict]]) -> dict[str, torch.Tensor]:
     # NCHW view of NHWC memory: the transposing copy is left to the device (consumers index or .float() it).
     images = torch.from_numpy(np.stack([s[0] for s in samples])).movedim(-1, -3)
     metas = [s[1] for s in samples]
-    return {"image": images, "key": [m["key"] for m in metas],
-            "label": torch.tensor([m["label"] for m in metas], dtype=torch.int64),
-            "idx": torch.tensor([m["idx"] for m in metas], dtype=torch.int64),
-            "mos": torch.tensor([m.get("mos") if m.get("mos") is not None else float("nan") for m in metas],
-                                dtype=torch.float32)}
+    return {
+        "image": images,
+        "key": [m["key"] for m in metas],
+        "label": torch.tensor([m["label"] for m in metas], dtype=torch.int64),
+        "idx": torch.tensor([m["idx"] for m in metas], dtype=torch.int64),
+        "mos": torch.tensor(
+            [m.get("mos") if m.get("mos") is not None else float("nan") for m in metas], dtype=torch.float32
+        ),
+    }
+
+
+class StreamId(IntEnum):
+    """Which random stream a TrainStream draws; the id enters every seed, so two streams never repeat each other."""
+
+    LABELLED = 0
+    UNLABELLED = 1
+    PSEUDO_LABELLED = 2
 
 
 class TrainStream(IterableDataset):
     """Infinite resampled batches for one rank; batch `step` depends only on (seed, stream, rank, step)."""
 
-    def __init__(self, shards: ShardSet, batch_size: int, crop: tuple[int, int], seed: int, rank: int,
-                 stream: int = 0, start_step: int = 0, shards_per_block: int = 4, keep: np.ndarray | None = None,
-                 labels: np.ndarray | None = None):
+    def __init__(
+        self,
+        shards: ShardSet,
+        batch_size: int,
+        crop: tuple[int, int],
+        seed: int,
+        rank: int,
+        stream: StreamId = StreamId.LABELLED,
+        start_step: int = 0,
+        shards_per_block: int = 4,
+        keep: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+    ):
         """`keep` (bool per sample) restricts the stream to a subset; `labels` (per sample) replaces the stored
         labels: together they stream confident pseudo-labels from the unlabelled set."""
         self.keep = np.ones(len(shards), dtype=bool) if keep is None else keep
         if not self.keep.any():
             raise DataError(f"{shards.root}: set {shards.name!r} has no sample to train on.")
         self.shards, self.batch_size, self.crop, self.labels = shards, batch_size, crop, labels
-        self.seed, self.rank, self.stream, self.start_step = seed, rank, stream, start_step
+        self.seed, self.rank, self.stream, self.start_step = seed, rank, int(stream), start_step
         self.kept_per_shard = np.add.reduceat(self.keep, shards.shard_starts[:-1]).astype(np.int64)
         self.shards_per_block = min(shards_per_block, int((self.kept_per_shard > 0).sum()))
         self._block_ends: list[int] = []  # cumulative sample count at the end of each block, grown on demand
@@ -202,8 +227,16 @@ class EvalStream(IterableDataset):
     """Finite, exactly-once batches over `ids` (default: the whole set), split into contiguous ranges per
     (rank, worker). With crops > 1 each image gives `crops` fixed native-resolution windows (B, crops, 3, h, w)."""
 
-    def __init__(self, shards: ShardSet, batch_size: int, crop: tuple[int, int] | None, rank: int, world_size: int,
-                 ids: range | None = None, crops: int = 1):
+    def __init__(
+        self,
+        shards: ShardSet,
+        batch_size: int,
+        crop: tuple[int, int] | None,
+        rank: int,
+        world_size: int,
+        ids: range | None = None,
+        crops: int = 1,
+    ):
         if crops not in (1, 5):
             raise ValueError(f"crops must be 1 (centre) or 5 (centre and corners), got {crops}")
         self.shards, self.batch_size, self.crop, self.crops = shards, batch_size, crop, crops
@@ -228,11 +261,13 @@ class ChunkStream(IterableDataset):
     one set of workers serves a whole job in order (a loader per chunk paid worker start-up and an empty pipeline
     per chunk: BENCHMARKS.md)."""
 
-    def __init__(self, shards: ShardSet, chunks: list[range], batch_size: int, crop: tuple[int, int],
-                 crops: int = 1):
+    def __init__(self, shards: ShardSet, chunks: list[range], batch_size: int, crop: tuple[int, int], crops: int = 1):
         self.shards, self.crop, self.crops = shards, crop, crops
-        self.batches = [(c, range(lo, min(lo + batch_size, ids.stop)))
-                        for c, ids in enumerate(chunks) for lo in range(ids.start, ids.stop, batch_size)]
+        self.batches = [
+            (c, range(lo, min(lo + batch_size, ids.stop)))
+            for c, ids in enumerate(chunks)
+            for lo in range(ids.start, ids.stop, batch_size)
+        ]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
@@ -262,15 +297,20 @@ def fixed_crops(img: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
 
 def _worker_init(_: int) -> None:
     # Pillow frees and re-maps each decoded image's memory by default; caching blocks was 2.7x faster here
-    # (research/infra.md 4.3).
+    # (docs/NOTES.md, Distributed training).
     Image.core.set_blocks_max(16)
     torch.set_num_threads(1)
 
 
 def make_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool = False) -> DataLoader:
     """A DataLoader for either stream (batches are made in the workers). Never pass it to accelerator.prepare:
-    that would re-shard or re-dispatch a stream that is already per-rank (research/infra.md 3.3)."""
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      worker_init_fn=_worker_init if num_workers else None,
-                      persistent_workers=num_workers > 0 and isinstance(dataset, TrainStream),
-                      prefetch_factor=PREFETCH if num_workers else None)
+    that would re-shard or re-dispatch a stream that is already per-rank (docs/NOTES.md, Distributed training)."""
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=_worker_init if num_workers else None,
+        persistent_workers=num_workers > 0 and isinstance(dataset, TrainStream),
+        prefetch_factor=PREFETCH if num_workers else None,
+    )

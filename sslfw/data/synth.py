@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -47,7 +47,7 @@ class SynthConfig:
     distortions: tuple[int, ...] = DEFAULT_MIX  # KADID codes drawn from (distortions.py)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _photo(name: str) -> np.ndarray:
     import skimage.data
 
@@ -74,7 +74,7 @@ def dead_leaves(height: int, width: int, rng: np.random.Generator, n_disks: int 
     return np.clip(colours[lab] * shade[..., None], 0, 1)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _photo_at(name: str, height: int, width: int, bucket: int) -> np.ndarray:
     """The photo downscaled (clean, antialiased) to one of 8 scales between "crop fills it" and half size."""
     photo = Image.fromarray(_photo(name))
@@ -119,8 +119,17 @@ def make_sample(cfg: SynthConfig, pool: str, index: int) -> dict:
     votes = np.clip(np.round(rng.normal(true_mos, 0.55, n_raters)), 1, 5).astype(int)
     counts = np.bincount(votes, minlength=6)[1:]
     mos = float(votes.mean())
-    return {"data": data, "content": content, "code": code, "level": level, "q": q, "true_mos": true_mos,
-            "counts": counts.tolist(), "mos": mos, "sd": float(votes.std(ddof=1))}
+    return {
+        "data": data,
+        "content": content,
+        "code": code,
+        "level": level,
+        "q": q,
+        "true_mos": true_mos,
+        "counts": counts.tolist(),
+        "mos": mos,
+        "sd": float(votes.std(ddof=1)),
+    }
 
 
 def mos_to_zscore(mos: float) -> float:
@@ -156,14 +165,25 @@ def synthesize(cfg: SynthConfig) -> dict:
     for name, s in zip(kadis_names, kadis):
         fsio.write_bytes(kadis_dir / "ref_imgs" / name, s["data"])
 
-    rows = [[n, *s["counts"], sum(s["counts"]), f"{s['mos']:.6f}", f"{s['sd']:.6f}", f"{mos_to_zscore(s['mos']):.6f}"]
-            for n, s in zip(koniq_names, koniq)]
+    rows = [
+        [n, *s["counts"], sum(s["counts"]), f"{s['mos']:.6f}", f"{s['sd']:.6f}", f"{mos_to_zscore(s['mos']):.6f}"]
+        for n, s in zip(koniq_names, koniq)
+    ]
     fsio.write_csv(koniq_dir / "koniq10k_scores_and_distributions.csv", KONIQ_HEADER, rows)
     # The official-split file: fractions c1..c5, MOS on 0..100 and a set column (7058/1000/2015 on the real one).
     rng = np.random.default_rng([cfg.seed, 7])
     sets = rng.choice(["training", "validation", "test"], size=len(koniq), p=[0.7, 0.1, 0.2])
-    rows = [[n, *[f"{c / sum(s['counts']):.6f}" for c in s["counts"]], sum(s["counts"]),
-             f"{mos_to_zscore(s['mos']):.6f}", f"{s['sd']:.6f}", st] for n, s, st in zip(koniq_names, koniq, sets)]
+    rows = [
+        [
+            n,
+            *[f"{c / sum(s['counts']):.6f}" for c in s["counts"]],
+            sum(s["counts"]),
+            f"{mos_to_zscore(s['mos']):.6f}",
+            f"{s['sd']:.6f}",
+            st,
+        ]
+        for n, s, st in zip(koniq_names, koniq, sets)
+    ]
     fsio.write_csv(koniq_dir / "koniq10k_distributions_sets.csv", KONIQ_SETS_HEADER, rows)
 
     # KADIS assigns each reference one distortion type for its generator; we record the one we used.
@@ -172,25 +192,35 @@ def synthesize(cfg: SynthConfig) -> dict:
 
     # Hand labels for a few pool images, like the paper's 359 extra KADIS labels.
     scheme = LabelScheme(DEFAULT_EDGES)
-    pick = np.sort(np.random.default_rng([cfg.seed, 8]).choice(len(kadis), min(cfg.extra_count, len(kadis)),
-                                                               replace=False))
+    pick = np.sort(
+        np.random.default_rng([cfg.seed, 8]).choice(len(kadis), min(cfg.extra_count, len(kadis)), replace=False)
+    )
     rows = [[kadis_names[i], scheme.label(kadis[i]["true_mos"])] for i in pick]
     fsio.write_csv(out / "kadis_extra_labels.csv", ["image_name", "label"], rows)
 
     # Hidden truth for every image (never read by training): lets pseudo-labels be scored on the pool.
-    rows = [[f"koniq10k/1024x768/{n}", s["content"], s["code"], s["level"], f"{s['q']:.6f}", f"{s['true_mos']:.6f}"]
-            for n, s in zip(koniq_names, koniq)]
-    rows += [[f"kadis700k/ref_imgs/{n}", s["content"], s["code"], s["level"], f"{s['q']:.6f}",
-              f"{s['true_mos']:.6f}"] for n, s in zip(kadis_names, kadis)]
-    fsio.write_csv(out / "synth_truth.csv", ["image", "content", "dist_type", "dist_level", "fr_quality", "true_mos"], rows)
+    rows = [
+        [f"koniq10k/1024x768/{n}", s["content"], s["code"], s["level"], f"{s['q']:.6f}", f"{s['true_mos']:.6f}"]
+        for n, s in zip(koniq_names, koniq)
+    ]
+    rows += [
+        [f"kadis700k/ref_imgs/{n}", s["content"], s["code"], s["level"], f"{s['q']:.6f}", f"{s['true_mos']:.6f}"]
+        for n, s in zip(kadis_names, kadis)
+    ]
+    fsio.write_csv(
+        out / "synth_truth.csv", ["image", "content", "dist_type", "dist_level", "fr_quality", "true_mos"], rows
+    )
 
     labels = np.array([scheme.label(s["mos"]) for s in koniq])
-    return {"koniq_images": len(koniq), "kadis_images": len(kadis), "extra_labels": len(pick),
-            "label_shares": (np.bincount(labels, minlength=5) / max(len(labels), 1)).round(4).tolist()}
+    return {
+        "koniq_images": len(koniq),
+        "kadis_images": len(kadis),
+        "extra_labels": len(pick),
+        "label_shares": (np.bincount(labels, minlength=5) / max(len(labels), 1)).round(4).tolist(),
+    }
 
 
 def calibrate(cfg: SynthConfig, count: int = 4000) -> list[float]:
     """Quantiles of fr_quality over the default mixture: the knots behind frmetrics.MOS_KNOTS_Q."""
     q = np.array([s["q"] for s in _generate(cfg, "koniq", count)])
     return np.quantile(q, CALIBRATION_QUANTILES).round(4).tolist()
-

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 
 from sslfw.algorithms import get_algorithm
-from sslfw.algorithms.base import StepBatch, StepContext
-from sslfw.config import AlgorithmConfig, ModelConfig
+from sslfw.algorithms.base import DataInfo, StepBatch, StepContext
+from sslfw.config import AlgorithmConfig, AugConfig, ModelConfig, resolve_params
 from sslfw.model import IQAModel
 
 
@@ -27,20 +27,22 @@ def main(name: str, out: str, steps: int) -> None:
               "comatch": {"queue_size": 40, "da_len": 3, "p_cutoff": 0.2, "contrast_p_cutoff": 0.05},
               "simmatch": {"da_len": 3, "p_cutoff": 0.2}, "crmatch": {"p_cutoff": 0.22},
               "fixmatch": {"p_cutoff": 0.22}}.get(name, {})
-    algo = cls(AlgorithmConfig(name=name, params=params), 16, 8)
+    cfg = AlgorithmConfig(name=name, params=params)
+    resolve_params(cfg)
+    algo = cls(cfg, DataInfo(num_labelled=16, num_unlabelled=64, proj_dim=8))
     B = 16 // world
     rows = []
     for step in range(steps):
         g = torch.Generator().manual_seed(100 + step)
         full = {"x_lb": torch.rand(16, 3, 16, 16, generator=g), "y_lb": torch.randint(0, 5, (16,), generator=g),
                 "idx_lb": torch.randperm(16, generator=g) if step == 0 else torch.randint(0, 16, (16,), generator=g), "x_w": torch.rand(16, 3, 16, 16, generator=g),
-                "x_s": [torch.rand(16, 3, 16, 16, generator=g) for _ in range(max(cls.num_strong, 1))],
+                "x_s": [torch.rand(16, 3, 16, 16, generator=g) for _ in range(max(cls.views(AugConfig()).strong, 1))],
                 "idx_ulb": torch.randperm(64, generator=g)[:16]}
         sl = slice(rank * B, (rank + 1) * B)
-        batch = StepBatch(full["x_lb"][sl], full["y_lb"][sl], full["idx_lb"][sl], full["x_w"][sl],
+        batch = StepBatch(full["x_lb"][sl], full["y_lb"][sl], full["idx_lb"][sl], [full["x_w"][sl]],
                           [x[sl] for x in full["x_s"]], full["idx_ulb"][sl])
         model.zero_grad()
-        out_ = algo.step(model, batch, StepContext(step, 10, None, 16))
+        out_ = algo.step(model, batch, StepContext(step, 10, None))
         out_.loss.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         loss = out_.loss.detach().clone()

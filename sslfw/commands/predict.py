@@ -12,8 +12,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from sslfw import fsio
-from sslfw.data.manifest import DataError
 from sslfw.data.stream import decode_crop, fixed_crops
+from sslfw.errors import DataError
 from sslfw.inference import load_model
 from sslfw.model import expected_score
 
@@ -42,17 +42,24 @@ def load_views(path: Path, size: int, crops: int) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
     except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e}); remove it or pass image files "
-                        f"only") from None
+        raise DataError(
+            f"{path}: not a readable image ({type(e).__name__}: {e}); remove it or pass image files only"
+        ) from None
     if crops == 1:
         return decode_crop(data, (size, size), None)[None]
     return fixed_crops(decode_crop(data, None, None), (size, size))
 
 
 @torch.no_grad()
-def predict_files(checkpoint: Path, inputs: list[Path], out: Path | None = None, which: str = "ema", crops: int = 1,
-                  batch_size: int = 32) -> list[list]:
-    model, cfg, _ = load_model(checkpoint, which)
+def predict_files(
+    checkpoint: Path,
+    inputs: list[Path],
+    out: Path | None = None,
+    weights: str = "ema",
+    crops: int = 1,
+    batch_size: int = 32,
+) -> list[list]:
+    model, cfg, _ = load_model(checkpoint, weights)
     files = list_images(inputs)
     rows = []
     for lo in range(0, len(files), batch_size):

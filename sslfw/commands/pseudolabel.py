@@ -2,23 +2,20 @@
 
 The set is cut into fixed chunks of samples (independent of the number of ranks); rank r takes chunks r, r+W, ...,
 streams them through one loader and writes each as `OUT.parts/chunk-NNNNNN.npz`, atomically, once complete. A
-rerun skips chunks already written, even with a different number of ranks, so an interrupted job resumes without duplicates. Rank 0 then merges the chunks,
-checks that every sample of the shard index appears exactly once, and writes OUT (csv) atomically:
+rerun skips chunks already written, even with a different number of ranks, so an interrupted job resumes without
+duplicates. Rank 0 then merges the chunks, checks that every sample of the shard index appears exactly once, and
+writes OUT (csv) atomically:
 key, idx, p0..p4, label, confidence, score. The loop runs no collective, so ranks may finish at different times.
 SIGUSR1/SIGTERM stop a rank after its current chunk; the job then exits with EXIT_PREEMPTED and a rerun resumes.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import os
-import signal
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -26,45 +23,65 @@ from torch import nn
 from tqdm import tqdm
 
 from sslfw import faults, fsio
-from sslfw.data.manifest import DataError
+from sslfw.data.pseudo import COLUMNS
 from sslfw.data.stream import ChunkStream, ShardSet, make_loader
-from sslfw.dist import any_across_ranks, barrier, make_accelerator
+from sslfw.dist import any_across_ranks, autocast_for, barrier, make_accelerator
+from sslfw.errors import DataError
 from sslfw.evaluate import concat, predict_batch
 from sslfw.inference import load_model
 from sslfw.model import expected_score
 from sslfw.preempt import EXIT_PREEMPTED, StopFlag, write_exit_file
 
-COLUMNS = ["key", "idx", "p0", "p1", "p2", "p3", "p4", "label", "confidence", "score"]
 
-
-def pseudolabel(checkpoint: Path, out: Path, shards: Path | None = None, which: str = "ema", crops: int = 1,
-                batch_size: int = 64, num_workers: int = 2, chunk: int = 1024, progress: bool = True) -> dict:
+def pseudolabel(
+    checkpoint: Path,
+    out: Path,
+    shards: Path | None = None,
+    weights: str = "ema",
+    crops: int = 1,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    chunk: int = 1024,
+    progress: bool = True,
+) -> dict:
     acc = make_accelerator(bf16=True)
     rank, world, device = acc.process_index, acc.num_processes, acc.device
-    model, cfg, ckpt_dir = load_model(checkpoint, which)
+    model, cfg, ckpt_dir = load_model(checkpoint, weights)
     model.to(device)
     pool = ShardSet(shards or cfg.data.shards, "unlabelled")
     n = len(pool)
     out = Path(out)
     parts = out.with_name(out.name + ".parts")
-    job = {"checkpoint": str(ckpt_dir.resolve()), "model": which, "crops": crops, "chunk": chunk, "samples": n,
-           "shards": str(pool.root.resolve())}
+    job = {
+        "checkpoint": str(ckpt_dir.resolve()),
+        "weights": weights,
+        "crops": crops,
+        "chunk": chunk,
+        "samples": n,
+        "shards": str(pool.root.resolve()),
+    }
     # Every rank checks (a rank that raised alone would leave the others waiting at the barrier).
     if (parts / "job.json").is_file() and json.loads((parts / "job.json").read_text()) != job:
-        raise DataError(f"{parts}: holds chunks of another job ({(parts / 'job.json').read_text().strip()}); "
-                        f"delete it or choose another --out")
+        raise DataError(
+            f"{parts}: holds chunks of another job ({(parts / 'job.json').read_text().strip()}); "
+            f"delete it or choose another --out"
+        )
     barrier()
     if acc.is_main_process:
         parts.mkdir(parents=True, exist_ok=True)
         fsio.write_json(parts / "job.json", job)
     barrier()
 
-    autocast = acc.autocast if device.type == "cuda" else nullcontext
+    autocast = autocast_for(acc)
     mine = list(range(rank, math.ceil(n / chunk), world))
     todo = [c for c in mine if not (parts / f"chunk-{c:06d}.npz").is_file()]
     ranges = [range(c * chunk, min(n, (c + 1) * chunk)) for c in todo]
-    bar = tqdm(total=sum(len(r) for r in ranges), unit="img", desc="pseudo-labelling",
-               disable=not (progress and acc.is_main_process))
+    bar = tqdm(
+        total=sum(len(r) for r in ranges),
+        unit="img",
+        desc="pseudo-labelling",
+        disable=not (progress and acc.is_main_process),
+    )
     t0, done, stop = time.perf_counter(), 0, StopFlag()
     size = (cfg.model.img_size, cfg.model.img_size)
     for pos, pred in predict_chunks(model, pool, ranges, batch_size, size, crops, num_workers, device, autocast):
@@ -73,10 +90,7 @@ def pseudolabel(checkpoint: Path, out: Path, shards: Path | None = None, which: 
         with fsio.atomic_open(parts / f"chunk-{c:06d}.npz") as f:
             np.savez(f, **pred)
         done += len(ranges[pos])
-        if faults.armed("KILL", rank, c):
-            os.kill(os.getpid(), signal.SIGKILL)
-        if faults.armed("SIGNAL", rank, c):  # as if Slurm's warning signal arrived during this chunk
-            signal.raise_signal(signal.SIGUSR1)
+        faults.inject(rank, c)
         if stop.signal:
             break
     bar.close()
@@ -84,9 +98,14 @@ def pseudolabel(checkpoint: Path, out: Path, shards: Path | None = None, which: 
     elapsed = time.perf_counter() - t0
     # Every rank gets here (a stopped rank early): agree whether the set is complete before merging.
     stopped = any_across_ranks([stop.signal is not None], device)[0]
-    summary = {"samples": n, "chunks_reused": len(mine) - len(todo), "rank0_images": done,
-               "rank0_images_per_s": round(done / elapsed, 1) if done else None, "out": str(out),
-               "exit_code": EXIT_PREEMPTED if stopped else 0}
+    summary = {
+        "samples": n,
+        "chunks_reused": len(mine) - len(todo),
+        "rank0_images": done,
+        "rank0_images_per_s": round(done / elapsed, 1) if done else None,
+        "out": str(out),
+        "exit_code": EXIT_PREEMPTED if stopped else 0,
+    }
     if acc.is_main_process:
         if stopped:
             write_exit_file(EXIT_PREEMPTED)  # before any rank exits (srun may end the step at the first one)
@@ -97,8 +116,17 @@ def pseudolabel(checkpoint: Path, out: Path, shards: Path | None = None, which: 
 
 
 @torch.no_grad()
-def predict_chunks(model: nn.Module, pool: ShardSet, ranges: list[range], batch_size: int, size: tuple[int, int],
-                   crops: int, num_workers: int, device: torch.device, autocast) -> Iterator[tuple[int, dict]]:
+def predict_chunks(
+    model: nn.Module,
+    pool: ShardSet,
+    ranges: list[range],
+    batch_size: int,
+    size: tuple[int, int],
+    crops: int,
+    num_workers: int,
+    device: torch.device,
+    autocast,
+) -> Iterator[tuple[int, dict]]:
     """(position in `ranges`, predictions) for each range as soon as all its samples are predicted. One loader
     serves all ranges, so its workers decode the next chunk while the model runs on this one."""
     if not ranges:
@@ -106,8 +134,9 @@ def predict_chunks(model: nn.Module, pool: ShardSet, ranges: list[range], batch_
     model.eval()
     pending: dict[int, list] = {}
     left = [len(r) for r in ranges]
-    for batch in make_loader(ChunkStream(pool, ranges, batch_size, size, crops), num_workers,
-                             pin_memory=device.type == "cuda"):
+    for batch in make_loader(
+        ChunkStream(pool, ranges, batch_size, size, crops), num_workers, pin_memory=device.type == "cuda"
+    ):
         pos = int(batch.pop("chunk"))
         pending.setdefault(pos, []).append(predict_batch(model, batch, device, autocast))
         left[pos] -= len(batch["idx"])
@@ -120,30 +149,21 @@ def merge(parts: Path, out: Path, n: int) -> dict:
     chunks = [np.load(p) for p in sorted(parts.glob("chunk-*.npz"))]
     idx = np.concatenate([c["idx"] for c in chunks])
     if len(idx) != n or not np.array_equal(np.sort(idx), np.arange(n)):
-        raise RuntimeError(f"{parts}: {len(idx)} predictions for {len(np.unique(idx))} distinct of {n} samples; "
-                           f"expected each exactly once")
+        raise RuntimeError(
+            f"{parts}: {len(idx)} predictions for {len(np.unique(idx))} distinct of {n} samples; "
+            f"expected each exactly once"
+        )
     order = np.argsort(idx)
     keys = np.concatenate([c["key"] for c in chunks])[order]
     probs = np.concatenate([c["probs"] for c in chunks])[order]
     score = expected_score(torch.from_numpy(probs)).numpy()
     label, conf = probs.argmax(1), probs.max(1)
-    rows = [[k, i, *(f"{p:.6f}" for p in pr), int(lb), f"{cf:.6f}", f"{sc:.6f}"]
-            for k, i, pr, lb, cf, sc in zip(keys, np.arange(n), probs, label, conf, score)]
+    rows = [
+        [k, i, *(f"{p:.6f}" for p in pr), int(lb), f"{cf:.6f}", f"{sc:.6f}"]
+        for k, i, pr, lb, cf, sc in zip(keys, np.arange(n), probs, label, conf, score)
+    ]
     fsio.write_csv(out, COLUMNS, rows)
-    return {"label_counts": np.bincount(label, minlength=probs.shape[1]).tolist(),
-            "mean_confidence": round(float(conf.mean()), 4)}
-
-
-def load_pseudo_labels(path: Path, n: int, min_confidence: float) -> tuple[np.ndarray, np.ndarray]:
-    """(labels by idx, mask of rows with confidence >= min_confidence) from a pseudolabel csv for a pool of n."""
-    labels, keep = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=bool)
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            i = int(r["idx"])
-            if not 0 <= i < n:
-                raise DataError(f"{path}: idx {i} is outside this pool of {n} samples; was it made for other shards?")
-            labels[i] = int(r["label"])
-            keep[i] = float(r["confidence"]) >= min_confidence
-    if (labels < 0).any():
-        raise DataError(f"{path}: no pseudo-label for {(labels < 0).sum()} of {n} pool samples; rerun pseudolabel")
-    return labels, keep
+    return {
+        "label_counts": np.bincount(label, minlength=probs.shape[1]).tolist(),
+        "mean_confidence": round(float(conf.mean()), 4),
+    }

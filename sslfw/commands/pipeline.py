@@ -17,14 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from sslfw import ckpt, fsio
+from sslfw.commands.evaljob import REPORT_KEYS, run_eval
+from sslfw.commands.pseudolabel import pseudolabel
 from sslfw.config import load_config, nested
 from sslfw.data.labels import NUM_CLASSES
 from sslfw.data.shards import load_index
 from sslfw.dist import barrier, is_main_process
-from sslfw.evaljob import REPORT_KEYS, run_eval
+from sslfw.errors import ConfigError
 from sslfw.metrics import constant_guess, iqa_metrics
 from sslfw.preempt import EXIT_PREEMPTED
-from sslfw.pseudolabel import pseudolabel
 from sslfw.train import train
 
 
@@ -36,11 +37,11 @@ class PipelineConfig:
     policies: list = field(default_factory=lambda: ["iqa_safe"])  # strong views: iqa_safe and/or randaugment
     seeds: list = field(default_factory=lambda: [0])
     ssl: dict = field(default_factory=dict)  # dotted overrides for the SSL stage, e.g. {"train.steps": 300}
+    params: dict = field(default_factory=dict)  # per algorithm: {fixmatch: {p_cutoff: 0.7}, freematch: {...}}
     retrain: dict = field(default_factory=dict)  # dotted overrides for the retraining stage
     min_confidence: float = 0.0  # pseudo-labels below this confidence are not used for retraining
-    pseudo_model: str = "ema"  # which weights label the pool: ema | student
     eval_split: str = "test"
-    eval_model: str = "ema"
+    weights: str = "ema"  # ema | student: the weights that pseudo-label the pool and are evaluated
     crops: int = 1  # 1 (centre) or 5 (centre + corners) for pseudo-labelling and evaluation
     report_only: bool = False  # run nothing: report the runs that have finished so far
 
@@ -64,27 +65,85 @@ def run_name(algorithm: str, policy: str, seed: int) -> str:
     return f"supervised-s{seed}" if algorithm == "supervised" else f"{algorithm}-{policy}-s{seed}"
 
 
+def ssl_overrides(p: PipelineConfig, algorithm: str, policy: str, seed: int) -> dict:
+    return {
+        **p.ssl,
+        "run_dir": str(Path(p.out_dir) / run_name(algorithm, policy, seed) / "ssl"),
+        "algorithm.name": algorithm,
+        "algorithm.params": p.params.get(algorithm, {}),
+        "train.seed": seed,
+        "aug.strong": policy,
+    }
+
+
+def retrain_overrides(p: PipelineConfig, algorithm: str, policy: str, seed: int) -> dict:
+    d = Path(p.out_dir) / run_name(algorithm, policy, seed)
+    return {
+        **p.retrain,
+        "run_dir": str(d / "retrain"),
+        "algorithm.name": "supervised",
+        "train.seed": seed,
+        "data.pseudo_labels": str(d / "pseudo.csv"),
+        "data.pseudo_min_confidence": p.min_confidence,
+    }
+
+
+def runs(p: PipelineConfig) -> list[tuple[str, str, int]]:
+    """(algorithm, policy, seed) of every run; supervised has no strong views, so one row whatever the policies."""
+    return [
+        (a, pol, s)
+        for a, pol, s in product(p.algorithms, p.policies, p.seeds)
+        if a != "supervised" or pol == p.policies[0]
+    ]
+
+
+def check(p: PipelineConfig) -> None:
+    """Every stage's config resolves (algorithm names, policies, per-algorithm params, overrides) before the first
+    stage starts: a typo fails now, not an hour in."""
+    choices = {
+        "weights": (p.weights, ("ema", "student")),
+        "eval_split": (p.eval_split, ("train", "val", "test")),
+        "crops": (p.crops, (1, 5)),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {allowed}")
+    for section in ("ssl", "retrain"):
+        for key in getattr(p, section):
+            if key.startswith(("algorithm.name", "algorithm.params")):
+                raise ConfigError(
+                    f"{section}.{key}: set algorithms with `algorithms:` and their settings with "
+                    f"`params: {{ALGORITHM: {{KEY: VALUE}}}}`"
+                )
+    for name in p.params:
+        if name not in p.algorithms:
+            raise ConfigError(f"params.{name}: {name!r} is not in algorithms {p.algorithms}")
+    if not (p.algorithms and p.policies and p.seeds):
+        raise ConfigError("algorithms, policies and seeds must each name at least one entry")
+    for algorithm, policy, seed in runs(p):
+        load_config(p.base, nested(ssl_overrides(p, algorithm, policy, seed)))
+        if algorithm != "supervised":
+            load_config(p.base, nested(retrain_overrides(p, algorithm, policy, seed)))
+
+
 def run_one(p: PipelineConfig, algorithm: str, policy: str, seed: int) -> dict:
     d = Path(p.out_dir) / run_name(algorithm, policy, seed)
-    ssl = _train_stage(p.base, {**p.ssl, "run_dir": str(d / "ssl"), "algorithm.name": algorithm, "train.seed": seed,
-                                "aug.strong": policy})
+    ssl = _train_stage(p.base, ssl_overrides(p, algorithm, policy, seed))
     final, stages = ssl, {}
     if algorithm != "supervised":
         stages["ssl"] = _evaluate(p, ssl, d / "eval_ssl")
         csv = d / "pseudo.csv"
         if not csv.is_file():
-            if pseudolabel(ssl, csv, which=p.pseudo_model, crops=p.crops, progress=False)["exit_code"]:
+            if pseudolabel(ssl, csv, weights=p.weights, crops=p.crops, progress=False)["exit_code"]:
                 raise SystemExit(EXIT_PREEMPTED)  # stopped by a signal: rerun the pipeline to resume
-        final = _train_stage(p.base, {**p.retrain, "run_dir": str(d / "retrain"), "algorithm.name": "supervised",
-                                      "train.seed": seed, "data.pseudo_labels": str(csv),
-                                      "data.pseudo_min_confidence": p.min_confidence})
+        final = _train_stage(p.base, retrain_overrides(p, algorithm, policy, seed))
     stages["final"] = _evaluate(p, final, d / "eval")
     return stages
 
 
 def _evaluate(p: PipelineConfig, run_dir: Path, out: Path) -> dict:
     if not (out / "eval.json").is_file():
-        run_eval(run_dir, p.eval_split, p.eval_model, p.crops, out=out)
+        run_eval(run_dir, p.eval_split, p.weights, p.crops, out=out)
     barrier()
     return json.loads((out / "eval.json").read_text())["metrics"]
 
@@ -98,10 +157,9 @@ def _finished_run(d: Path) -> dict | None:
 
 
 def run_pipeline(p: PipelineConfig) -> dict:
+    check(p)
     results: dict[str, list[dict]] = {}
-    for algorithm, policy, seed in product(p.algorithms, p.policies, p.seeds):
-        if algorithm == "supervised" and policy != p.policies[0]:
-            continue  # no strong views: one supervised row, whatever the policies
+    for algorithm, policy, seed in runs(p):
         label = "supervised" if algorithm == "supervised" else f"{algorithm} ({policy})"
         if p.report_only:
             done = _finished_run(Path(p.out_dir) / run_name(algorithm, policy, seed))
@@ -140,15 +198,24 @@ def write_report(p: PipelineConfig, results: dict[str, list[dict]]) -> None:
     header = ["method", "seeds", *cols, "ssl_stage_mae"]
     const = _constant_row(p)
     rows = [["constant guess", "-", *(_fmt([const[k]]) if k in const else "-" for k in cols), "-"]]
-    for label, runs in results.items():
-        rows.append([label, str(len(runs)), *(_fmt([r["final"][k] for r in runs if k in r["final"]]) for k in cols),
-                     _fmt([r["ssl"]["mae"] for r in runs if "ssl" in r])])
+    for label, done in results.items():
+        rows.append(
+            [
+                label,
+                str(len(done)),
+                *(_fmt([r["final"][k] for r in done if k in r["final"]]) for k in cols),
+                _fmt([r["ssl"]["mae"] for r in done if "ssl" in r]),
+            ]
+        )
     out = Path(p.out_dir)
     fsio.write_csv(out / "report.csv", header, rows)
     table = "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows])
-    fsio.write_text(out / "report.md", f"# sslfw pipeline report ({p.eval_split} split, {p.eval_model} weights, "
-                    f"{p.crops} crop(s))\n\nMetrics of the final model (after retraining on pseudo-labels for SSL "
-                    f"rows); `ssl_stage_mae` is the SSL model itself. mean ± std over seeds.\n\n{table}\n")
+    fsio.write_text(
+        out / "report.md",
+        f"# sslfw pipeline report ({p.eval_split} split, {p.weights} weights, "
+        f"{p.crops} crop(s))\n\nMetrics of the final model (after retraining on pseudo-labels for SSL "
+        f"rows); `ssl_stage_mae` is the SSL model itself. mean ± std over seeds.\n\n{table}\n",
+    )
     learning_curves(out)
 
 

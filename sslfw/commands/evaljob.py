@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -11,44 +10,80 @@ from sslfw import fsio
 from sslfw.data.labels import NUM_CLASSES
 from sslfw.data.shards import load_index
 from sslfw.data.stream import ShardSet
-from sslfw.dist import make_accelerator
+from sslfw.dist import autocast_for, make_accelerator
 from sslfw.evaluate import metrics_from_predictions, predict
 from sslfw.inference import load_model
 from sslfw.metrics import constant_guess
 
 # The paper's columns first; the honest ones (constant guess, correlations) beside them.
-REPORT_KEYS = ("mae", "const_mae", "mae_class3", "mae_class4", "mae_class34", "macro_mae", "accuracy", "qwk",
-               "srcc", "plcc")
+REPORT_KEYS = (
+    "mae",
+    "const_mae",
+    "mae_class3",
+    "mae_class4",
+    "mae_class34",
+    "macro_mae",
+    "accuracy",
+    "qwk",
+    "srcc",
+    "plcc",
+)
 
 
-def run_eval(checkpoint: Path, split: str = "test", which: str = "ema", crops: int = 1, out: Path | None = None,
-             batch_size: int = 64, num_workers: int = 2, shards: Path | None = None) -> dict:
+def run_eval(
+    checkpoint: Path,
+    split: str = "test",
+    weights: str = "ema",
+    crops: int = 1,
+    out: Path | None = None,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    shards: Path | None = None,
+) -> dict:
     acc = make_accelerator(bf16=True)
-    model, cfg, ckpt_dir = load_model(checkpoint, which)
+    model, cfg, ckpt_dir = load_model(checkpoint, weights)
     model.to(acc.device)
     root = Path(shards or cfg.data.shards)
     index = load_index(root)
     data = ShardSet(root, split)
-    autocast = acc.autocast if acc.device.type == "cuda" else nullcontext
-    pred = predict(model, data, cfg.model.img_size, batch_size, num_workers, acc.process_index, acc.num_processes,
-                   acc.device, autocast, crops)
+    autocast = autocast_for(acc)
+    pred = predict(
+        model,
+        data,
+        cfg.model.img_size,
+        batch_size,
+        num_workers,
+        acc.process_index,
+        acc.num_processes,
+        acc.device,
+        autocast,
+        crops,
+    )
     metrics = metrics_from_predictions(pred, constant_guess(index["sets"]["train"]["class_counts"]))
-    result = {"checkpoint": str(ckpt_dir), "model": which, "split": split, "crops": crops,
-              "split_sha256": index["split"]["sha256"], "metrics": metrics}
+    result = {
+        "checkpoint": str(ckpt_dir),
+        "weights": weights,
+        "split": split,
+        "crops": crops,
+        "split_sha256": index["split"]["sha256"],
+        "metrics": metrics,
+    }
     if out is not None and acc.is_main_process:
         out = Path(out)
         fsio.write_json(out / "eval.json", result)
         fsio.write_text(out / "eval.md", markdown(result))
-        confusion_png(pred["label"], pred["probs"].argmax(1), out / "confusion.png", f"{split} ({which})")
+        confusion_png(pred["label"], pred["probs"].argmax(1), out / "confusion.png", f"{split} ({weights})")
     return result
 
 
 def markdown(result: dict) -> str:
     m = result["metrics"]
     rows = "\n".join(f"| {k} | {m[k]:.4f} |" for k in REPORT_KEYS if k in m)
-    return (f"# Evaluation: {result['split']} ({m['n']} images), {result['model']} weights, {result['crops']} crop(s)\n\n"
-            f"Checkpoint `{result['checkpoint']}`, split sha256 `{result['split_sha256'][:12]}`.\n\n"
-            f"| metric | value |\n|---|---|\n{rows}\n")
+    return (
+        f"# Evaluation: {result['split']} ({m['n']} images), {result['weights']} weights, {result['crops']} crop(s)\n\n"
+        f"Checkpoint `{result['checkpoint']}`, split sha256 `{result['split_sha256'][:12]}`.\n\n"
+        f"| metric | value |\n|---|---|\n{rows}\n"
+    )
 
 
 def confusion_png(true: np.ndarray, pred: np.ndarray, path: Path, title: str) -> None:
@@ -64,8 +99,9 @@ def confusion_png(true: np.ndarray, pred: np.ndarray, path: Path, title: str) ->
     for i in range(NUM_CLASSES):
         for j in range(NUM_CLASSES):
             ax.text(j, i, cm[i, j], ha="center", va="center", color="black" if cm[i, j] < cm.max() / 2 else "white")
-    ax.set(xlabel="predicted level", ylabel="true level", title=title, xticks=range(NUM_CLASSES),
-           yticks=range(NUM_CLASSES))
+    ax.set(
+        xlabel="predicted level", ylabel="true level", title=title, xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES)
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with fsio.atomic_open(path) as f:

@@ -1,0 +1,35 @@
+"""IQA metrics on hand-computed cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sslfw.metrics import constant_guess, iqa_metrics, quadratic_weighted_kappa
+
+
+def test_metrics_on_a_hand_computed_case():
+    true = np.array([0, 2, 2, 3, 4, 4])
+    pred = np.array([1, 2, 2, 2, 4, 2])
+    score = np.array([0.8, 2.0, 2.1, 2.4, 3.9, 2.2])
+    mos = np.array([1.5, 3.0, 3.1, 3.6, 4.2, np.nan])
+    m = iqa_metrics(true, pred, score, mos, constant=2)
+    assert m["mae"] == pytest.approx((1 + 0 + 0 + 1 + 0 + 2) / 6)
+    assert m["const_mae"] == pytest.approx((2 + 0 + 0 + 1 + 2 + 2) / 6)
+    assert m["mae_class4"] == pytest.approx(1.0) and m["mae_class34"] == pytest.approx(1.0)
+    assert m["macro_mae"] == pytest.approx((1 + 0 + 1 + 1) / 4)
+    assert m["accuracy"] == pytest.approx(3 / 6)
+    assert m["srcc"] == pytest.approx(1.0)  # the 5 rows with a MOS are ranked perfectly
+    assert constant_guess([2, 13, 49, 33, 2]) == 2 and constant_guess([60, 10, 10, 10, 10]) == 0
+
+
+def test_qwk_on_a_hand_computed_case():
+    y = np.array([0, 1, 2, 2])
+    p = np.array([0, 2, 2, 1])
+    # observed disagreements (1,2) and (2,1) weigh 1/16 each; expected from the marginals
+    observed = 2 / 16
+    marg_y, marg_p = np.array([1, 1, 2, 0, 0]), np.array([1, 1, 2, 0, 0])
+    w = (np.arange(5)[:, None] - np.arange(5)) ** 2 / 16
+    expected = (w * np.outer(marg_y, marg_p) / 4).sum()
+    assert quadratic_weighted_kappa(y, p) == pytest.approx(1 - observed / expected)
+    assert quadratic_weighted_kappa(y, y) == pytest.approx(1.0)
