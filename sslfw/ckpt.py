@@ -1,61 +1,172 @@
 """Checkpoints as `step-N/` directories: written under `step-N.tmp/`, completed by a marker, then renamed.
 
-A directory counts only if its COMPLETE marker exists, so a kill at any moment leaves either the old set of valid
-checkpoints or the old set plus the new one, never a half-written checkpoint that resume would pick up.
+A directory counts only if its COMPLETE marker exists and the files it lists have the sizes (and, for the one
+chosen, the sha256) the marker records. A directory named `step-N` is never deleted in place: it is renamed aside
+first. So a kill at any moment leaves the old valid checkpoints, or those plus the new one, and `latest` finds the
+newest one that is intact, saying which damaged ones it skipped.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
+import pickle
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
-from sslfw import fsio
+from sslfw import faults, fsio
+from sslfw.errors import DataError
 
 MARKER = "COMPLETE"
-_STEP = re.compile(r"^step-(\d+)$")
+STATE, INFO = "state.pt", "trainer_state.json"
+_STEP = re.compile(r"^step-(\d+)(\.tmp|\.old)?$")
+
+
+def _marker(path: Path) -> dict | None:
+    try:
+        return json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def problem(path: Path, deep: bool = False) -> str | None:
+    """Why `path` is not a usable checkpoint (None if it is). `deep` also checks the sha256 of every file."""
+    marker = _marker(path)
+    if marker is None:
+        return f"no readable {MARKER} marker"
+    for name, want in marker.get("files", {}).items():  # markers before sslfw 0.2 list no files
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["size"]:
+            return f"{name} has {f.stat().st_size} bytes, the marker says {want['size']} (truncated or damaged)"
+        if deep and fsio.sha256_file(f) != want["sha256"]:
+            return f"{name} does not match its sha256 (damaged)"
+    return None
+
+
+def recorded_sha256(path: Path) -> str:
+    """The state file's sha256 as its marker records it (computed for checkpoints whose marker predates it)."""
+    marker = _marker(Path(path)) or {}
+    return marker.get("files", {}).get(STATE, {}).get("sha256") or fsio.sha256_file(Path(path) / STATE)
+
+
+def _candidates(run_dir: Path) -> dict[int, list[Path]]:
+    """Per step, where it may be, best first: step-N, then a complete step-N.tmp or step-N.old left by a kill in
+    the middle of a re-save."""
+    out: dict[int, list[Path]] = {}
+    for p in Path(run_dir).glob("step-*"):
+        m = _STEP.match(p.name)
+        if m and p.is_dir():
+            out.setdefault(int(m.group(1)), []).append(p)
+    order = {"": 0, ".tmp": 1, ".old": 2}
+    return {s: sorted(ps, key=lambda p: order[_STEP.match(p.name).group(2) or ""]) for s, ps in out.items()}
 
 
 def valid_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of complete checkpoints, oldest first."""
+    """(step, path) of complete checkpoints (marker present, file sizes as recorded), oldest first."""
     out = []
-    for p in Path(run_dir).glob("step-*"):
-        m = _STEP.match(p.name)
-        if m and (p / MARKER).is_file():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
+    for step, paths in sorted(_candidates(run_dir).items()):
+        good = [p for p in paths if problem(p) is None]
+        if good:
+            out.append((step, good[0]))
+    return out
 
 
-def latest(run_dir: Path) -> Path | None:
-    found = valid_checkpoints(run_dir)
-    return found[-1][1] if found else None
+def latest(run_dir: Path, verbose: bool = True) -> Path | None:
+    """The newest checkpoint whose files are intact (sha256 checked); damaged newer ones are skipped and named."""
+    for _, paths in sorted(_candidates(run_dir).items(), reverse=True):
+        for p in paths:
+            why = problem(p, deep=True)
+            if why is None:
+                return p
+            if verbose and (p / MARKER).exists():
+                print(f"[sslfw] skipping checkpoint {p}: {why}", file=sys.stderr, flush=True)
+    return None
+
+
+def tidy(run_dir: Path) -> None:
+    """Finish what a kill in the middle of a re-save left (call with the run folder locked): a complete step-N.tmp
+    without its step-N takes that name, and a step-N.old beside an intact step-N goes."""
+    for step, paths in _candidates(run_dir).items():
+        final = Path(run_dir) / f"step-{step}"
+        tmp = final.with_name(final.name + ".tmp")
+        if not final.exists() and tmp in paths and problem(tmp) is None:
+            os.replace(tmp, final)
+        if problem(final) is None:
+            shutil.rmtree(final.with_name(final.name + ".old"), ignore_errors=True)
+
+
+def _write(tmp: Path, step: int, state: dict, info: dict) -> None:
+    buf = io.BytesIO()  # serialised in memory first: torch's zip writer turns a full disk into a RuntimeError
+    torch.save(state, buf)
+    fsio.write_bytes(tmp / STATE, buf.getbuffer())
+    fsio.write_json(tmp / INFO, info)
+    files = {n: {"size": (tmp / n).stat().st_size, "sha256": fsio.sha256_file(tmp / n)} for n in (STATE, INFO)}
+    fsio.write_text(tmp / MARKER, json.dumps({"step": step, "files": files}) + "\n")
 
 
 def save(run_dir: Path, step: int, state: dict, info: dict, keep: int) -> Path:
-    """Write one checkpoint (call on the main process only) and prune to the newest `keep` valid ones."""
+    """Write one checkpoint (main process only), then prune to the newest `keep` valid ones.
+
+    Order: the new one complete under step-N.tmp; an existing step-N renamed to step-N.old; step-N.tmp renamed to
+    step-N; the old one deleted. Pruning renames before deleting, too. Disk full: the partial .tmp is removed and
+    the error says how much room a checkpoint needs (keep + 1 of them exist for a moment)."""
     run_dir = Path(run_dir)
-    final, tmp = run_dir / f"step-{step}", run_dir / f"step-{step}.tmp"
+    final, tmp, old = run_dir / f"step-{step}", run_dir / f"step-{step}.tmp", run_dir / f"step-{step}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    with fsio.atomic_open(tmp / "state.pt") as f:
-        torch.save(state, f)
-    fsio.write_json(tmp / "trainer_state.json", info)
-    fsio.write_text(tmp / MARKER, json.dumps({"step": step}) + "\n")
-    if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for _, old in valid_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+    try:
+        _write(tmp, step, state, info)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        found = valid_checkpoints(run_dir)
+        need = sum(f.stat().st_size for f in found[-1][1].iterdir()) if found else None
+        size = f"about {need / 2**20:.1f} MiB" if need else "as much as the model, optimizer and EMA states"
+        raise DataError(
+            f"{run_dir}: no space left on the device while saving step {step}; a checkpoint needs {size} "
+            f"(ckpt.keep={keep} plus one while saving). The previous checkpoints are intact: free space "
+            f"or lower ckpt.keep, then resume with --resume auto"
+        ) from None
+    if final.exists():  # the same step saved again (over a damaged one, or after a resume from an older one)
         shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        faults.inject(0, step, where="RESAVE")  # tests: a kill between the two renames
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    for _, stale in valid_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        doomed = stale.with_name(stale.name.split(".")[0] + ".pruned")
+        os.replace(stale, doomed)  # never a step-N name on a half-deleted folder
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
 def load(path: Path) -> tuple[dict, dict]:
+    """(state, trainer info) of a checkpoint directory. The state is loaded as data only (`weights_only`): a file
+    that needs code to load is refused, never run."""
     path = Path(path)
-    if not (path / MARKER).is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    return state, json.loads((path / "trainer_state.json").read_text())
+    if not path.exists():
+        raise DataError(f"{path}: no such checkpoint directory")
+    why = problem(path)
+    if why:
+        raise DataError(f"{path}: not a usable checkpoint ({why})")
+    try:
+        state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise DataError(
+            f"{path / STATE}: refused: it holds objects other than tensors and plain values, and "
+            f"sslfw never runs code from a checkpoint ({str(e).splitlines()[0][:120]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise DataError(
+            f"{path / STATE}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); use an older checkpoint"
+        ) from None
+    return state, json.loads((path / INFO).read_text())

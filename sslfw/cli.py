@@ -70,6 +70,12 @@ def cmd_pack(a: argparse.Namespace) -> dict:
     return summary
 
 
+def cmd_verify(a: argparse.Namespace) -> dict:
+    from sslfw.data.shards import verify
+
+    return verify(a.dir)
+
+
 def cmd_train(a: argparse.Namespace) -> dict:
     from sslfw.config import load_config
     from sslfw.train import train
@@ -190,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_pack)
 
+    s = shards.add_parser("verify", help="check every shard's size and sha256 against index.json")
+    s.add_argument("dir", type=Path, help="a packed folder (index.json)")
+    s.set_defaults(func=cmd_verify)
+
     s = verbs.add_parser("train", help="train (any algorithm) with the config file and --section.key=value overrides")
     s.add_argument("--config", type=Path, help="YAML config; omitted sections keep their defaults")
     s.add_argument("--resume", help="auto | none | a step-N directory (same as --ckpt.resume)")
@@ -252,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
         if not isinstance(e.code, (int, type(None))):
             print(e.code, file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C: abort at once, no traceback
+        print("\nsslfw: interrupted", file=sys.stderr)
+        write_exit_file(130)
+        return 130
     except Exception:
         write_exit_file(1)
         raise
@@ -261,6 +275,17 @@ def main(argv: list[str] | None = None) -> int:
         dist.destroy_process_group()
     write_exit_file(code)
     return code
+
+
+def one_line(e: Exception) -> str:
+    """The message of an input error, also when a DataLoader worker raised it (then torch wraps it in a traceback:
+    its last line is `module.Class: message`)."""
+    text = str(e).strip()
+    if "Traceback" in text:
+        text = text.splitlines()[-1]
+        head, _, rest = text.partition(": ")
+        text = rest if rest and head.rsplit(".", 1)[-1] in ("DataError", "ConfigError", "FileNotFoundError") else text
+    return text
 
 
 def _run(argv: list[str] | None) -> int:
@@ -274,7 +299,7 @@ def _run(argv: list[str] | None) -> int:
     try:
         result = args.func(args)
     except (DataError, ConfigError, FileNotFoundError) as e:
-        print(f"sslfw: error: {e}", file=sys.stderr)
+        print(f"sslfw: error: {one_line(e)}", file=sys.stderr)
         return 2
     if result is None:
         return 0

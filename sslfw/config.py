@@ -7,6 +7,9 @@ key), and the resolved tree is saved with every run as config.yaml.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import netrc
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -89,7 +92,8 @@ class EvalConfig:
 class CkptConfig:
     every: int = 100
     keep: int = 3  # newest valid checkpoints kept
-    resume: str = "auto"  # auto (newest valid in run_dir, else start) | none | a step-N directory
+    resume: str = "auto"  # auto (newest intact in run_dir, else start) | none | a step-N or run directory
+    overwrite: bool = False  # a start over another run's folder moves that run aside (RUN_DIR.replaced-TIME)
 
 
 @dataclass
@@ -176,9 +180,10 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     tree[last] = value
 
 
-def parse_overrides(args: list[str]) -> dict:
-    """["--train.steps=10", "--model.kwargs.depth", "2"] -> nested dict; values are parsed as YAML scalars."""
-    out: dict = {}
+def parse_overrides(args: list[str]) -> list[dict]:
+    """["--train.steps=10", "--model.kwargs.depth", "2"] -> one nested dict per override, applied in order (so
+    `--model.kwargs=null --model.kwargs.depth=2` empties the mapping, then sets one key); values are YAML scalars."""
+    out: list[dict] = []
     i = 0
     while i < len(args):
         arg = args[i]
@@ -191,7 +196,11 @@ def parse_overrides(args: list[str]) -> dict:
             i += 1
         else:
             raise ConfigError(f"{arg}: missing value")
-        _set_dotted(out, key, yaml.safe_load(text) if text != "" else "")
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--{key}: {text!r} is not a YAML value ({str(e).splitlines()[0]})") from None
+        out.append(nested({key: value}))
         i += 1
     return out
 
@@ -208,13 +217,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     """`cls` (default Config) filled from the YAML file, then the overrides; Config trees are validated."""
     cfg = (cls or Config)()
     if path:
-        text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read this config file ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         _merge(cfg, data, "")
-    if overrides:
-        _merge(cfg, overrides if isinstance(overrides, dict) else parse_overrides(overrides), "")
+    for tree in [overrides] if isinstance(overrides, dict) else parse_overrides(overrides or []):
+        _merge(cfg, tree, "")
     if isinstance(cfg, Config):
         validate(cfg)
     return cfg
@@ -236,14 +247,71 @@ def validate(cfg: Config) -> None:
             f"({cfg.data.load_crop}): views are crops of the loaded crop"
         )
     resolve_params(cfg.algorithm)
-    for key, value in (
-        ("train.steps", cfg.train.steps),
-        ("train.batch_size", cfg.train.batch_size),
-        ("train.grad_accum", cfg.train.grad_accum),
-        ("algorithm.uratio", cfg.algorithm.uratio),
-    ):
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
+    for key, value, lo, hi in RANGES:
+        v = value(cfg)
+        if not (lo[0] < v if lo[1] == "open" else lo[0] <= v) or not (v < hi[0] if hi[1] == "open" else v <= hi[0]):
+            lo_text = f"{'>' if lo[1] == 'open' else '>='} {lo[0]}"
+            hi_text = "" if hi[0] == INF else f" and {'<' if hi[1] == 'open' else '<='} {hi[0]}"
+            raise ConfigError(f"{key} must be {lo_text}{hi_text}, got {v}")
+    if cfg.run_dir == "" or Path(cfg.run_dir).is_file():
+        raise ConfigError(f"run_dir: {cfg.run_dir!r} is {'empty' if not cfg.run_dir else 'a file'}; give a folder")
+    _check_model_name(cfg.model.name)
+    if cfg.log.wandb == "online" and not _wandb_key():
+        raise ConfigError(
+            "log.wandb: online needs a W&B API key (run `wandb login` or set WANDB_API_KEY); "
+            "or use --log.wandb=offline and `wandb sync` later"
+        )
+
+
+INF = float("inf")
+_C, _O = "closed", "open"
+# (key, getter, (low, closed|open), (high, closed|open)): every number a run reads has its valid range here.
+RANGES = [
+    ("train.steps", lambda c: c.train.steps, (1, _C), (INF, _O)),
+    ("train.batch_size", lambda c: c.train.batch_size, (1, _C), (INF, _O)),
+    ("train.grad_accum", lambda c: c.train.grad_accum, (1, _C), (INF, _O)),
+    ("train.max_nonfinite", lambda c: c.train.max_nonfinite, (1, _C), (INF, _O)),
+    ("train.log_every", lambda c: c.train.log_every, (1, _C), (INF, _O)),
+    ("algorithm.uratio", lambda c: c.algorithm.uratio, (1, _C), (INF, _O)),
+    ("algorithm.lambda_u", lambda c: c.algorithm.lambda_u, (0, _C), (INF, _O)),
+    ("optim.lr", lambda c: c.optim.lr, (0, _O), (INF, _O)),
+    ("optim.weight_decay", lambda c: c.optim.weight_decay, (0, _C), (INF, _O)),
+    ("optim.layer_decay", lambda c: c.optim.layer_decay, (0, _O), (1, _C)),
+    ("optim.warmup_steps", lambda c: c.optim.warmup_steps, (0, _C), (INF, _O)),
+    ("optim.min_lr_ratio", lambda c: c.optim.min_lr_ratio, (0, _C), (1, _C)),
+    ("optim.clip_grad", lambda c: c.optim.clip_grad, (0, _C), (INF, _O)),
+    ("ema.decay", lambda c: c.ema.decay, (0, _C), (1, _O)),
+    ("eval.every", lambda c: c.eval.every, (0, _C), (INF, _O)),
+    ("ckpt.every", lambda c: c.ckpt.every, (1, _C), (INF, _O)),
+    ("ckpt.keep", lambda c: c.ckpt.keep, (1, _C), (INF, _O)),
+    ("data.load_crop", lambda c: c.data.load_crop, (1, _C), (INF, _O)),
+    ("data.num_workers", lambda c: c.data.num_workers, (0, _C), (INF, _O)),
+    ("data.eval_batch_size", lambda c: c.data.eval_batch_size, (1, _C), (INF, _O)),
+    ("data.pseudo_min_confidence", lambda c: c.data.pseudo_min_confidence, (0, _C), (1, _C)),
+    ("model.img_size", lambda c: c.model.img_size, (1, _C), (INF, _O)),
+    ("model.drop_path", lambda c: c.model.drop_path, (0, _C), (1, _O)),
+    ("model.proj_dim", lambda c: c.model.proj_dim, (1, _C), (INF, _O)),
+    ("aug.num_strong", lambda c: c.aug.num_strong, (1, _C), (INF, _O)),
+    ("aug.randaugment_ops", lambda c: c.aug.randaugment_ops, (0, _C), (INF, _O)),
+    ("aug.cutout", lambda c: c.aug.cutout, (0, _C), (1, _C)),
+]
+
+
+def _check_model_name(name: str) -> None:
+    import timm  # here: loading timm costs a second, and only a run needs it
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise ConfigError(f"model.name: {name!r} is not a timm model{f'; close: {close}' if close else ''}")
+
+
+def _wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def resolve_params(alg: AlgorithmConfig) -> None:

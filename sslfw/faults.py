@@ -17,10 +17,11 @@ def _armed(name: str, rank: int, at: int) -> bool:
     return f"{rank}:{at}" in os.environ.get(f"SSLFW_FAULT_{name}", "").split(",")
 
 
-def inject(rank: int, at: int, loss: torch.Tensor | None = None) -> torch.Tensor | None:
+def inject(rank: int, at: int, loss: torch.Tensor | None = None, where: str = "") -> torch.Tensor | None:
     """KILL: SIGKILL this process now. SIGNAL: deliver SIGUSR1 now, as Slurm's warning would (the job stops at its
-    next boundary). NAN: return `loss` made non-finite, so its gradients are NaN too. Returns `loss` otherwise."""
-    if _armed("KILL", rank, at):
+    next boundary). NAN: return `loss` made non-finite, so its gradients are NaN too. Returns `loss` otherwise.
+    `where` names a point other than the loop's own (KILL_RESAVE: between the renames of a checkpoint re-save)."""
+    if _armed(f"KILL_{where}" if where else "KILL", rank, at):
         os.kill(os.getpid(), signal.SIGKILL)
     if _armed("SIGNAL", rank, at):
         signal.raise_signal(signal.SIGUSR1)

@@ -7,10 +7,13 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from sslfw.errors import DataError
 
 
 @contextlib.contextmanager
@@ -29,6 +32,33 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[Any]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | Path, owns: Callable[[str], bool]) -> Iterator[Path]:
+    """A fresh sibling folder to write a set of files into; on success it replaces `final` as a whole (the old
+    folder is renamed aside, the new one renamed in, then the old one deleted), on failure it is removed and
+    `final` is untouched. `owns(name)` says which names in an existing `final` a previous run of the same
+    command made: a folder holding anything else is refused, never replaced."""
+    final = Path(final)
+    if final.exists():
+        if not final.is_dir():
+            raise DataError(f"{final}: is a file; give a folder")
+        others = sorted(p.name for p in final.iterdir() if not owns(p.name))
+        if others:
+            raise DataError(f"{final}: holds files this command did not write ({others[:3]}); choose a new folder")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".staged", dir=final.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old = final.with_name(f".{final.name}.{os.getpid()}.old")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(stage, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

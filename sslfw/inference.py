@@ -12,17 +12,20 @@ from pathlib import Path
 from sslfw import ckpt
 from sslfw.algorithms import get_algorithm
 from sslfw.config import Config, load_config
+from sslfw.errors import DataError
 from sslfw.model import IQAModel
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A step-N directory, or a run directory (its newest valid checkpoint)."""
+    """A step-N directory, or a run directory (its newest intact checkpoint)."""
     path = Path(path)
+    if not path.exists():
+        raise DataError(f"--checkpoint {path}: no such checkpoint or run directory")
     if (path / ckpt.MARKER).is_file():
         return path
     found = ckpt.latest(path)
     if found is None:
-        raise FileNotFoundError(f"{path}: neither a complete step-N checkpoint nor a run directory holding one")
+        raise DataError(f"--checkpoint {path}: neither a complete step-N checkpoint nor a run directory holding one")
     return found
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from sslfw.config import ModelConfig
 from sslfw.data.labels import NUM_CLASSES
+from sslfw.errors import ConfigError
 
 # ImageNet statistics: what timm's ViT weights expect.
 MEAN = (0.485, 0.456, 0.406)
@@ -32,9 +33,15 @@ class IQAModel(nn.Module):
     def __init__(self, cfg: ModelConfig, extra_heads: dict[str, int] | None = None, projection: bool = False):
         super().__init__()
         kwargs = {"img_size": cfg.img_size, **cfg.kwargs} if "vit" in cfg.name or "deit" in cfg.name else cfg.kwargs
-        self.backbone = timm.create_model(
-            cfg.name, pretrained=False, num_classes=0, drop_path_rate=cfg.drop_path, **kwargs
-        )
+        try:
+            self.backbone = timm.create_model(
+                cfg.name, pretrained=False, num_classes=0, drop_path_rate=cfg.drop_path, **kwargs
+            )
+        except (TypeError, ValueError, AssertionError) as e:  # timm's answer to arguments a model does not take
+            raise ConfigError(
+                f"model.kwargs {cfg.kwargs}: timm's {cfg.name} refuses them ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:160]}); check model.kwargs against that model"
+            ) from None
         dim = self.backbone.num_features
         self.head = nn.Linear(dim, NUM_CLASSES)
         self.proj = mlp(dim, cfg.proj_dim) if projection else None

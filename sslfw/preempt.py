@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -18,19 +19,34 @@ from sslfw import fsio
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: state was saved on request; requeue and resume
 EXIT_NONFINITE = 3  # stopped after train.max_nonfinite non-finite steps in a row
+EXIT_INTERRUPTED = 130  # stopped by Ctrl-C after saving (128 + SIGINT, the shell's convention); resume to go on
 EXIT_FILE_ENV = "SSLFW_EXIT_FILE"
 HISTORY = "history.jsonl"  # one row per start and end of a training process: the run's audit trail over requeues
 
 
 class StopFlag:
-    """Signal handlers may only set this; the loop acts on it at a boundary, in agreement across ranks."""
+    """Signal handlers may only set this; the loop acts on it at a boundary, in agreement across ranks.
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
+    Ctrl-C (SIGINT) is a stop request too: the first one saves at the next boundary (exit EXIT_INTERRUPTED); the
+    handler then steps aside, so a second Ctrl-C raises KeyboardInterrupt and aborts at once."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)) -> None:
         self.signal: str | None = None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
     def _handle(self, signum: int, _frame) -> None:
         self.signal = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            print(
+                "\n[sslfw] Ctrl-C: stopping at the next boundary after saving; press Ctrl-C again to abort now",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_INTERRUPTED if self.signal == "SIGINT" else EXIT_PREEMPTED
 
     def restore(self) -> None:
         """Give the process its old handlers back (a command may run inside a longer-lived process)."""

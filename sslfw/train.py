@@ -16,9 +16,10 @@ Semantics worth knowing:
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm import tqdm
 
-from sslfw import ckpt, faults, fsio
+from sslfw import ckpt, faults, fsio, rundir
 from sslfw.algorithms import get_algorithm
 from sslfw.algorithms.base import Algorithm, DataInfo, StepBatch, StepContext, Views
 from sslfw.augment import Augmenter
@@ -39,13 +40,13 @@ from sslfw.data.shards import load_index
 from sslfw.data.stream import ShardSet, StreamId, TrainStream, make_loader
 from sslfw.dist import any_across_ranks, autocast_for, barrier, make_accelerator, mean_across_ranks
 from sslfw.ema import EMATeacher
-from sslfw.errors import ConfigError
+from sslfw.errors import ConfigError, DataError
 from sslfw.evaluate import metrics_from_predictions, predict
 from sslfw.logger import RunLogger
 from sslfw.metrics import constant_guess
 from sslfw.model import IQAModel
 from sslfw.optim import build_optimizer, set_lr
-from sslfw.preempt import EXIT_NONFINITE, EXIT_PREEMPTED, StopFlag, record, write_exit_file
+from sslfw.preempt import EXIT_NONFINITE, StopFlag, record, write_exit_file
 
 PREEMPTED = "preempted.json"  # written with EXIT_PREEMPTED: {"step", "signal"}; removed when the run restarts
 
@@ -164,36 +165,34 @@ def train_step(
     return StepResult(not bad, stop, out.loss.detach(), {k: float(v) for k, v in out.logs.items()}, lr)
 
 
-def train(cfg: Config) -> dict:
-    acc = make_accelerator(cfg.train.bf16)
-    rank, world, device, main = acc.process_index, acc.num_processes, acc.device, acc.is_main_process
-    cuda = device.type == "cuda"
-    run_dir = Path(cfg.run_dir)
-    per_rank = per_rank_batch(cfg, world)
+@dataclass
+class Streams:
+    """Per-rank infinite loaders; batch s of each is a pure function of (seed, stream, rank, s)."""
 
-    # Resume: the newest complete step-N in run_dir (or the one named), else a fresh start.
-    resume_from = None
-    if cfg.ckpt.resume == "auto":
-        resume_from = ckpt.latest(run_dir)
-    elif cfg.ckpt.resume != "none":
-        resume_from = Path(cfg.ckpt.resume)
-    state, info = ckpt.load(resume_from) if resume_from else ({}, {})
-    start = int(info.get("step", 0))
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        (run_dir / PREEMPTED).unlink(missing_ok=True)
-        record(run_dir, "start", start, world_size=world)
-    index = load_index(Path(cfg.data.shards))
-    constant = constant_guess(index["sets"]["train"]["class_counts"])
-    lb_set = ShardSet(cfg.data.shards, "train")
-    data = DataInfo(len(lb_set), index["sets"].get("unlabelled", {}).get("count", 0), cfg.model.proj_dim)
-    run = build_run(cfg, acc, data, state)
-    uses_unlabelled = run.algorithm.uses_unlabelled
+    labelled: Iterator[dict]
+    unlabelled: Iterator[dict] | None
+    pseudo: Iterator[dict] | None  # confident pseudo-labels drawn with the labelled batch (retraining)
+    n_pseudo: int  # of the per-rank labelled batch
 
-    # Streams: batch s of a stream is a pure function of (seed, stream, rank, s); start where the checkpoint left.
-    accum, crop, seed = cfg.train.grad_accum, (cfg.data.load_crop, cfg.data.load_crop), cfg.train.seed
-    n_lb, pl_iter = per_rank, None
+    def next_labelled(self) -> dict:
+        lb = next(self.labelled)
+        if self.pseudo is not None:
+            pl = next(self.pseudo)
+            lb = {k: torch.cat([lb[k], pl[k]]) for k in ("image", "label", "idx")}
+        return lb
+
+
+def open_streams(
+    cfg: Config, lb_set: ShardSet, per_rank: int, rank: int, start: int, cuda: bool, uses_unlabelled: bool
+) -> Streams:
+    """The streams a run reads, positioned at optimizer step `start`."""
+    crop, seed, pos = (cfg.data.load_crop, cfg.data.load_crop), cfg.train.seed, start * cfg.train.grad_accum
+
+    def loader(shards: ShardSet, batch: int, stream: StreamId, **kw) -> Iterator[dict]:
+        ts = TrainStream(shards, batch, crop, seed, rank, stream, pos, **kw)
+        return iter(make_loader(ts, cfg.data.num_workers, pin_memory=cuda))
+
+    pseudo, n_pl = None, 0
     if cfg.data.pseudo_labels:  # the paper's retraining: labelled and pseudo-labelled images drawn as one union
         if uses_unlabelled or per_rank < 2:
             raise ConfigError(
@@ -201,52 +200,71 @@ def train(cfg: Config) -> dict:
                 "images per rank; set algorithm.name=supervised and a larger train.batch_size"
             )
         pool = ShardSet(cfg.data.shards, "unlabelled")
-        pl_labels, keep = load_pseudo_labels(Path(cfg.data.pseudo_labels), len(pool), cfg.data.pseudo_min_confidence)
+        labels, keep = load_pseudo_labels(Path(cfg.data.pseudo_labels), len(pool), cfg.data.pseudo_min_confidence)
         n_pl = min(per_rank - 1, max(1, round(per_rank * keep.sum() / (keep.sum() + len(lb_set)))))
-        n_lb = per_rank - n_pl
-        pl_iter = iter(
-            make_loader(
-                TrainStream(
-                    pool, n_pl, crop, seed, rank, StreamId.PSEUDO_LABELLED, start * accum, keep=keep, labels=pl_labels
-                ),
-                cfg.data.num_workers,
-                pin_memory=cuda,
-            )
-        )
-    lb_iter = iter(
-        make_loader(
-            TrainStream(lb_set, n_lb, crop, seed, rank, StreamId.LABELLED, start * accum),
-            cfg.data.num_workers,
-            pin_memory=cuda,
-        )
-    )
-    ulb_iter = None
+        pseudo = loader(pool, n_pl, StreamId.PSEUDO_LABELLED, keep=keep, labels=labels)
+    unlabelled = None
     if uses_unlabelled:
-        ulb_set = ShardSet(cfg.data.shards, "unlabelled")
-        ulb_iter = iter(
-            make_loader(
-                TrainStream(
-                    ulb_set, per_rank * cfg.algorithm.uratio, crop, seed, rank, StreamId.UNLABELLED, start * accum
-                ),
-                cfg.data.num_workers,
-                pin_memory=cuda,
-            )
-        )
-    eval_set = ShardSet(cfg.data.shards, cfg.eval.split)
+        pool = ShardSet(cfg.data.shards, "unlabelled")
+        unlabelled = loader(pool, per_rank * cfg.algorithm.uratio, StreamId.UNLABELLED)
+    return Streams(loader(lb_set, per_rank - n_pl, StreamId.LABELLED), unlabelled, pseudo, n_pl)
 
-    def next_labelled() -> dict:
-        lb = next(lb_iter)
-        if pl_iter is not None:
-            pl = next(pl_iter)
-            lb = {k: torch.cat([lb[k], pl[k]]) for k in ("image", "label", "idx")}
-        return lb
+
+def train(cfg: Config) -> dict:
+    """Train `cfg` to `train.steps` (resuming as `ckpt.resume` says); {"exit_code", "step", "skipped_steps", "val"}."""
+    acc = make_accelerator(cfg.train.bf16)
+    per_rank = per_rank_batch(cfg, acc.num_processes)
+    # The run folder first: whose it is, what to resume from, and a lock held for the whole run.
+    resume_from, lock, created = rundir.claim(cfg.run_dir, cfg.ckpt, to_dict(cfg), acc.is_main_process, acc.device)
+    try:
+        return _train_claimed(cfg, acc, per_rank, resume_from, created)
+    finally:
+        if lock is not None:  # however the run ends (an error included), the folder is free again
+            lock.release()
+
+
+def _train_claimed(cfg: Config, acc: Accelerator, per_rank: int, resume_from: Path | None, created: bool) -> dict:
+    rank, world, device, main = acc.process_index, acc.num_processes, acc.device, acc.is_main_process
+    run_dir, accum, seed = Path(cfg.run_dir), cfg.train.grad_accum, cfg.train.seed
+    # Everything that reads inputs comes before the first write: a start its inputs refuse writes nothing (and
+    # leaves no folder it created).
+    try:
+        state, info = ckpt.load(resume_from) if resume_from else ({}, {})
+        start = int(info.get("step", 0))
+        if start >= cfg.train.steps:
+            if main:
+                print(
+                    f"[sslfw] {resume_from} is at step {start} >= train.steps={cfg.train.steps}: nothing to train. "
+                    f"Raise --train.steps to continue this run.",
+                    flush=True,
+                )
+                if created:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+            return {"exit_code": 0, "step": start, "skipped_steps": int(info.get("skipped_steps", 0)), "val": {}}
+        index = load_index(Path(cfg.data.shards))
+        lb_set, eval_set = ShardSet(cfg.data.shards, "train"), ShardSet(cfg.data.shards, cfg.eval.split)
+        if len(eval_set) == 0:
+            raise DataError(f"{cfg.data.shards}: eval.split {cfg.eval.split!r} has no samples; choose another split")
+        data = DataInfo(len(lb_set), index["sets"].get("unlabelled", {}).get("count", 0), cfg.model.proj_dim)
+        run = build_run(cfg, acc, data, state)
+        streams = open_streams(cfg, lb_set, per_rank, rank, start, device.type == "cuda", run.algorithm.uses_unlabelled)
+    except Exception:
+        if main and created:  # a start refused by its inputs leaves no folder behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    constant = constant_guess(index["sets"]["train"]["class_counts"])
+    if main:
+        save_config(cfg, run_dir / "config.yaml")
+        rundir.write_owner(run_dir, to_dict(cfg))
+        (run_dir / PREEMPTED).unlink(missing_ok=True)
+        record(run_dir, "start", start, world_size=world)
 
     logger = RunLogger(run_dir, main, cfg.log.wandb, cfg.log.project, to_dict(cfg), start)
     if main:
         print(
             f"[sslfw] {world} process(es) on {device}: global batch {cfg.train.batch_size} = {world} ranks x "
-            f"{per_rank} x {accum} accumulation ({per_rank - n_lb} of {per_rank} pseudo-labelled); "
-            f"unlabelled x{cfg.algorithm.uratio if ulb_iter is not None else 0}; "
+            f"{per_rank} x {accum} accumulation ({streams.n_pseudo} of {per_rank} pseudo-labelled); "
+            f"unlabelled x{cfg.algorithm.uratio if streams.unlabelled is not None else 0}; "
             f"steps {start}->{cfg.train.steps}; algorithm {cfg.algorithm.name}; run_dir {run_dir}",
             flush=True,
         )
@@ -302,9 +320,9 @@ def train(cfg: Config) -> dict:
     while step < cfg.train.steps:
         torch.manual_seed(_seed(seed, rank, step))  # drop path and anything else using the global RNG
         gen = torch.Generator(device).manual_seed(_seed(seed, rank, step, 1))
+        ulb = streams.unlabelled
         batches = (
-            make_batch(run, next_labelled(), next(ulb_iter) if ulb_iter is not None else None, gen)
-            for _ in range(accum)
+            make_batch(run, streams.next_labelled(), next(ulb) if ulb is not None else None, gen) for _ in range(accum)
         )
         res = train_step(run, step, batches, lambda: stop.signal is not None)
         if res.applied:
@@ -340,16 +358,16 @@ def train(cfg: Config) -> dict:
             logger.log(step, val)
         if res.stop:
             save(step)
+            exit_code = stop.exit_code  # 130 for Ctrl-C, else 75 (Slurm requeues on it)
             if main:  # launchers hide worker exit codes, so the reason is also left in the run dir
                 fsio.write_json(run_dir / PREEMPTED, {"step": step, "signal": stop.signal})
-                write_exit_file(EXIT_PREEMPTED)
+                write_exit_file(exit_code)
                 print(
                     f"[sslfw] {stop.signal or 'stop signal'} on some rank: saved step-{step}, exiting with "
-                    f"{EXIT_PREEMPTED} (resume with --ckpt.resume auto)",
+                    f"{exit_code} (resume with --ckpt.resume auto)",
                     flush=True,
                 )
             barrier()  # the code is on disk before any rank exits: srun may end the step at the first non-zero exit
-            exit_code = EXIT_PREEMPTED
             break
         if step % cfg.ckpt.every == 0 or step == cfg.train.steps:
             save(step)

@@ -124,7 +124,8 @@ def test_two_ranks_equal_one_rank_with_the_global_batch(name, tmp_path):
 def test_trains_checkpoints_and_resumes_to_identical_state(name, small_shards, tmp_path, monkeypatch):
     from sslfw import ckpt
     from sslfw.config import load_config
-    from sslfw.train import EXIT_PREEMPTED, train
+    from sslfw.preempt import EXIT_PREEMPTED
+    from sslfw.train import train
     from tests.helpers import tiny_overrides
 
     extra = {"algorithm.name": name, "train.steps": 6, "ckpt.every": 6, "eval.every": 0, "aug.strong": "randaugment"}

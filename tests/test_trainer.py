@@ -14,7 +14,8 @@ import torch
 
 from sslfw import ckpt
 from sslfw.config import load_config
-from sslfw.train import EXIT_NONFINITE, EXIT_PREEMPTED, PREEMPTED, train
+from sslfw.preempt import EXIT_NONFINITE, EXIT_PREEMPTED
+from sslfw.train import PREEMPTED, train
 from tests.helpers import child_env, run_sslfw, tiny_overrides, torchrun
 
 

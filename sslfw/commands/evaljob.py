@@ -11,9 +11,11 @@ from sslfw.data.labels import NUM_CLASSES
 from sslfw.data.shards import load_index
 from sslfw.data.stream import ShardSet
 from sslfw.dist import autocast_for, make_accelerator
+from sslfw.errors import DataError
 from sslfw.evaluate import metrics_from_predictions, predict
 from sslfw.inference import load_model
 from sslfw.metrics import constant_guess
+from sslfw.rundir import lock_on_main
 
 # The paper's columns first; the honest ones (constant guess, correlations) beside them.
 REPORT_KEYS = (
@@ -41,11 +43,16 @@ def run_eval(
     shards: Path | None = None,
 ) -> dict:
     acc = make_accelerator(bf16=True)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise DataError(f"--out {out}: is a file; give a folder for eval.json, eval.md and confusion.png")
     model, cfg, ckpt_dir = load_model(checkpoint, weights)
     model.to(acc.device)
     root = Path(shards or cfg.data.shards)
     index = load_index(root)
     data = ShardSet(root, split)
+    if len(data) == 0:
+        raise DataError(f"{root}: split {split!r} has no samples; choose another --split")
+    lock = lock_on_main(Path(out), f"sslfw eval (--out {out})", acc.is_main_process, acc.device) if out else None
     autocast = autocast_for(acc)
     pred = predict(
         model,
@@ -73,6 +80,8 @@ def run_eval(
         fsio.write_json(out / "eval.json", result)
         fsio.write_text(out / "eval.md", markdown(result))
         confusion_png(pred["label"], pred["probs"].argmax(1), out / "confusion.png", f"{split} ({weights})")
+    if lock is not None:
+        lock.release()
     return result
 
 

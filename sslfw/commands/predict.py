@@ -41,6 +41,8 @@ def load_views(path: Path, size: int, crops: int) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: refused as a decompression bomb ({e}); downscale it first") from None
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(
             f"{path}: not a readable image ({type(e).__name__}: {e}); remove it or pass image files only"
@@ -59,6 +61,8 @@ def predict_files(
     crops: int = 1,
     batch_size: int = 32,
 ) -> list[list]:
+    if out is not None and Path(out).is_dir():
+        raise DataError(f"--out {out}: is a folder; give the csv file to write")
     model, cfg, _ = load_model(checkpoint, weights)
     files = list_images(inputs)
     rows = []

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from sslfw import faults, fsio
+from sslfw import ckpt, faults, fsio
 from sslfw.data.pseudo import COLUMNS
 from sslfw.data.stream import ChunkStream, ShardSet, make_loader
 from sslfw.dist import any_across_ranks, autocast_for, barrier, make_accelerator
@@ -31,6 +31,7 @@ from sslfw.evaluate import concat, predict_batch
 from sslfw.inference import load_model
 from sslfw.model import expected_score
 from sslfw.preempt import EXIT_PREEMPTED, StopFlag, write_exit_file
+from sslfw.rundir import lock_on_main
 
 
 def pseudolabel(
@@ -50,25 +51,36 @@ def pseudolabel(
     model.to(device)
     pool = ShardSet(shards or cfg.data.shards, "unlabelled")
     n = len(pool)
+    if n == 0:
+        raise DataError(f"{pool.root}: the unlabelled set is empty: nothing to pseudo-label (pack a pool with --kadis)")
     out = Path(out)
+    if out.is_dir():
+        raise DataError(f"--out {out}: is a folder; give the csv file to write")
     parts = out.with_name(out.name + ".parts")
+    # What the chunks are predictions of: a chunk made under another fingerprint (another pack of the pool, another
+    # checkpoint, weights or crops) must never be merged into this csv.
+    state_sha = ckpt.recorded_sha256(ckpt_dir)
     job = {
         "checkpoint": str(ckpt_dir.resolve()),
+        "checkpoint_sha256": state_sha,
         "weights": weights,
         "crops": crops,
         "chunk": chunk,
         "samples": n,
         "shards": str(pool.root.resolve()),
+        "pool_fingerprint": pool.fingerprint,
     }
     # Every rank checks (a rank that raised alone would leave the others waiting at the barrier).
-    if (parts / "job.json").is_file() and json.loads((parts / "job.json").read_text()) != job:
-        raise DataError(
-            f"{parts}: holds chunks of another job ({(parts / 'job.json').read_text().strip()}); "
-            f"delete it or choose another --out"
-        )
-    barrier()
+    if (parts / "job.json").is_file():
+        old = json.loads((parts / "job.json").read_text())
+        changed = [k for k in job if old.get(k) != job[k]]
+        if changed:
+            raise DataError(
+                f"{parts}: holds chunks of another job ({', '.join(changed)} differ); "
+                f"delete that folder or choose another --out"
+            )
+    lock = lock_on_main(parts, f"sslfw pseudolabel (--out {out})", acc.is_main_process, device)
     if acc.is_main_process:
-        parts.mkdir(parents=True, exist_ok=True)
         fsio.write_json(parts / "job.json", job)
     barrier()
 
@@ -111,6 +123,8 @@ def pseudolabel(
             write_exit_file(EXIT_PREEMPTED)  # before any rank exits (srun may end the step at the first one)
         else:
             summary |= merge(parts, out, n)
+    if lock is not None:
+        lock.release()
     barrier()
     return summary
 

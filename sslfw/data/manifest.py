@@ -8,6 +8,7 @@ and its hash. Every problem in the input is reported with the file and line it c
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
@@ -25,6 +26,7 @@ KONIQ_IMAGE_DIRS = ("1024x768", "512x384", "images")
 KADIS_CSV = "kadis700k_ref_imgs.csv"
 SPLITS = ("train", "val", "test")
 OFFICIAL_SET_NAMES = {"training": "train", "validation": "val", "test": "test"}
+MANIFEST_FILES = ("labelled.csv", "unlabelled.csv", "meta.json")
 LABELLED_COLUMNS = ["key", "path", "source", "mos", "mos_zscore", "c1", "c2", "c3", "c4", "c5", "label", "split"]
 
 
@@ -49,7 +51,16 @@ def _read_csv(path: Path, required: list[str]) -> list[tuple[int, dict[str, str]
     """Rows as (line number, {column: text}); checks the header and the field count of every row."""
     if not path.is_file():
         raise DataError(f"{path}: file not found. Point the option at the dataset folder that holds it.")
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}, line {line}: byte 0x{data[e.start]:02x} is not UTF-8 text. Re-save the file as UTF-8 "
+            f"(e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
+    with io.StringIO(text, newline="") as f:
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
         missing = [c for c in required if c not in header]
@@ -68,6 +79,19 @@ def _read_csv(path: Path, required: list[str]) -> list[tuple[int, dict[str, str]
                 )
             rows.append((lineno, dict(zip(header, (x.strip() for x in fields)))))
     return rows
+
+
+def _utf8_path(path: Path, where: str) -> str:
+    """The resolved path as text the manifest can store; a file name that is not UTF-8 cannot be written to csv."""
+    text = str(path.resolve())
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(
+            f"{where}: the file name {path.name.encode('utf-8', 'surrogateescape')!r} is not UTF-8. Rename it "
+            f"(e.g. with `convmv -f latin1 -t utf-8`)"
+        ) from None
+    return text
 
 
 def _number(path: Path, lineno: int, column: str, text: str, lo: float, hi: float) -> float:
@@ -112,7 +136,7 @@ def read_koniq(root: Path, image_dir: str | None = None) -> list[LabelledRow]:
             raise DataError(f"{scores}, line {lineno}: image {path} does not exist. Copy it there or delete the row.")
         row = LabelledRow(
             make_key("koniq", name),
-            str(path.resolve()),
+            _utf8_path(path, f"{scores}, line {lineno}"),
             "koniq",
             mos=_number(scores, lineno, "MOS", r["MOS"], 1.0, 5.0),
         )
@@ -143,7 +167,7 @@ def read_kadis(root: Path) -> list[tuple[str, str]]:
         path = ref / name
         if not path.is_file():
             raise DataError(f"{listing}, line {lineno}: image {path} does not exist. Copy it there or delete the row.")
-        out.append((make_key("kadis", name), str(path.resolve())))
+        out.append((make_key("kadis", name), _utf8_path(path, f"{listing}, line {lineno}" if lineno else str(ref))))
     return out
 
 
@@ -161,7 +185,9 @@ def read_extra(csv_path: Path, kadis_root: Path | None) -> list[LabelledRow]:
         label = _number(csv_path, lineno, "label", r["label"], 0, NUM_CLASSES - 1)
         if label != int(label):
             raise DataError(f"{csv_path}, line {lineno}: label={r['label']!r} must be an integer 0..4.")
-        row = LabelledRow(make_key("kadis", name), str(path.resolve()), "extra", label=int(label))
+        row = LabelledRow(
+            make_key("kadis", name), _utf8_path(path, f"{csv_path}, line {lineno}"), "extra", label=int(label)
+        )
         if r.get("MOS"):
             row.mos = _number(csv_path, lineno, "MOS", r["MOS"], 1.0, 5.0)
         out.append(row)
@@ -212,7 +238,10 @@ def prepare(
     if abs(sum(split) - 1.0) > 1e-6 or min(split) < 0:
         raise DataError(f"--split {split}: three non-negative fractions that sum to 1, e.g. 0.8,0.1,0.1.")
     labelled = read_koniq(koniq, koniq_images)
-    scheme = LabelScheme.parse(bins, np.array([r.mos for r in labelled]))
+    try:
+        scheme = LabelScheme.parse(bins, np.array([r.mos for r in labelled]))
+    except ValueError as e:
+        raise DataError(str(e) if str(e).startswith("--bins") else f"--bins {bins!r}: {e}") from None
     for r in labelled:
         r.label = scheme.label(r.mos)
     extras = read_extra(extra_labels, kadis) if extra_labels else []
@@ -254,8 +283,6 @@ def prepare(
         ]
         for r in labelled
     ]
-    fsio.write_csv(out / "labelled.csv", LABELLED_COLUMNS, rows)
-    fsio.write_csv(out / "unlabelled.csv", ["key", "path"], [list(p) for p in pool])
     labels = np.array([r.label for r in labelled])
     split_col = np.array([r.split for r in labelled])
     meta = {
@@ -270,7 +297,10 @@ def prepare(
             "extra_labels": str(Path(extra_labels).resolve()) if extra_labels else None,
         },
     }
-    fsio.write_json(out / "meta.json", meta)
+    with fsio.staged_dir(out, lambda name: name in MANIFEST_FILES) as stage:  # the files appear together or not
+        fsio.write_csv(stage / "labelled.csv", LABELLED_COLUMNS, rows)
+        fsio.write_csv(stage / "unlabelled.csv", ["key", "path"], [list(p) for p in pool])
+        fsio.write_json(stage / "meta.json", meta)
     return meta
 
 
@@ -301,4 +331,9 @@ def load(manifest: Path) -> tuple[list[LabelledRow], list[tuple[str, str]], dict
             )
         )
     pool = [(r["key"], r["path"]) for _, r in _read_csv(manifest / "unlabelled.csv", ["key", "path"])]
+    if split_hash(labelled) != meta["split"]["sha256"] or len(pool) != meta["counts"]["unlabelled"]:
+        raise DataError(
+            f"{manifest}: labelled.csv/unlabelled.csv do not match meta.json (edited, or mixed from two prepares); "
+            f"rerun `sslfw data prepare --out {manifest}`"
+        )
     return labelled, pool, meta

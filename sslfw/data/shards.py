@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from sslfw import fsio
 from sslfw.data import manifest as mf
+from sslfw.data.images import to_rgb8
 from sslfw.data.labels import NUM_CLASSES
 from sslfw.errors import DataError
 
@@ -51,11 +52,11 @@ def check_image(path: str, max_side: int | None, raw: bool = False) -> tuple[byt
             fmt = im.format or ""
             if raw:  # what the loader would decode (RGB uint8 HWC), stored as .npy
                 buf = io.BytesIO()
-                np.save(buf, np.asarray(im if im.mode == "RGB" else im.convert("RGB")), allow_pickle=False)
+                np.save(buf, np.asarray(to_rgb8(im)), allow_pickle=False)
                 return buf.getvalue(), "npy", ""
             if max_side and max(im.size) > max_side:
                 scale = max_side / max(im.size)
-                im = im.convert("RGB").resize(
+                im = to_rgb8(im).resize(
                     (max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS
                 )
                 buf = io.BytesIO()
@@ -157,11 +158,6 @@ def pack(
             "they were original); pack with one or the other"
         )
     labelled, pool, meta = mf.load(manifest)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / INDEX).unlink(missing_ok=True)  # a stale index must not vouch for shards we are about to replace
-    for old in out.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
-        old.unlink()
     members: dict[str, list[tuple[str, str, mf.LabelledRow | None]]] = {s: [] for s in SETS}
     for r in labelled:
         members[r.split].append((r.key, r.path, r))
@@ -178,46 +174,53 @@ def pack(
         "sets": {},
         "skipped": [],
     }
-    total = sum(len(v) for v in members.values())
-    bar = tqdm(total=total, desc="packing", unit="img", disable=not progress)
-    n_workers = workers or os.cpu_count() or 1
-    pool_ctx = get_context("spawn").Pool(n_workers) if n_workers > 1 and total >= 256 else None
-    gidx = 0
-    try:
-        for set_id, set_name in enumerate(SETS):
-            rows = members[set_name]
-            order = np.random.default_rng([seed, set_id]).permutation(len(rows))
-            rows = [rows[i] for i in order]
-            jobs = [(p, max_side, pixels == "raw") for _, p, _ in rows]
-            results = pool_ctx.imap(_check_star, jobs, chunksize=8) if pool_ctx else map(_check_star, jobs)
-            roller = _ShardRoller(out, set_name, samples_per_shard)
-            start = gidx
-            for (key, path, row), (data, ext, err) in zip(rows, results):
-                bar.update()
-                if data is None:
-                    index["skipped"].append({"set": set_name, "key": key, "path": path, "error": err})
-                    continue
-                roller.write(key, ext, data, _sample_meta(row, key, set_name, gidx - start, gidx))
-                gidx += 1
-            roller.close()
-            table = np.array(roller.offsets, dtype=np.int64).reshape(-1, len(OFFSET_COLUMNS))
-            with fsio.atomic_open(out / f"{set_name}.offsets.npy") as f:
-                np.save(f, table)
-            counts = np.array([s["class_counts"] for s in roller.shards]).reshape(-1, NUM_CLASSES).sum(0)
-            index["sets"][set_name] = {
-                "count": len(table),
-                "gidx_offset": start,
-                "class_counts": counts.tolist(),
-                "offsets": f"{set_name}.offsets.npy",
-                "shards": roller.shards,
-            }
-    finally:
-        bar.close()
-        if pool_ctx:
-            pool_ctx.close()
-            pool_ctx.join()
-    fsio.write_json(out / INDEX, index)
+    # Written into a staged folder that replaces OUT only when complete: a failed pack leaves the old one intact.
+    with fsio.staged_dir(out, _is_pack_file) as out:
+        total = sum(len(v) for v in members.values())
+        bar = tqdm(total=total, desc="packing", unit="img", disable=not progress)
+        n_workers = workers or os.cpu_count() or 1
+        pool_ctx = get_context("spawn").Pool(n_workers) if n_workers > 1 and total >= 256 else None
+        gidx = 0
+        try:
+            for set_id, set_name in enumerate(SETS):
+                rows = members[set_name]
+                order = np.random.default_rng([seed, set_id]).permutation(len(rows))
+                rows = [rows[i] for i in order]
+                jobs = [(p, max_side, pixels == "raw") for _, p, _ in rows]
+                results = pool_ctx.imap(_check_star, jobs, chunksize=8) if pool_ctx else map(_check_star, jobs)
+                roller = _ShardRoller(out, set_name, samples_per_shard)
+                start = gidx
+                for (key, path, row), (data, ext, err) in zip(rows, results):
+                    bar.update()
+                    if data is None:
+                        index["skipped"].append({"set": set_name, "key": key, "path": path, "error": err})
+                        continue
+                    roller.write(key, ext, data, _sample_meta(row, key, set_name, gidx - start, gidx))
+                    gidx += 1
+                roller.close()
+                table = np.array(roller.offsets, dtype=np.int64).reshape(-1, len(OFFSET_COLUMNS))
+                with fsio.atomic_open(out / f"{set_name}.offsets.npy") as f:
+                    np.save(f, table)
+                counts = np.array([s["class_counts"] for s in roller.shards]).reshape(-1, NUM_CLASSES).sum(0)
+                index["sets"][set_name] = {
+                    "count": len(table),
+                    "gidx_offset": start,
+                    "class_counts": counts.tolist(),
+                    "offsets": f"{set_name}.offsets.npy",
+                    "shards": roller.shards,
+                }
+        finally:
+            bar.close()
+            if pool_ctx:
+                pool_ctx.close()
+                pool_ctx.join()
+        fsio.write_json(out / INDEX, index)  # last: a folder with index.json is a complete pack
+
     return index
+
+
+def _is_pack_file(name: str) -> bool:
+    return name == INDEX or name.endswith((".offsets.npy", ".tar"))
 
 
 def load_index(root: Path) -> dict:
@@ -228,3 +231,33 @@ def load_index(root: Path) -> dict:
     if index.get("format") != FORMAT:
         raise DataError(f"{path}: format {index.get('format')!r}, expected {FORMAT!r}. Re-pack with this sslfw.")
     return index
+
+
+def verify(root: Path) -> dict:
+    """Check every shard of a pack against index.json (size and sha256) and every offsets table against its set;
+    a summary, or one DataError naming each damaged file."""
+    root = Path(root)
+    index = load_index(root)
+    bad, shards, size = [], 0, 0
+    for info in index["sets"].values():
+        for s in info["shards"]:
+            path = root / s["name"]
+            shards += 1
+            if not path.is_file():
+                bad.append(f"{path.name} (missing)")
+                continue
+            size += path.stat().st_size
+            if path.stat().st_size != s["bytes"]:
+                bad.append(f"{path.name} ({path.stat().st_size} bytes, index.json says {s['bytes']})")
+            elif fsio.sha256_file(path) != s["sha256"]:
+                bad.append(f"{path.name} (sha256 differs)")
+        table = root / info["offsets"]
+        try:
+            rows = len(np.load(table, allow_pickle=False))
+        except (OSError, ValueError):
+            rows = None
+        if rows != info["count"]:
+            bad.append(f"{table.name} ({'unreadable' if rows is None else f'{rows} rows'}, expected {info['count']})")
+    if bad:
+        raise DataError(f"{root}: {len(bad)} damaged file(s): {'; '.join(bad)}. Re-pack with `sslfw shards pack`")
+    return {"shards": shards, "bytes": size, "sets": {n: s["count"] for n, s in index["sets"].items()}, "ok": True}

@@ -17,6 +17,7 @@ native-resolution crop (no resize: resizing changes perceived quality). Output i
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -31,11 +32,29 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from sslfw import fsio
+from sslfw.data.images import to_rgb8
 from sslfw.data.shards import load_index
 from sslfw.errors import DataError
 
 NPY_MAGIC = b"\x93NUMPY"  # shards packed with --pixels raw hold .npy arrays
 PREFETCH = 4  # batches each loader worker keeps ready
+
+
+_VERIFIED: set[tuple[str, str]] = set()  # (shard path, sha256) checked by this process
+
+
+def verify_shard(path: Path, sha256: str) -> None:
+    """The shard's sha256 against index.json, once per shard and process (a loader worker reads a shard whole
+    once; at the embedded set's scale this was not measurable next to decoding)."""
+    if (str(path), sha256) in _VERIFIED:
+        return
+    if fsio.sha256_file(path) != sha256:
+        raise DataError(
+            f"{path}: its sha256 does not match index.json (damaged or replaced since packing). Re-pack the shards, "
+            f"or find the others with `sslfw shards verify {path.parent}`"
+        )
+    _VERIFIED.add((str(path), sha256))
 
 
 class ShardSet:
@@ -57,6 +76,15 @@ class ShardSet:
                 f"{self.root / info['offsets']}: {len(self.offsets)} rows, index says {info['count']}. "
                 f"Re-pack the shards."
             )
+        for s, path in zip(info["shards"], self.shards):
+            size = path.stat().st_size if path.is_file() else None
+            if size != s["bytes"]:
+                raise DataError(
+                    f"{path}: {'missing' if size is None else f'{size} bytes'}, index.json says {s['bytes']} "
+                    f"(truncated or replaced). Re-pack the shards (`sslfw shards verify {self.root}` checks them all)"
+                )
+        self.sha256 = [s["sha256"] for s in info["shards"]]
+        self.fingerprint = hashlib.sha256(json.dumps([name, info], sort_keys=True).encode()).hexdigest()
         self._files: dict[int, object] = {}
         self._pid = -1
 
@@ -67,6 +95,7 @@ class ShardSet:
         if self._pid != os.getpid():  # file handles must not be shared across forked DataLoader workers
             self._files, self._pid = {}, os.getpid()
         if shard not in self._files:
+            verify_shard(self.shards[shard], self.sha256[shard])
             self._files[shard] = open(self.shards[shard], "rb")
         return self._files[shard]
 
@@ -76,7 +105,12 @@ class ShardSet:
         f.seek(img_off)
         data = f.read(img_size)
         f.seek(js_off)
-        return data, json.loads(f.read(js_size))
+        try:
+            return data, json.loads(f.read(js_size))
+        except ValueError:
+            raise DataError(
+                f"{self.shards[shard]}: sample {i} has a damaged metadata member. Re-pack the shards"
+            ) from None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_files": {}, "_pid": -1}
@@ -88,8 +122,7 @@ def decode_crop(data: bytes, crop: tuple[int, int] | None, rng: np.random.Genera
     if data[:6] == NPY_MAGIC:  # packed with --pixels raw: already RGB uint8 HWC
         return _crop_array(np.load(io.BytesIO(data), allow_pickle=False), crop, rng)
     with Image.open(io.BytesIO(data)) as im:
-        if im.mode != "RGB":
-            im = im.convert("RGB")
+        im = to_rgb8(im)
         w, h = im.size
         if crop is None or h < crop[0] or w < crop[1]:
             return _crop_array(np.asarray(im), crop, rng)
