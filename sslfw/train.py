@@ -173,13 +173,22 @@ class Streams:
     unlabelled: Iterator[dict] | None
     pseudo: Iterator[dict] | None  # confident pseudo-labels drawn with the labelled batch (retraining)
     n_pseudo: int  # of the per-rank labelled batch
+    damaged: int = 0  # images skipped on this rank because they no longer decode (replaced within their batch)
+
+    def _next(self, it: Iterator[dict]) -> dict:
+        batch = next(it)
+        self.damaged += int(batch["damaged"])
+        return batch
 
     def next_labelled(self) -> dict:
-        lb = next(self.labelled)
+        lb = self._next(self.labelled)
         if self.pseudo is not None:
-            pl = next(self.pseudo)
+            pl = self._next(self.pseudo)
             lb = {k: torch.cat([lb[k], pl[k]]) for k in ("image", "label", "idx")}
         return lb
+
+    def next_unlabelled(self) -> dict | None:
+        return self._next(self.unlabelled) if self.unlabelled is not None else None
 
 
 def open_streams(
@@ -320,10 +329,7 @@ def _train_claimed(cfg: Config, acc: Accelerator, per_rank: int, resume_from: Pa
     while step < cfg.train.steps:
         torch.manual_seed(_seed(seed, rank, step))  # drop path and anything else using the global RNG
         gen = torch.Generator(device).manual_seed(_seed(seed, rank, step, 1))
-        ulb = streams.unlabelled
-        batches = (
-            make_batch(run, streams.next_labelled(), next(ulb) if ulb is not None else None, gen) for _ in range(accum)
-        )
+        batches = (make_batch(run, streams.next_labelled(), streams.next_unlabelled(), gen) for _ in range(accum))
         res = train_step(run, step, batches, lambda: stop.signal is not None)
         if res.applied:
             nonfinite_run = 0
@@ -350,6 +356,8 @@ def _train_claimed(cfg: Config, acc: Accelerator, per_rank: int, resume_from: Pa
             logs = mean_across_ranks({**res.logs, "loss": float(res.loss) if res.applied else float("nan")}, device)
             now = time.perf_counter()
             logs |= {"lr": res.lr, "skipped_steps": skipped, "steps_per_s": cfg.train.log_every / (now - t_last)}
+            if streams.damaged:
+                logs["damaged_images"] = streams.damaged  # this process's count since its start
             t_last = now
             logger.log(step, {f"train/{k}": v for k, v in logs.items()})
             bar.set_postfix(loss=f"{logs['loss']:.4f}")

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sslfw import ckpt
+from sslfw import ckpt, fsio
 from sslfw.cli import main
 from sslfw.config import load_config
 from sslfw.data.manifest import prepare
@@ -346,23 +346,25 @@ def test_resume_accepts_a_run_folder_and_says_when_there_is_nothing_to_do(tiny_r
 
 @pytest.mark.slow  # real processes (DDP, signals, kills)
 def test_ctrl_c_saves_and_exits_130_and_a_second_one_aborts(small_shards, tmp_path):
-    """13: Ctrl-C is a stop request like SIGTERM; twice is an abort."""
+    """13: Ctrl-C is a stop request like SIGTERM; twice is an abort. Sent, as a terminal does, to the whole process
+    group (loader workers included)."""
+    slow = {"model.kwargs": "{patch_size: 8, embed_dim: 192, depth: 6, num_heads: 3}", "train.batch_size": 32}
     for presses in (1, 2):
         run = tmp_path / f"run{presses}"
-        slow = {"model.kwargs": "{patch_size: 8, embed_dim: 192, depth: 6, num_heads: 3}", "train.batch_size": 32}
-        args = ["train", *tiny(small_shards, run, **{"train.steps": 100000, "ckpt.every": 100000, **slow})]
+        args = tiny(small_shards, run, **{"train.steps": 100000, "ckpt.every": 100000, "data.num_workers": 2, **slow})
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sslfw", *args],
+            [sys.executable, "-m", "sslfw", "train", *args],
             env=child_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,
         )
         deadline = time.time() + 120
         while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and len(rows(run)) >= 3):
             time.sleep(0.2)
         for _ in range(presses):
-            proc.send_signal(signal.SIGINT)
+            os.killpg(proc.pid, signal.SIGINT)
             time.sleep(0.05)
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 130, err[-2000:]
@@ -374,3 +376,32 @@ def test_ctrl_c_saves_and_exits_130_and_a_second_one_aborts(small_shards, tmp_pa
             assert history[-1] == {**history[-1], "event": "end", "step": step, "exit_code": 130}
         else:
             assert "sslfw: interrupted" in err
+
+
+def test_an_image_that_no_longer_decodes_is_skipped_in_training_and_named_in_evaluation(
+    tiny_run, small_shards, tmp_path, capsys
+):
+    """5: a damaged image inside an intact tar (its sha256 recorded as it now is)."""
+    shards = tmp_path / "shards"
+    shutil.copytree(small_shards, shards)
+    index = json.loads((shards / "index.json").read_text())
+    offsets = np.load(shards / index["sets"]["train"]["offsets"])
+    shard, img_off = int(offsets[0][0]), int(offsets[0][1])
+    info = index["sets"]["train"]["shards"][shard]
+    tar = shards / info["name"]
+    raw = bytearray(tar.read_bytes())
+    raw[img_off : img_off + 16] = bytes(16)  # no image header any more
+    tar.write_bytes(bytes(raw))
+    info["sha256"] = fsio.sha256_file(tar)
+    (shards / "index.json").write_text(json.dumps(index))
+    run = tmp_path / "run"
+    result = train(load_config(None, tiny(shards, run, **{"train.steps": 40, "train.batch_size": 16})))
+    assert result["exit_code"] == 0 and result["step"] == 40
+    damaged = [r["train/damaged_images"] for r in rows(run) if "train/damaged_images" in r]
+    assert damaged and damaged[-1] >= 1  # the sample was drawn, skipped and counted
+    assert (
+        main(["eval", "--checkpoint", str(tiny_run), "--split", "train", "--shards", str(shards), "--num-workers", "0"])
+        == 2
+    )
+    err = _no_traceback(capsys)
+    assert f"{info['name']}: image " in err and "no longer decodes; re-pack" in err

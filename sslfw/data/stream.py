@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 from bisect import bisect_right
 from collections.abc import Iterator
 from enum import IntEnum
@@ -238,14 +239,20 @@ class TrainStream(IterableDataset):
 
     def make_batch(self, step: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.stream, self.rank, step, 1])
-        samples = []
+        samples, damaged = [], 0
         for i in self.batch_indices(step):
-            data, meta = self.shards.read(int(i))
+            img, meta = read_image(self.shards, int(i), self.crop, rng)
+            if img is None:  # an image that no longer decodes is skipped and counted, not a crash
+                damaged += 1
+                continue
             if self.labels is not None:
                 meta["label"] = int(self.labels[i])
-            samples.append((decode_crop(data, self.crop, rng), meta))
+            samples.append((img, meta))
+        if not samples:
+            raise DataError(f"{self.shards.root}: no image of a {self.shards.name} batch decodes; re-pack the shards")
+        samples += samples[:damaged]  # the batch keeps its size, so every rank stays in step
         batch = collate(samples)
-        batch["step"] = torch.tensor(step)
+        batch["step"], batch["damaged"] = torch.tensor(step), torch.tensor(damaged)
         return batch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -313,10 +320,23 @@ def eval_batch(shards: ShardSet, ids: range, crop: tuple[int, int] | None, crops
     """Fixed views of samples `ids`: the centre crop, or (crops=5) centre and corners as (B, 5, 3, h, w)."""
     samples = []
     for i in ids:
-        data, meta = shards.read(i)
-        img = decode_crop(data, crop if crops == 1 else None, None)
+        img, meta = read_image(shards, i, crop if crops == 1 else None, None)
+        if img is None:  # evaluation and pseudo-labels must cover every sample: name the image instead
+            raise DataError(
+                f"{shards.shards[int(shards.offsets[i][0])]}: image {meta.get('key')} no longer decodes; re-pack the "
+                f"shards (pack skips and lists images that do not decode)"
+            )
         samples.append((img if crops == 1 else fixed_crops(img, crop), meta))
     return collate(samples)
+
+
+def read_image(shards: ShardSet, i: int, crop: tuple[int, int] | None, rng: np.random.Generator | None):
+    """(decoded crop or None when the image bytes no longer decode, metadata) of sample i."""
+    data, meta = shards.read(i)
+    try:
+        return decode_crop(data, crop, rng), meta
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # Pillow's ways of saying "damaged"
+        return None, meta
 
 
 def fixed_crops(img: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
@@ -333,6 +353,10 @@ def _worker_init(_: int) -> None:
     # (docs/NOTES.md, Distributed training).
     Image.core.set_blocks_max(16)
     torch.set_num_threads(1)
+    # Stop requests are the main process's to act on: a Ctrl-C in a terminal (or a signal to the whole job) also
+    # reaches the workers, which would otherwise die and take the main process down before it can save.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def make_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool = False) -> DataLoader:
