@@ -324,3 +324,40 @@ def test_a_new_algorithm_is_one_class_plus_registration(small_shards, tmp_path):
     state = ckpt.load(ckpt.latest(tmp_path / "toy"))
     assert int(state[0]["algorithm"]["seen"].sum()) == 4 * 8  # 4 steps x 8 unlabelled images per step
     assert state[1]["config"]["algorithm"]["params"] == {"agreement_weight": 2.0}
+
+
+def test_dist_align_queue_usb_compat_averages_every_row_zeros_included():
+    from sslfw.algorithms.bank import DistAlignQueue
+
+    p = torch.tensor([[0.99996, 1e-5, 1e-5, 1e-5, 1e-5]]).repeat(2, 1)
+    ours, usb = DistAlignQueue(4, 5), DistAlignQueue(4, 5, usb_compat=True)
+    got_ours, got_usb = ours.align(p), usb.align(p)
+    for mean, got in ((p.mean(0), got_ours), (p.mean(0) / 4, got_usb)):  # USB: 1 written row + 3 zero rows
+        want = p * (0.2 + 1e-6) / (mean + 1e-6)
+        assert torch.allclose(got, want / want.sum(1, keepdim=True), rtol=1e-5, atol=1e-9)
+    assert not torch.allclose(got_ours, got_usb, rtol=1e-3, atol=0)  # the zeros matter for a skewed class
+
+
+def test_simmatch_usb_compat_takes_the_weak_view_from_the_student_and_the_bank_from_the_teacher():
+    class Teacher(nn.Module):  # another projection than the student's: tells whose features went where
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": -x[:, :5], "proj": torch.nn.functional.normalize(-x[:, 5:].flip(1), dim=1)}
+
+    g = torch.Generator().manual_seed(2)
+    x_lb, y = torch.randn(8, 9, generator=g), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    x_w, x_s = torch.randn(8, 9, generator=g), torch.randn(8, 9, generator=g)
+    ctx = StepContext(step=5, total_steps=10, teacher=Teacher())
+    for compat in (True, False):
+        alg = make("simmatch", p_cutoff=0.0, T=0.5, da_len=1, usb_compat=compat)
+        out = alg.step(LogitsAndProj(), StepBatch(x_lb, y, torch.arange(8), [x_w], [x_s]), ctx)
+        assert torch.allclose(alg.bank.feats, Teacher()(x_lb)["proj"], atol=1e-6)  # assigned directly, unit norm
+        weak = (LogitsAndProj() if compat else Teacher())(x_w)["logits"].softmax(-1)
+        aligned = weak * 0.2 / weak.mean(0)  # da_len 1: this batch's mean; the bank was not full yet
+        aligned = aligned / aligned.sum(1, keepdim=True)
+        want = -(aligned * torch.log_softmax(x_s[:, :5], -1)).sum(1).mean()
+        assert float(out.logs["unsup_loss"]) == pytest.approx(float(want), rel=1e-4)
+    no_teacher = make("simmatch", usb_compat=True)
+    before = no_teacher.bank.feats.clone()
+    no_teacher.step(LogitsAndProj(), StepBatch(x_lb, y, torch.arange(8), [x_w], [x_s]), CTX)  # USB's small-data path
+    f = torch.nn.functional.normalize(x_lb[:, 5:], dim=1)
+    assert torch.allclose(no_teacher.bank.feats, torch.nn.functional.normalize(0.7 * before + 0.3 * f, dim=0))

@@ -79,10 +79,12 @@ def _last_occurrence(idx: torch.Tensor) -> torch.Tensor:
 
 class DistAlignQueue(nn.Module):
     """Distribution alignment towards uniform with the mean of the last `length` global batch means (CoMatch):
-    p~ = normalize(p * (1/C) / mean(queue))."""
+    p~ = normalize(p * (1/C) / mean(queue)). The mean runs over the rows written so far; USB's queue starts as
+    zeros and averages all `length` rows from the first step (`usb_compat`), which shrinks the early estimate."""
 
-    def __init__(self, length: int, num_classes: int):
+    def __init__(self, length: int, num_classes: int, usb_compat: bool = False):
         super().__init__()
+        self.usb_compat = usb_compat
         self.register_buffer("queue", torch.zeros(length, num_classes))
         self.register_buffer("ptr", torch.tensor(0))
         self.register_buffer("count", torch.tensor(0))
@@ -92,6 +94,6 @@ class DistAlignQueue(nn.Module):
         self.queue[self.ptr] = global_mean(probs)
         self.ptr.copy_((self.ptr + 1) % len(self.queue))
         self.count.copy_(torch.clamp(self.count + 1, max=len(self.queue)))
-        p_model = self.queue[: int(self.count)].mean(0)
+        p_model = self.queue.mean(0) if self.usb_compat else self.queue[: int(self.count)].mean(0)
         aligned = probs * (1.0 / probs.shape[1] + 1e-6) / (p_model + 1e-6)
         return aligned / aligned.sum(-1, keepdim=True)

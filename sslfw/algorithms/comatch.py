@@ -60,7 +60,7 @@ class CoMatch(Algorithm):
     def __init__(self, cfg: AlgorithmConfig, data: DataInfo):
         super().__init__(cfg, data)
         self.queue = RingQueue(self.p.queue_size, data.proj_dim, NUM_CLASSES)
-        self.da = DistAlignQueue(self.p.da_len, NUM_CLASSES)
+        self.da = DistAlignQueue(self.p.da_len, NUM_CLASSES, usb_compat=self.p.usb_compat)
 
     def smoothing_active(self, ctx: StepContext) -> bool:
         return self.queue.full and (not self.p.usb_compat or ctx.step >= self.p.usb_epoch_steps)

@@ -12,9 +12,11 @@ Until every labelled sample has been written to the bank once, L_in = 0 and p^ =
 After the loss, the bank takes the gathered (index, teacher feature of x_lb, label) rows; a repeated index keeps
 its last row.
 
-USB deviations (docs/ALGORITHMS.md): USB takes the weak view from the student even with an EMA teacher, updates
-the bank with an EMA whose normalisation runs across samples (dim bug: the bank's scale then depends on batch x
-world size), and starts at a fixed epoch. `usb_compat: true` restores USB's student weak view and bank update.
+USB deviations (docs/ALGORITHMS.md): USB takes the weak view from the student even with an EMA teacher (the
+teacher only re-encodes the labelled batch for the bank, assigned directly); without a teacher it updates the bank
+with an EMA whose normalisation runs across samples (dim bug: the bank's scale then depends on batch x world size);
+its DA queue averages all rows, zeros included; it starts at a fixed epoch. `usb_compat: true` restores all but the
+start.
 """
 
 from __future__ import annotations
@@ -51,18 +53,20 @@ class SimMatch(Algorithm):
     def __init__(self, cfg: AlgorithmConfig, data: DataInfo):
         super().__init__(cfg, data)
         self.bank = LabelledBank(data.num_labelled, data.proj_dim)
-        self.da = DistAlignQueue(self.p.da_len, NUM_CLASSES)
+        self.da = DistAlignQueue(self.p.da_len, NUM_CLASSES, usb_compat=self.p.usb_compat)
 
     def step(self, model: nn.Module, batch: StepBatch, ctx: StepContext) -> StepOutput:
         lb, w, s = forward_views(model, [batch.x_lb, batch.x_ulb_w[0], batch.x_ulb_s[0]])
         sup = F.cross_entropy(lb["logits"].float(), batch.y_lb)
-        teacher = ctx.teacher if self.p.use_ema_teacher and not self.p.usb_compat else None
+        teacher = ctx.teacher if self.p.use_ema_teacher else None
         bank = self.bank.feats.clone()  # a snapshot: the bank is rewritten below, before backward needs it
         with torch.no_grad():
-            if teacher is not None:
-                t_lb, t_w = forward_views(teacher, [batch.x_lb, batch.x_ulb_w[0]])
-            else:
+            if teacher is None:
                 t_lb, t_w = lb, w
+            elif self.p.usb_compat:  # USB: the teacher re-encodes only the labelled batch for the bank
+                t_lb, t_w = forward_views(teacher, [batch.x_lb])[0], w
+            else:
+                t_lb, t_w = forward_views(teacher, [batch.x_lb, batch.x_ulb_w[0]])
             f_w, f_lb = t_w["proj"].detach().float(), t_lb["proj"].detach().float()
             p_w = self.da.align(t_w["logits"].detach().float().softmax(-1))
             target, unfolded = p_w, None
@@ -80,8 +84,11 @@ class SimMatch(Algorithm):
         else:
             in_loss = s["proj"].sum() * 0.0  # keeps the projection in the graph for DDP
         loss = sup + self.cfg.lambda_u * unsup + self.p.in_loss_ratio * in_loss
+        # USB blends (with its normalisation bug) only on its small-data path, without a teacher; with one it
+        # assigns the teacher's features directly, as we always do.
+        blend = self.p.usb_compat and teacher is None
         self.bank.update(
-            all_gather_cat(batch.idx_lb), all_gather_cat(f_lb), all_gather_cat(batch.y_lb), usb_compat=self.p.usb_compat
+            all_gather_cat(batch.idx_lb), all_gather_cat(f_lb), all_gather_cat(batch.y_lb), usb_compat=blend
         )
         return StepOutput(
             loss,
