@@ -46,6 +46,7 @@ def cmd_prepare(a: argparse.Namespace) -> dict:
         seed=a.seed,
         koniq_sets=a.koniq_sets,
         koniq_images=a.koniq_images,
+        labelled_fraction=a.labelled_fraction,
     )
 
 
@@ -174,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--bins", help="MOS edges '1.79,2.55,3.46,3.94' (default, KonIQ) or 'quantile:2,13,49,33,2'")
     s.add_argument("--split", type=_floats, default=(0.8, 0.1, 0.1), help="train,val,test fractions (stratified)")
+    s.add_argument(
+        "--labelled-fraction",
+        type=float,
+        default=1.0,
+        help="keep this share of the train split labelled; the rest joins the unlabelled pool",
+    )
     s.add_argument("--koniq-sets", type=Path, help="koniq10k_distributions_sets.csv: use KonIQ's official split")
     s.add_argument("--koniq-images", help="image folder inside --koniq (default: 1024x768, else 512x384)")
     s.add_argument("--seed", type=int, default=0)

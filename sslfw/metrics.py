@@ -46,3 +46,27 @@ def constant_guess(class_counts: list[int]) -> int:
     """The level that minimises MAE when always guessed: the median training label."""
     cum = np.cumsum(class_counts)
     return int(np.searchsorted(cum, cum[-1] / 2))
+
+
+def _srcc_rows(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each row of `scores` (R, n) with the matching row of `target` (R, n)."""
+    rs, rt = stats.rankdata(scores, axis=1), stats.rankdata(target, axis=1)
+    rs, rt = rs - rs.mean(1, keepdims=True), rt - rt.mean(1, keepdims=True)
+    return (rs * rt).sum(1) / np.sqrt((rs * rs).sum(1) * (rt * rt).sum(1) + 1e-300)
+
+
+def paired_bootstrap_srcc(
+    target: np.ndarray, a: dict[int, np.ndarray], b: dict[int, np.ndarray], reps: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean over seeds of SRCC(a) - SRCC(b) against `target` (MOS), with a 95% percentile interval from resampling
+    test images; pairs are the same image under the same seed, so image difficulty and seed cancel."""
+    seeds = sorted(set(a) & set(b))
+    known = ~np.isnan(target)
+    t = target[known]
+    rng = np.random.default_rng(seed)
+    ix = rng.integers(0, len(t), size=(reps, len(t)))
+    point = np.mean([stats.spearmanr(a[s][known], t).statistic - stats.spearmanr(b[s][known], t).statistic
+                     for s in seeds])  # fmt: skip
+    diffs = np.mean([_srcc_rows(a[s][known][ix], t[ix]) - _srcc_rows(b[s][known][ix], t[ix]) for s in seeds], 0)
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return float(point), float(lo), float(hi)

@@ -150,3 +150,21 @@ def test_bad_extra_label(small_raw, tmp_path):
     extra.write_text(f"image_name,label\n{name},7\n")
     with pytest.raises(DataError, match=r"extra.csv, line 2: label=7.0 is outside 0..4"):
         prepare(small_raw / "koniq10k", small_raw / "kadis700k", tmp_path / "m", extra_labels=extra)
+
+
+def test_labelled_fraction_moves_the_rest_of_train_into_the_pool(small_raw, tmp_path):
+    full = prepare_raw(small_raw, tmp_path / "full")
+    part = prepare_raw(small_raw, tmp_path / "part", labelled_fraction=0.25)
+    lf, pf, mf_full = load(full)
+    lp, pp, mf_part = load(part)
+    train_full = [r for r in lf if r.split == "train"]
+    train_part = [r for r in lp if r.split == "train"]
+    assert {r.key for r in train_part} < {r.key for r in train_full}
+    for c in range(5):  # stratified: every level keeps about a quarter of its train images
+        n = sum(r.label == c for r in train_full)
+        assert sum(r.label == c for r in train_part) == round(n * 0.25)
+    moved = {r.key for r in train_full} - {r.key for r in train_part}
+    assert {k for k, _ in pp} == {k for k, _ in pf} | moved  # the rest joined the pool, without labels
+    assert [r.key for r in lp if r.split != "train"] == [r.key for r in lf if r.split != "train"]  # val/test as is
+    assert mf_part["split"]["labelled_fraction"] == 0.25 and mf_part["counts"]["moved_to_pool"] == len(moved)
+    assert mf_part["split"]["sha256"] != mf_full["split"]["sha256"]

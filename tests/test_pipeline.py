@@ -139,8 +139,12 @@ def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, tmp_path):
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| constant guess |" in report and "| supervised | 2 |" in report and "| fixmatch (iqa_safe) | 2 |" in report
     rows = read_csv(tmp_path / "out" / "report.csv")
-    assert [r["method"] for r in rows] == ["constant guess", "supervised", "fixmatch (iqa_safe)"]
-    assert "±" in rows[1]["mae"]  # two seeds: mean ± std
+    assert [r["method"] for r in rows] == ["constant guess", "features + ridge", "supervised", "fixmatch (iqa_safe)"]
+    assert "±" in rows[2]["mae"] and "±" in rows[2]["srcc"]  # two seeds: mean ± std
+    assert float(rows[1]["srcc"]) > 0.3  # the classical reference learns the embedded labels
+    delta = rows[3]["Δsrcc vs supervised [95% CI]"]  # paired over the two seeds and the test images
+    d, lo, hi = (float(x) for x in re.match(r"([+-][\d.]+) \[([+-][\d.]+), ([+-][\d.]+)\]", delta).groups())
+    assert lo <= d <= hi and delta.endswith(" *") == (lo > 0 or hi < 0)
     assert (tmp_path / "out" / "learning_curves.png").is_file()
     assert (tmp_path / "out" / "fixmatch-iqa_safe-s1" / "pseudo.csv").is_file()
     stamp = (tmp_path / "out" / "fixmatch-iqa_safe-s0" / "eval" / "eval.json").stat().st_mtime_ns
@@ -160,6 +164,7 @@ def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, tmp_path):
     run_pipeline(partial)  # comatch never ran: reported without it, and nothing is trained
     assert [r["method"] for r in read_csv(tmp_path / "out" / "report.csv")] == [
         "constant guess",
+        "features + ridge",
         "supervised",
         "fixmatch (iqa_safe)",
     ]

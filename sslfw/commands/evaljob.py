@@ -77,6 +77,8 @@ def run_eval(
     }
     if out is not None and acc.is_main_process:
         out = Path(out)
+        with fsio.atomic_open(out / "predictions.npz") as f:  # per image: paired comparisons between runs
+            np.savez(f, **{k: pred[k] for k in ("idx", "label", "mos", "probs")})
         fsio.write_json(out / "eval.json", result)
         fsio.write_text(out / "eval.md", markdown(result))
         confusion_png(pred["label"], pred["probs"].argmax(1), out / "confusion.png", f"{split} ({weights})")

@@ -14,17 +14,13 @@ from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 
-import numpy as np
-
-from sslfw import ckpt, fsio
-from sslfw.commands.evaljob import REPORT_KEYS, run_eval
+from sslfw import ckpt
+from sslfw.commands.evaljob import run_eval
 from sslfw.commands.pseudolabel import pseudolabel
+from sslfw.commands.report import write_report
 from sslfw.config import load_config, nested
-from sslfw.data.labels import NUM_CLASSES
-from sslfw.data.shards import load_index
 from sslfw.dist import barrier, is_main_process
 from sslfw.errors import ConfigError
-from sslfw.metrics import constant_guess, iqa_metrics
 from sslfw.preempt import EXIT_PREEMPTED
 from sslfw.train import train
 
@@ -138,7 +134,7 @@ def run_one(p: PipelineConfig, algorithm: str, policy: str, seed: int) -> dict:
                 raise SystemExit(EXIT_PREEMPTED)  # stopped by a signal: rerun the pipeline to resume
         final = _train_stage(p.base, retrain_overrides(p, algorithm, policy, seed))
     stages["final"] = _evaluate(p, final, d / "eval")
-    return stages
+    return stages | {"dir": str(d), "seed": seed}
 
 
 def _evaluate(p: PipelineConfig, run_dir: Path, out: Path) -> dict:
@@ -153,7 +149,7 @@ def _finished_run(d: Path) -> dict | None:
     read = {name: d / sub / "eval.json" for name, sub in (("final", "eval"), ("ssl", "eval_ssl"))}
     if not read["final"].is_file():
         return None
-    return {name: json.loads(f.read_text())["metrics"] for name, f in read.items() if f.is_file()}
+    return {name: json.loads(f.read_text())["metrics"] for name, f in read.items() if f.is_file()} | {"dir": str(d)}
 
 
 def run_pipeline(p: PipelineConfig) -> dict:
@@ -164,76 +160,13 @@ def run_pipeline(p: PipelineConfig) -> dict:
         if p.report_only:
             done = _finished_run(Path(p.out_dir) / run_name(algorithm, policy, seed))
             if done:
-                results.setdefault(label, []).append(done)
+                results.setdefault(label, []).append(done | {"seed": seed})
             continue
         results.setdefault(label, []).append(run_one(p, algorithm, policy, seed))
     out = {"report": str(Path(p.out_dir) / "report.md"), "rows": len(results)}
     if is_main_process():
-        write_report(p, results)
+        shards = load_config(p.base, nested(p.ssl)).data.shards  # the shards the runs used
+        write_report(Path(p.out_dir), shards, p.eval_split, f"{p.weights} weights, {p.crops} crop(s)", results)
         out["report_text"] = (Path(p.out_dir) / "report.md").read_text()
     barrier()
     return out
-
-
-def _constant_row(p: PipelineConfig) -> dict:
-    """What always guessing the median training level scores on the evaluation split."""
-    cfg = load_config(p.base, nested(p.ssl))  # the shards the runs used
-    sets = load_index(Path(cfg.data.shards))["sets"]
-    counts = sets[p.eval_split]["class_counts"]
-    c = constant_guess(sets["train"]["class_counts"])
-    true = np.repeat(np.arange(NUM_CLASSES), counts)
-    return iqa_metrics(true, np.full(len(true), c), np.full(len(true), float(c)), np.full(len(true), np.nan), c)
-
-
-def _fmt(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
-
-
-def write_report(p: PipelineConfig, results: dict[str, list[dict]]) -> None:
-    cols = [k for k in REPORT_KEYS if k != "const_mae"]
-    header = ["method", "seeds", *cols, "ssl_stage_mae"]
-    const = _constant_row(p)
-    rows = [["constant guess", "-", *(_fmt([const[k]]) if k in const else "-" for k in cols), "-"]]
-    for label, done in results.items():
-        rows.append(
-            [
-                label,
-                str(len(done)),
-                *(_fmt([r["final"][k] for r in done if k in r["final"]]) for k in cols),
-                _fmt([r["ssl"]["mae"] for r in done if "ssl" in r]),
-            ]
-        )
-    out = Path(p.out_dir)
-    fsio.write_csv(out / "report.csv", header, rows)
-    table = "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows])
-    fsio.write_text(
-        out / "report.md",
-        f"# sslfw pipeline report ({p.eval_split} split, {p.weights} weights, "
-        f"{p.crops} crop(s))\n\nMetrics of the final model (after retraining on pseudo-labels for SSL "
-        f"rows); `ssl_stage_mae` is the SSL model itself. mean ± std over seeds.\n\n{table}\n",
-    )
-    learning_curves(out)
-
-
-def learning_curves(out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for run in sorted(out.glob("*/ssl/metrics.jsonl")):
-        rows = [json.loads(line) for line in run.read_text().splitlines()]
-        pts = [(r["step"], r["val/ema/mae"]) for r in rows if "val/ema/mae" in r]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=run.parent.parent.name)
-    ax.set(xlabel="step", ylabel="val MAE (EMA)", title="SSL stage")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    with fsio.atomic_open(out / "learning_curves.png") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)

@@ -233,10 +233,15 @@ def prepare(
     seed: int = 0,
     koniq_sets: Path | None = None,
     koniq_images: str | None = None,
+    labelled_fraction: float = 1.0,
 ) -> dict:
-    """Read, validate, label and split; write out/labelled.csv, out/unlabelled.csv and out/meta.json."""
+    """Read, validate, label and split; write out/labelled.csv, out/unlabelled.csv and out/meta.json.
+    `labelled_fraction` < 1 keeps that share of the train split labelled (stratified, seeded) and moves the rest,
+    without their labels, into the unlabelled pool: a benchmark with few labels and a pool from the same source."""
     if abs(sum(split) - 1.0) > 1e-6 or min(split) < 0:
         raise DataError(f"--split {split}: three non-negative fractions that sum to 1, e.g. 0.8,0.1,0.1.")
+    if not 0 < labelled_fraction <= 1:
+        raise DataError(f"--labelled-fraction {labelled_fraction}: give a share in (0, 1]")
     labelled = read_koniq(koniq, koniq_images)
     try:
         scheme = LabelScheme.parse(bins, np.array([r.mos for r in labelled]))
@@ -269,6 +274,16 @@ def prepare(
             r.split = str(s)
         method = {"method": "stratified", "fractions": list(split), "seed": seed}
 
+    moved: list[tuple[str, str]] = []
+    if labelled_fraction < 1:
+        train = [r for r in labelled if r.split == "train"]
+        keep = stratified_split(np.array([r.label for r in train]), (labelled_fraction, 1 - labelled_fraction, 0), seed)
+        gone = {id(r) for r, k in zip(train, keep) if k != "train"}
+        moved = [(r.key, r.path) for r in train if id(r) in gone]
+        labelled = [r for r in labelled if id(r) not in gone]
+        pool = pool + moved
+        method["labelled_fraction"] = labelled_fraction
+
     out = Path(out)
     rows = [
         [
@@ -288,7 +303,8 @@ def prepare(
     meta = {
         "label_scheme": scheme.to_dict(),
         "split": {**method, "sha256": split_hash(labelled)},
-        "counts": {s: int((split_col == s).sum()) for s in SPLITS} | {"unlabelled": len(pool), "extra": len(extras)},
+        "counts": {s: int((split_col == s).sum()) for s in SPLITS}
+        | {"unlabelled": len(pool), "extra": len(extras), "moved_to_pool": len(moved)},
         "class_counts": {s: np.bincount(labels[split_col == s], minlength=NUM_CLASSES).tolist() for s in SPLITS},
         "class_shares": (np.bincount(labels, minlength=NUM_CLASSES) / len(labels)).round(4).tolist(),
         "sources": {

@@ -1,0 +1,111 @@
+"""The pipeline's report: every method beside the floor (constant guess) and a classical ceiling (hand-made
+features + ridge), SRCC first, and for each method its SRCC difference to supervised with a paired bootstrap 95%
+interval (pairs: the same test image under the same seed), marked * only when the interval excludes 0."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sslfw import fsio
+from sslfw.data.labels import NUM_CLASSES
+from sslfw.data.shards import load_index
+from sslfw.metrics import constant_guess, iqa_metrics, paired_bootstrap_srcc
+from sslfw.model import expected_score
+
+COLUMNS = ("srcc", "mae", "plcc", "mae_class3", "mae_class4", "mae_class34", "macro_mae", "accuracy", "qwk")
+BASELINE = "supervised"
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def reference_rows(shards: str, split: str) -> dict[str, dict]:
+    """Constant-guess and features + ridge metrics on `split` (cached beside the report: they depend only on the
+    shards)."""
+    from sslfw.reference import reference_predictions
+
+    index = load_index(Path(shards))
+    sets = index["sets"]
+    c = constant_guess(sets["train"]["class_counts"])
+    true = np.repeat(np.arange(NUM_CLASSES), sets[split]["class_counts"])
+    const = iqa_metrics(true, np.full(len(true), c), np.full(len(true), float(c)), np.full(len(true), np.nan), c)
+    ref = reference_predictions(shards, split, index["label_scheme"])
+    feats = iqa_metrics(ref["label"], ref["pred"], ref["score"], ref["mos"], c) | {"alpha": ref["alpha"]}
+    return {"constant guess": const, "features + ridge": feats}
+
+
+def _scores(run: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """(MOS, expected level) per test image of a finished run, from its saved predictions."""
+    path = Path(run["dir"]) / "eval" / "predictions.npz"
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        return z["mos"], expected_score(torch.from_numpy(z["probs"])).numpy()
+
+
+def _delta(done: list[dict], base: list[dict]) -> str:
+    """SRCC(method) - SRCC(supervised) [95% CI] over the seeds both have."""
+    a = {r["seed"]: s for r in done if (s := _scores(r))}
+    b = {r["seed"]: s for r in base if (s := _scores(r))}
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return "-"
+    mos = a[seeds[0]][0]
+    d, lo, hi = paired_bootstrap_srcc(mos, {s: a[s][1] for s in seeds}, {s: b[s][1] for s in seeds})
+    return f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]{' *' if lo > 0 or hi < 0 else ''}"
+
+
+def write_report(out: Path, shards: str, split: str, setting: str, results: dict[str, list[dict]]) -> None:
+    cache = out / "reference.json"
+    refs = json.loads(cache.read_text()) if cache.is_file() else reference_rows(shards, split)
+    fsio.write_json(cache, refs)
+    header = ["method", "seeds", COLUMNS[0], f"Δsrcc vs {BASELINE} [95% CI]", *COLUMNS[1:], "ssl_stage_srcc"]
+    rows = [[name, "-", *(_fmt([m[k]]) if k in m else "-" for k in COLUMNS[:1]), "-",
+             *(_fmt([m[k]]) if k in m else "-" for k in COLUMNS[1:]), "-"] for name, m in refs.items()]  # fmt: skip
+    base = results.get(BASELINE, [])
+    for label, done in results.items():
+        final = {k: _fmt([r["final"][k] for r in done if k in r["final"]]) for k in COLUMNS}
+        delta = "-" if label == BASELINE else _delta(done, base)
+        ssl = _fmt([r["ssl"]["srcc"] for r in done if "ssl" in r and "srcc" in r["ssl"]])
+        rows.append([label, str(len(done)), final[COLUMNS[0]], delta, *(final[k] for k in COLUMNS[1:]), ssl])
+    fsio.write_csv(out / "report.csv", header, rows)
+    table = "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows])
+    fsio.write_text(
+        out / "report.md",
+        f"# sslfw pipeline report ({split} split, {setting})\n\n"
+        f"Metrics of the final model (after retraining on pseudo-labels for SSL rows), mean ± std over seeds; "
+        f"`ssl_stage_srcc` is the SSL model itself. SRCC/PLCC are of the expected level against MOS. The constant "
+        f"guess always answers the median training level; features + ridge is a classical no-reference model "
+        f"trained on the same labelled images (`sslfw/reference.py`). Δsrcc: paired bootstrap over test images "
+        f"and seeds; * when the 95% interval excludes 0.\n\n{table}\n",
+    )
+    learning_curves(out)
+
+
+def learning_curves(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in sorted(out.glob("*/ssl/metrics.jsonl")):
+        rows = [json.loads(line) for line in run.read_text().splitlines()]
+        pts = [(r["step"], r["val/ema/mae"]) for r in rows if "val/ema/mae" in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=run.parent.parent.name)
+    ax.set(xlabel="step", ylabel="val MAE (EMA)", title="SSL stage")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with fsio.atomic_open(out / "learning_curves.png") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
