@@ -97,7 +97,7 @@ def test_predict_a_folder_and_reject_a_non_image(tiny_run, small_raw, tmp_path, 
     assert f"{bad}: not a readable image" in capsys.readouterr().err
 
 
-def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, tmp_path):
+def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, small_raw, tmp_path):
     base = tmp_path / "base.yaml"
     tree = {}
     for arg in tiny_overrides(small_shards, tmp_path / "unused", **{"eval.every": 0}):
@@ -118,6 +118,7 @@ def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, tmp_path):
             "ssl": {"train.steps": 6, "ckpt.every": 6},
             "retrain": {"train.steps": 4},
             "params": {"fixmatch": {"p_cutoff": 0.5}},
+            "truth": str(small_raw / "synth_truth.csv"),
         },
         cls=PipelineConfig,
     )
@@ -145,6 +146,9 @@ def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, tmp_path):
     delta = rows[3]["Δsrcc vs supervised [95% CI]"]  # paired over the two seeds and the test images
     d, lo, hi = (float(x) for x in re.match(r"([+-][\d.]+) \[([+-][\d.]+), ([+-][\d.]+)\]", delta).groups())
     assert lo <= d <= hi and delta.endswith(" *") == (lo > 0 or hi < 0)
+    for col in ("mask_ratio", "pseudo_acc"):  # SSL diagnostics: mean ± std over the two seeds, within [0, 1]
+        mean = float(rows[3][col].split(" ± ")[0])
+        assert 0 <= mean <= 1 and " ± " in rows[3][col] and rows[2][col] == "-"
     assert (tmp_path / "out" / "learning_curves.png").is_file()
     assert (tmp_path / "out" / "fixmatch-iqa_safe-s1" / "pseudo.csv").is_file()
     stamp = (tmp_path / "out" / "fixmatch-iqa_safe-s0" / "eval" / "eval.json").stat().st_mtime_ns

@@ -40,6 +40,7 @@ class PipelineConfig:
     weights: str = "ema"  # ema | student: the weights that pseudo-label the pool and are evaluated
     crops: int = 1  # 1 (centre) or 5 (centre + corners) for pseudo-labelling and evaluation
     report_only: bool = False  # run nothing: report the runs that have finished so far
+    truth: str = ""  # an embedded dataset's synth_truth.csv: the report scores pseudo-labels with it (training never)
 
 
 def _finished(run_dir: Path, steps: int) -> bool:
@@ -166,7 +167,8 @@ def run_pipeline(p: PipelineConfig) -> dict:
     out = {"report": str(Path(p.out_dir) / "report.md"), "rows": len(results)}
     if is_main_process():
         shards = load_config(p.base, nested(p.ssl)).data.shards  # the shards the runs used
-        write_report(Path(p.out_dir), shards, p.eval_split, f"{p.weights} weights, {p.crops} crop(s)", results)
+        setting = f"{p.weights} weights, {p.crops} crop(s)"
+        write_report(Path(p.out_dir), shards, p.eval_split, setting, results, p.truth)
         out["report_text"] = (Path(p.out_dir) / "report.md").read_text()
     barrier()
     return out

@@ -64,19 +64,65 @@ def _delta(done: list[dict], base: list[dict]) -> str:
     return f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]{' *' if lo > 0 or hi < 0 else ''}"
 
 
-def write_report(out: Path, shards: str, split: str, setting: str, results: dict[str, list[dict]]) -> None:
+def truth_levels(truth_csv: str, scheme: dict) -> dict[str, int]:
+    """Hidden true level per sample key from an embedded dataset's `synth_truth.csv` (noise-free MOS); read by the
+    report only, never by training."""
+    import csv
+
+    from sslfw.data.labels import LabelScheme
+    from sslfw.data.manifest import make_key
+
+    edges = LabelScheme(tuple(scheme["edges"]))
+    with open(truth_csv, newline="") as f:
+        return {
+            make_key("koniq" if r["image"].startswith("koniq") else "kadis", Path(r["image"]).name): edges.label(
+                float(r["true_mos"])
+            )
+            for r in csv.DictReader(f)
+        }
+
+
+def _diagnostics(done: list[dict], truth: dict[str, int] | None) -> tuple[str, str]:
+    """(mean unlabelled mask ratio over the SSL stage's logged steps, accuracy of the pool's pseudo-labels against
+    the hidden truth), each mean ± std over seeds."""
+    masks, accs = [], []
+    for r in done:
+        log = Path(r["dir"]) / "ssl" / "metrics.jsonl"
+        rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+        vals = [x["train/mask_ratio"] for x in rows if "train/mask_ratio" in x]
+        if vals:
+            masks.append(float(np.mean(vals)))
+        pseudo = Path(r["dir"]) / "pseudo.csv"
+        if truth and pseudo.is_file():
+            import csv
+
+            with open(pseudo, newline="") as f:
+                pairs = [(int(x["label"]), truth[x["key"]]) for x in csv.DictReader(f) if x["key"] in truth]
+            if pairs:
+                accs.append(float(np.mean([a == b for a, b in pairs])))
+    return _fmt(masks), _fmt(accs)
+
+
+def write_report(
+    out: Path, shards: str, split: str, setting: str, results: dict[str, list[dict]], truth: str = ""
+) -> None:
     cache = out / "reference.json"
     refs = json.loads(cache.read_text()) if cache.is_file() else reference_rows(shards, split)
     fsio.write_json(cache, refs)
-    header = ["method", "seeds", COLUMNS[0], f"Δsrcc vs {BASELINE} [95% CI]", *COLUMNS[1:], "ssl_stage_srcc"]
-    rows = [[name, "-", *(_fmt([m[k]]) if k in m else "-" for k in COLUMNS[:1]), "-",
-             *(_fmt([m[k]]) if k in m else "-" for k in COLUMNS[1:]), "-"] for name, m in refs.items()]  # fmt: skip
+    header = ["method", "seeds", COLUMNS[0], f"Δsrcc vs {BASELINE} [95% CI]", *COLUMNS[1:], "ssl_stage_srcc",
+              "mask_ratio", "pseudo_acc"]  # fmt: skip
+    rows = []
+    for name, m in refs.items():  # reference rows: one value each, no seeds, no SSL diagnostics
+        cells = {k: _fmt([m[k]]) if k in m else "-" for k in COLUMNS}
+        rows.append([name, "-", cells[COLUMNS[0]], "-", *(cells[k] for k in COLUMNS[1:]), "-", "-", "-"])
+    levels = truth_levels(truth, load_index(Path(shards))["label_scheme"]) if truth else None
     base = results.get(BASELINE, [])
     for label, done in results.items():
         final = {k: _fmt([r["final"][k] for r in done if k in r["final"]]) for k in COLUMNS}
         delta = "-" if label == BASELINE else _delta(done, base)
         ssl = _fmt([r["ssl"]["srcc"] for r in done if "ssl" in r and "srcc" in r["ssl"]])
-        rows.append([label, str(len(done)), final[COLUMNS[0]], delta, *(final[k] for k in COLUMNS[1:]), ssl])
+        mask, acc = _diagnostics(done, levels) if label != BASELINE else ("-", "-")
+        rows.append([label, str(len(done)), final[COLUMNS[0]], delta, *(final[k] for k in COLUMNS[1:]), ssl, mask, acc])
     fsio.write_csv(out / "report.csv", header, rows)
     table = "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows])
     fsio.write_text(
@@ -86,7 +132,9 @@ def write_report(out: Path, shards: str, split: str, setting: str, results: dict
         f"`ssl_stage_srcc` is the SSL model itself. SRCC/PLCC are of the expected level against MOS. The constant "
         f"guess always answers the median training level; features + ridge is a classical no-reference model "
         f"trained on the same labelled images (`sslfw/reference.py`). Δsrcc: paired bootstrap over test images "
-        f"and seeds; * when the 95% interval excludes 0.\n\n{table}\n",
+        f"and seeds; * when the 95% interval excludes 0. mask_ratio: mean share of unlabelled images above the "
+        f"threshold over the SSL stage; pseudo_acc: pseudo-labels of the pool against the hidden truth"
+        f"{' (' + truth + ')' if truth else ' (no truth file given)'}.\n\n{table}\n",
     )
     learning_curves(out)
 
