@@ -115,6 +115,7 @@ def write_report(
     for name, m in refs.items():  # reference rows: one value each, no seeds, no SSL diagnostics
         cells = {k: _fmt([m[k]]) if k in m else "-" for k in COLUMNS}
         rows.append([name, "-", cells[COLUMNS[0]], "-", *(cells[k] for k in COLUMNS[1:]), "-", "-", "-"])
+    truth = truth if truth and Path(truth).is_file() else ""  # real data has no hidden truth: the column stays empty
     levels = truth_levels(truth, load_index(Path(shards))["label_scheme"]) if truth else None
     base = results.get(BASELINE, [])
     for label, done in results.items():
