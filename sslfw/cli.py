@@ -264,22 +264,22 @@ def main(argv: list[str] | None = None) -> int:
     from sslfw.preempt import write_exit_file
 
     try:
-        code = _run(argv)
-    except SystemExit as e:  # argparse errors and stages that stop a pipeline (preempted, diverged)
-        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
-        if not isinstance(e.code, (int, type(None))):
-            print(e.code, file=sys.stderr)
-    except KeyboardInterrupt:  # a second Ctrl-C: abort at once, no traceback
-        print("\nsslfw: interrupted", file=sys.stderr)
-        write_exit_file(130)
-        return 130
-    except Exception:
-        write_exit_file(1)
-        raise
-    import torch.distributed as dist
+        try:
+            code = _run(argv)
+        except SystemExit as e:  # argparse errors and stages that stop a pipeline (preempted, diverged)
+            code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+            if not isinstance(e.code, (int, type(None))):
+                print(e.code, file=sys.stderr)
+        except Exception:
+            write_exit_file(1)
+            raise
+        import torch.distributed as dist
 
-    if dist.is_initialized():  # an undestroyed gloo group can abort the process at exit
-        dist.destroy_process_group()
+        if dist.is_initialized():  # an undestroyed gloo group can abort the process at exit
+            dist.destroy_process_group()
+    except KeyboardInterrupt:  # a second Ctrl-C, wherever it lands: abort at once, no traceback
+        print("\nsslfw: interrupted", file=sys.stderr)
+        code = 130
     write_exit_file(code)
     return code
 

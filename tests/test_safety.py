@@ -348,7 +348,8 @@ def test_resume_accepts_a_run_folder_and_says_when_there_is_nothing_to_do(tiny_r
 def test_ctrl_c_saves_and_exits_130_and_a_second_one_aborts(small_shards, tmp_path):
     """13: Ctrl-C is a stop request like SIGTERM; twice is an abort. Sent, as a terminal does, to the whole process
     group (loader workers included)."""
-    slow = {"model.kwargs": "{patch_size: 8, embed_dim: 192, depth: 6, num_heads: 3}", "train.batch_size": 32}
+    # Steps of about half a second, so the second press lands inside the step that the first one ends.
+    slow = {"model.kwargs": "{patch_size: 8, embed_dim: 192, depth: 12, num_heads: 3}", "train.batch_size": 64}
     for presses in (1, 2):
         run = tmp_path / f"run{presses}"
         args = tiny(small_shards, run, **{"train.steps": 100000, "ckpt.every": 100000, "data.num_workers": 2, **slow})
@@ -363,10 +364,14 @@ def test_ctrl_c_saves_and_exits_130_and_a_second_one_aborts(small_shards, tmp_pa
         deadline = time.time() + 120
         while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and len(rows(run)) >= 3):
             time.sleep(0.2)
-        for _ in range(presses):
+        os.killpg(proc.pid, signal.SIGINT)
+        seen = ""
+        if presses == 2:  # the second press once the first was handled (two pending SIGINTs would merge into one)
+            while "Ctrl-C: stopping" not in seen and (line := proc.stderr.readline()):
+                seen += line
             os.killpg(proc.pid, signal.SIGINT)
-            time.sleep(0.05)
         out, err = proc.communicate(timeout=120)
+        err = seen + err
         assert proc.returncode == 130, err[-2000:]
         assert "Traceback" not in err
         history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]

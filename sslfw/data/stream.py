@@ -353,9 +353,10 @@ def _worker_init(_: int) -> None:
     # (docs/NOTES.md, Distributed training).
     Image.core.set_blocks_max(16)
     torch.set_num_threads(1)
-    # Stop requests are the main process's to act on: a Ctrl-C in a terminal (or a signal to the whole job) also
-    # reaches the workers, which would otherwise die and take the main process down before it can save.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+    # Stop requests are the main process's to act on: a Ctrl-C in a terminal (or Slurm's warning signal to the
+    # whole job) also reaches the workers, which would otherwise die and take the main process down before it can
+    # save. SIGTERM keeps its default: it is how the loader (and Python's exit) ends workers that are still busy.
+    for sig in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
 
 
