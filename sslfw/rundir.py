@@ -127,7 +127,8 @@ def _get(tree: dict, dotted: str):
 def resolve_resume(run_dir: Path, resume: str, config: dict, main: bool) -> Path | None:
     """The checkpoint a start continues from (None: a fresh start), after refusing what would mix two runs."""
     if resume == "auto":
-        return ckpt.latest(run_dir, verbose=main)
+        path = ckpt.latest(run_dir, verbose=main)
+        return _same_architecture(path, config) if path else None
     if resume == "none":
         found = ckpt.valid_checkpoints(run_dir)
         if found:
@@ -145,6 +146,11 @@ def resolve_resume(run_dir: Path, resume: str, config: dict, main: bool) -> Path
         if found is None:
             raise DataError(f"ckpt.resume: {path} holds no complete checkpoint (step-N folder with {ckpt.MARKER})")
         path = found
+    return _same_architecture(path, config)
+
+
+def _same_architecture(path: Path, config: dict) -> Path:
+    """`path`, if the checkpoint was trained with this model and algorithm (also for folders from before run.json)."""
     theirs = json.loads((path / ckpt.INFO).read_text()).get("config", {}) if (path / ckpt.INFO).is_file() else {}
     changed = [
         f"{k}: {_get(theirs, k)!r} -> {_get(config, k)!r}"

@@ -86,6 +86,9 @@ def test_resume_none_over_a_finished_run_is_refused_and_overwrite_moves_it_aside
     (aside,) = tmp_path.glob("run.replaced-*")
     assert tree_hashes(aside) == before  # the old run moved, whole
     assert [s for s, _ in ckpt.valid_checkpoints(run)] == [4]
+    (run / "run.json").unlink()  # a folder from before run.json existed: the checkpoint's own config still guards it
+    with pytest.raises(DataError, match="was trained with another architecture"):
+        train(load_config(None, tiny(small_shards, run, **{"train.steps": 6, "model.kwargs.depth": 2})))
 
 
 @pytest.mark.slow  # real processes (DDP, signals, kills)
