@@ -103,6 +103,19 @@ def tidy(run_dir: Path) -> None:
             shutil.rmtree(final.with_name(final.name + ".old"), ignore_errors=True)
 
 
+def resolve(path: Path, option: str) -> Path:
+    """A step-N checkpoint as given, or a run folder's newest intact one; `option` names the flag in errors."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{option}: {path} does not exist; give a step-N checkpoint or a run folder")
+    if (path / MARKER).is_file():
+        return path
+    found = latest(path)
+    if found is None:
+        raise DataError(f"{option}: {path} holds no complete checkpoint (step-N folder with {MARKER})")
+    return found
+
+
 def _write(tmp: Path, step: int, state: dict, info: dict) -> None:
     buf = io.BytesIO()  # serialised in memory first: torch's zip writer turns a full disk into a RuntimeError
     torch.save(state, buf)

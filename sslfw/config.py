@@ -247,12 +247,9 @@ def validate(cfg: Config) -> None:
             f"({cfg.data.load_crop}): views are crops of the loaded crop"
         )
     resolve_params(cfg.algorithm)
-    for key, value, lo, hi in RANGES:
-        v = value(cfg)
-        if not (lo[0] < v if lo[1] == "open" else lo[0] <= v) or not (v < hi[0] if hi[1] == "open" else v <= hi[0]):
-            lo_text = f"{'>' if lo[1] == 'open' else '>='} {lo[0]}"
-            hi_text = "" if hi[0] == INF else f" and {'<' if hi[1] == 'open' else '<='} {hi[0]}"
-            raise ConfigError(f"{key} must be {lo_text}{hi_text}, got {v}")
+    for key, interval in RANGES.items():
+        section, name = key.split(".")
+        _check_range(key, getattr(getattr(cfg, section), name), interval)
     if cfg.run_dir == "" or Path(cfg.run_dir).is_file():
         raise ConfigError(f"run_dir: {cfg.run_dir!r} is {'empty' if not cfg.run_dir else 'a file'}; give a folder")
     _check_model_name(cfg.model.name)
@@ -263,38 +260,30 @@ def validate(cfg: Config) -> None:
         )
 
 
-INF = float("inf")
-_C, _O = "closed", "open"
-# (key, getter, (low, closed|open), (high, closed|open)): every number a run reads has its valid range here.
-RANGES = [
-    ("train.steps", lambda c: c.train.steps, (1, _C), (INF, _O)),
-    ("train.batch_size", lambda c: c.train.batch_size, (1, _C), (INF, _O)),
-    ("train.grad_accum", lambda c: c.train.grad_accum, (1, _C), (INF, _O)),
-    ("train.max_nonfinite", lambda c: c.train.max_nonfinite, (1, _C), (INF, _O)),
-    ("train.log_every", lambda c: c.train.log_every, (1, _C), (INF, _O)),
-    ("algorithm.uratio", lambda c: c.algorithm.uratio, (1, _C), (INF, _O)),
-    ("algorithm.lambda_u", lambda c: c.algorithm.lambda_u, (0, _C), (INF, _O)),
-    ("optim.lr", lambda c: c.optim.lr, (0, _O), (INF, _O)),
-    ("optim.weight_decay", lambda c: c.optim.weight_decay, (0, _C), (INF, _O)),
-    ("optim.layer_decay", lambda c: c.optim.layer_decay, (0, _O), (1, _C)),
-    ("optim.warmup_steps", lambda c: c.optim.warmup_steps, (0, _C), (INF, _O)),
-    ("optim.min_lr_ratio", lambda c: c.optim.min_lr_ratio, (0, _C), (1, _C)),
-    ("optim.clip_grad", lambda c: c.optim.clip_grad, (0, _C), (INF, _O)),
-    ("ema.decay", lambda c: c.ema.decay, (0, _C), (1, _O)),
-    ("eval.every", lambda c: c.eval.every, (0, _C), (INF, _O)),
-    ("ckpt.every", lambda c: c.ckpt.every, (1, _C), (INF, _O)),
-    ("ckpt.keep", lambda c: c.ckpt.keep, (1, _C), (INF, _O)),
-    ("data.load_crop", lambda c: c.data.load_crop, (1, _C), (INF, _O)),
-    ("data.num_workers", lambda c: c.data.num_workers, (0, _C), (INF, _O)),
-    ("data.eval_batch_size", lambda c: c.data.eval_batch_size, (1, _C), (INF, _O)),
-    ("data.pseudo_min_confidence", lambda c: c.data.pseudo_min_confidence, (0, _C), (1, _C)),
-    ("model.img_size", lambda c: c.model.img_size, (1, _C), (INF, _O)),
-    ("model.drop_path", lambda c: c.model.drop_path, (0, _C), (1, _O)),
-    ("model.proj_dim", lambda c: c.model.proj_dim, (1, _C), (INF, _O)),
-    ("aug.num_strong", lambda c: c.aug.num_strong, (1, _C), (INF, _O)),
-    ("aug.randaugment_ops", lambda c: c.aug.randaugment_ops, (0, _C), (INF, _O)),
-    ("aug.cutout", lambda c: c.aug.cutout, (0, _C), (1, _C)),
-]
+# Every number a run reads, with its valid interval: "[" / "]" closed, "(" / ")" open, "inf" unbounded.
+RANGES = {
+    "train.steps": "[1, inf)", "train.batch_size": "[1, inf)", "train.grad_accum": "[1, inf)",
+    "train.max_nonfinite": "[1, inf)", "train.log_every": "[1, inf)",
+    "algorithm.uratio": "[1, inf)", "algorithm.lambda_u": "[0, inf)",
+    "optim.lr": "(0, inf)", "optim.weight_decay": "[0, inf)", "optim.layer_decay": "(0, 1]",
+    "optim.warmup_steps": "[0, inf)", "optim.min_lr_ratio": "[0, 1]", "optim.clip_grad": "[0, inf)",
+    "ema.decay": "[0, 1)", "eval.every": "[0, inf)", "ckpt.every": "[1, inf)", "ckpt.keep": "[1, inf)",
+    "data.load_crop": "[1, inf)", "data.num_workers": "[0, inf)", "data.eval_batch_size": "[1, inf)",
+    "data.pseudo_min_confidence": "[0, 1]", "model.img_size": "[1, inf)", "model.drop_path": "[0, 1)",
+    "model.proj_dim": "[1, inf)", "aug.num_strong": "[1, inf)", "aug.randaugment_ops": "[0, inf)",
+    "aug.cutout": "[0, 1]",
+}  # fmt: skip
+
+
+def _check_range(key: str, value: float, interval: str) -> None:
+    lo_text, hi_text = (s.strip() for s in interval[1:-1].split(","))
+    lo, hi = float(lo_text), float(hi_text)
+    lo_ok = lo < value if interval[0] == "(" else lo <= value
+    hi_ok = value < hi if interval[-1] == ")" else value <= hi
+    if not (lo_ok and hi_ok):
+        bound = f"{'>' if interval[0] == '(' else '>='} {lo_text}"
+        bound += "" if hi == float("inf") else f" and {'<' if interval[-1] == ')' else '<='} {hi_text}"
+        raise ConfigError(f"{key} must be {bound}, got {value}")
 
 
 def _check_model_name(name: str) -> None:

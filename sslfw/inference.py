@@ -12,26 +12,12 @@ from pathlib import Path
 from sslfw import ckpt
 from sslfw.algorithms import get_algorithm
 from sslfw.config import Config, load_config
-from sslfw.errors import DataError
 from sslfw.model import IQAModel
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A step-N directory, or a run directory (its newest intact checkpoint)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"--checkpoint {path}: no such checkpoint or run directory")
-    if (path / ckpt.MARKER).is_file():
-        return path
-    found = ckpt.latest(path)
-    if found is None:
-        raise DataError(f"--checkpoint {path}: neither a complete step-N checkpoint nor a run directory holding one")
-    return found
 
 
 def load_model(path: str | Path, weights: str = "ema") -> tuple[IQAModel, Config, Path]:
     """(model in eval mode on CPU, its training config, the checkpoint directory used)."""
-    path = resolve_checkpoint(path)
+    path = ckpt.resolve(path, "--checkpoint")
     state, info = ckpt.load(path)
     cfg = load_config(None, info["config"]) if "config" in info else load_config(path.parent / "config.yaml")
     algo = get_algorithm(cfg.algorithm.name)

@@ -138,14 +138,7 @@ def resolve_resume(run_dir: Path, resume: str, config: dict, main: bool) -> Path
                 f"--ckpt.overwrite=true to move the old run aside"
             )
         return None
-    path = Path(resume)
-    if not path.exists():
-        raise DataError(f"ckpt.resume: {path} does not exist; give a step-N checkpoint, a run folder, auto or none")
-    if not (path / ckpt.MARKER).exists():  # a run folder: its newest intact checkpoint
-        found = ckpt.latest(path, verbose=main)
-        if found is None:
-            raise DataError(f"ckpt.resume: {path} holds no complete checkpoint (step-N folder with {ckpt.MARKER})")
-        path = found
+    path = ckpt.resolve(Path(resume), "ckpt.resume")
     return _same_architecture(path, config)
 
 

@@ -4,6 +4,7 @@ interval (pairs: the same test image under the same seed), marked * only when th
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -67,8 +68,6 @@ def _delta(done: list[dict], base: list[dict]) -> str:
 def truth_levels(truth_csv: str, scheme: dict) -> dict[str, int]:
     """Hidden true level per sample key from an embedded dataset's `synth_truth.csv` (noise-free MOS); read by the
     report only, never by training."""
-    import csv
-
     from sslfw.data.labels import LabelScheme
     from sslfw.data.manifest import make_key
 
@@ -94,8 +93,6 @@ def _diagnostics(done: list[dict], truth: dict[str, int] | None) -> tuple[str, s
             masks.append(float(np.mean(vals)))
         pseudo = Path(r["dir"]) / "pseudo.csv"
         if truth and pseudo.is_file():
-            import csv
-
             with open(pseudo, newline="") as f:
                 pairs = [(int(x["label"]), truth[x["key"]]) for x in csv.DictReader(f) if x["key"] in truth]
             if pairs:
