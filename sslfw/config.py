@@ -30,6 +30,9 @@ class DataConfig:
     eval_batch_size: int = 64  # per rank
     pseudo_labels: str = ""  # a `sslfw pseudolabel` csv: retrain (supervised) on labelled + pseudo-labelled data
     pseudo_min_confidence: float = 0.0  # keep only pseudo-labels at least this confident
+    # Share of each retraining batch drawn from pseudo-labels; 0: in proportion to their count (the paper's union,
+    # which with a pool 10x the labels leaves the real labels 1 image in 11).
+    pseudo_share: float = 0.0
 
 
 @dataclass
@@ -108,6 +111,13 @@ class AlgorithmConfig:
     name: str = "supervised"
     uratio: int = 1  # unlabelled batch = uratio x labelled batch
     lambda_u: float = 1.0  # weight of the unlabelled loss
+    # How a strong view is pulled to its target: "ce" (cross-entropy over the 5 levels, as every paper) or
+    # "ordinal" (binary cross-entropy on the 4 cumulative "better than level k" probabilities, so a target one
+    # level away costs less than one three levels away; the levels are ordered, the classes of CIFAR are not).
+    consistency: str = "ce"
+    # Labelled targets: "hard" (the level) or "votes" (each level's probability given the crowd's votes:
+    # LabelScheme.vote_probs), so an image rated at a level edge teaches both neighbours.
+    sup_targets: str = "hard"
     # The algorithm's own hyper-parameters: checked against its Params dataclass when the config loads, and filled
     # with its defaults, so config.yaml, checkpoints and W&B record every value in force.
     params: dict = field(default_factory=dict)
@@ -235,6 +245,8 @@ def validate(cfg: Config) -> None:
     choices = {
         "aug.strong": (cfg.aug.strong, ("iqa_safe", "randaugment")),
         "optim.name": (cfg.optim.name, ("adamw", "adam")),
+        "algorithm.consistency": (cfg.algorithm.consistency, ("ce", "ordinal")),
+        "algorithm.sup_targets": (cfg.algorithm.sup_targets, ("hard", "votes")),
         "eval.weights": (cfg.eval.weights, ("student", "ema", "both")),
         "log.wandb": (cfg.log.wandb, ("offline", "online", "disabled")),
     }
@@ -269,9 +281,9 @@ RANGES = {
     "optim.warmup_steps": "[0, inf)", "optim.min_lr_ratio": "[0, 1]", "optim.clip_grad": "[0, inf)",
     "ema.decay": "[0, 1)", "eval.every": "[0, inf)", "ckpt.every": "[1, inf)", "ckpt.keep": "[1, inf)",
     "data.load_crop": "[1, inf)", "data.num_workers": "[0, inf)", "data.eval_batch_size": "[1, inf)",
-    "data.pseudo_min_confidence": "[0, 1]", "model.img_size": "[1, inf)", "model.drop_path": "[0, 1)",
-    "model.proj_dim": "[1, inf)", "aug.num_strong": "[1, inf)", "aug.randaugment_ops": "[0, inf)",
-    "aug.cutout": "[0, 1]",
+    "data.pseudo_min_confidence": "[0, 1]", "data.pseudo_share": "[0, 1)", "model.img_size": "[1, inf)",
+    "model.drop_path": "[0, 1)", "model.proj_dim": "[1, inf)", "aug.num_strong": "[1, inf)",
+    "aug.randaugment_ops": "[0, inf)", "aug.cutout": "[0, 1]",
 }  # fmt: skip
 
 

@@ -120,6 +120,8 @@ def make_batch(run: Run, lb: dict, ulb: dict | None, gen: torch.Generator) -> St
     batch = StepBatch(
         run.augment.weak(lb["image"].to(device, non_blocking=True), gen), lb["label"].to(device), lb["idx"].to(device)
     )
+    if run.cfg.algorithm.sup_targets == "votes":
+        batch.y_lb_soft = lb["target"].to(device)
     if ulb is not None:
         x_u = ulb["image"].to(device, non_blocking=True)
         batch.x_ulb_w = [run.augment.weak(x_u, gen) for _ in range(run.views.weak)]
@@ -184,7 +186,7 @@ class Streams:
         lb = self._next(self.labelled)
         if self.pseudo is not None:
             pl = self._next(self.pseudo)
-            lb = {k: torch.cat([lb[k], pl[k]]) for k in ("image", "label", "idx")}
+            lb = {k: torch.cat([lb[k], pl[k]]) for k in ("image", "label", "idx", "target")}
         return lb
 
     def next_unlabelled(self) -> dict | None:
@@ -210,7 +212,8 @@ def open_streams(
             )
         pool = ShardSet(cfg.data.shards, "unlabelled")
         labels, keep = load_pseudo_labels(Path(cfg.data.pseudo_labels), len(pool), cfg.data.pseudo_min_confidence)
-        n_pl = min(per_rank - 1, max(1, round(per_rank * keep.sum() / (keep.sum() + len(lb_set)))))
+        share = cfg.data.pseudo_share or keep.sum() / (keep.sum() + len(lb_set))
+        n_pl = min(per_rank - 1, max(1, round(per_rank * share)))
         pseudo = loader(pool, n_pl, StreamId.PSEUDO_LABELLED, keep=keep, labels=labels)
     unlabelled = None
     if uses_unlabelled:

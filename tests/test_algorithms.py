@@ -93,6 +93,36 @@ def test_freematch_state_updates_mask_and_fairness_sign():
     assert float(out.logs["fair_loss"]) <= 0  # minus a cross-entropy
 
 
+def test_freematch_warm_start_takes_the_first_batch_and_usb_start_stays_near_one_over_c():
+    z_w = logits([6.0, 0, 0, 0, 0], [0, 0, 0.2, 0, 0])
+    batch = StepBatch(logits([1.0, 0, 0, 0, 0]), torch.tensor([0]), torch.tensor([0]), [z_w], [z_w.clone()])
+    conf = z_w.softmax(-1).max(-1).values.mean().item()
+    warm, usb = make("freematch"), make("freematch", warm_start=False)
+    for step in range(3):  # identical batches: the warm-started threshold is their confidence from the first step
+        warm.step(LogitsAreInputs(), batch, StepContext(step, 10, None))
+        usb.step(LogitsAreInputs(), batch, StepContext(step, 10, None))
+        assert float(warm.time_p) == pytest.approx(conf, rel=1e-6)
+    assert float(usb.time_p) == pytest.approx(conf + (0.2 - conf) * 0.999**3, rel=1e-6)
+
+
+def test_ordinal_consistency_charges_by_distance_and_matches_hand_values():
+    from sslfw.algorithms.losses import masked_consistency, ordinal_ce
+
+    p = torch.tensor([[0.1, 0.2, 0.4, 0.2, 0.1]])
+    z = p.log()
+    # Hard target 2: cuts k=0,1 want P(>k) = 1, cuts k=2,3 want P(>k) = 0.
+    hand = -(math.log(0.9) + math.log(0.7) + math.log(0.7) + math.log(0.9))
+    assert float(ordinal_ce(z, torch.tensor([2]))) == pytest.approx(hand, rel=1e-5)
+    soft = torch.tensor([[0.0, 0.0, 0.5, 0.5, 0.0]])  # P(>2) = 0.5 at cut 2
+    hand_soft = -(math.log(0.9) + math.log(0.7) + 0.5 * math.log(0.3) + 0.5 * math.log(0.7) + math.log(0.9))
+    assert float(ordinal_ce(z, soft)) == pytest.approx(hand_soft, rel=1e-5)
+    # A confident prediction one level off costs less than one three levels off; plain CE charges both the same.
+    near, far = logits([0, 0, 0, 8.0, 0]), logits([8.0, 0, 0, 0, 0])
+    target, mask = torch.tensor([2]), torch.ones(1)
+    assert masked_consistency(near, target, mask, "ordinal") < masked_consistency(far, target, mask, "ordinal")
+    assert masked_consistency(near, target, mask) == pytest.approx(float(masked_consistency(far, target, mask)))
+
+
 SSL = ["fixmatch", "adamatch", "freematch", "comatch", "simmatch", "crmatch"]
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from sslfw.data.labels import LabelScheme
 from sslfw.data.shards import load_index, pack
 from sslfw.data.stream import EvalStream, ShardSet, TrainStream, make_loader
 from tests.helpers import ROOT, child_env, make_raw, prepare_raw, torchrun, tree_hashes
@@ -62,6 +63,22 @@ def test_train_stream_resumes_exactly_whatever_the_worker_count(small_shards):
     other_stream = TrainStream(train, 8, (32, 32), seed=3, rank=0, stream=1).make_batch(0)
     assert not torch.equal(other_rank["idx"], first[0]["idx"])
     assert not torch.equal(other_stream["idx"], first[0]["idx"])
+
+
+def test_vote_targets_are_level_probabilities_of_the_crowd_mean(small_shards):
+    """algorithm.sup_targets=votes: one-hot far from an edge, split across an edge the MOS sits on, rows sum to 1,
+    and images without votes (hand labels, pseudo-labels) keep their level."""
+    scheme = LabelScheme()  # edges 1.79, 2.55, 3.46, 3.94
+    far = scheme.vote_probs([0, 0, 100, 0, 0], 2)  # MOS 3.0 with sd 0: level 2 only
+    np.testing.assert_allclose(far, np.eye(5)[2], atol=1e-9)
+    on_edge = scheme.vote_probs([0, 0, 54, 46, 0], 2)  # MOS 3.46 = the 2|3 edge
+    assert on_edge[2] == pytest.approx(0.5, abs=0.02) and on_edge[3] == pytest.approx(0.5, abs=0.02)
+    np.testing.assert_allclose(scheme.vote_probs(None, 4), np.eye(5)[4])
+    batch = TrainStream(ShardSet(small_shards, "train"), 8, (32, 32), seed=3, rank=0).make_batch(0)
+    assert batch["target"].shape == (8, 5)
+    torch.testing.assert_close(batch["target"].sum(1), torch.ones(8))
+    # The target's most likely level is the stored label unless the MOS is within a few standard errors of an edge.
+    assert (batch["target"].argmax(1) == batch["label"]).float().mean() >= 0.75
 
 
 def test_train_stream_covers_the_set_evenly(small_shards):

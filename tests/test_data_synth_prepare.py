@@ -39,13 +39,21 @@ def test_synth_writes_the_koniq_and_kadis_layouts(small_raw):
     assert len(list((small_raw / "kadis700k" / "ref_imgs").glob("*.png"))) == 80
 
 
-def test_quality_follows_distortion_severity(small_raw):
-    """The hidden score is what the image shows: within a distortion type, stronger levels score lower."""
+def test_quality_follows_distortion_severity_and_capture_defects(small_raw):
+    """The hidden score is what the image shows: severe distortions score far below flawless shots, and among
+    undistorted images a defocused, noisy or over-exposed shot scores below a flawless one."""
     with open(small_raw / "synth_truth.csv") as f:
         rows = list(csv.DictReader(f))
-    pristine = [float(r["true_mos"]) for r in rows if r["dist_type"] == "0"]
+    undistorted = [r for r in rows if r["dist_type"] == "0"]
+    flawless = [
+        r for r in undistorted if float(r["defocus"]) == 0 and float(r["noise"]) == 0 and r["exposure"] == "1.000"
+    ]
+    flawed = [r for r in undistorted if r not in flawless]
     severe = [float(r["true_mos"]) for r in rows if r["dist_level"] in ("4", "5")]
-    assert np.mean(pristine) > np.mean(severe) + 1.0
+    assert flawless and flawed
+    best = np.mean([float(r["true_mos"]) for r in flawless])
+    assert best > np.mean(severe) + 1.0
+    assert best > np.mean([float(r["true_mos"]) for r in flawed]) + 0.2
 
 
 def test_default_size_gives_the_paper_label_shares(tmp_path):

@@ -16,11 +16,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sslfw.algorithms.base import Algorithm, DataInfo, StepBatch, StepContext, StepOutput, forward_views, register
-from sslfw.algorithms.losses import masked_consistency
+from sslfw.algorithms.losses import masked_consistency, supervised_ce
 from sslfw.algorithms.stats import ema_update, global_mean
 from sslfw.config import AlgorithmConfig
 from sslfw.data.labels import NUM_CLASSES
@@ -49,7 +48,7 @@ class AdaMatch(Algorithm):
 
     def step(self, model: nn.Module, batch: StepBatch, ctx: StepContext) -> StepOutput:
         lb, w, s = forward_views(model, [batch.x_lb, batch.x_ulb_w[0], batch.x_ulb_s[0]])
-        sup = F.cross_entropy(lb["logits"].float(), batch.y_lb)
+        sup = supervised_ce(lb["logits"], batch)
         with torch.no_grad():
             p_lb = lb["logits"].detach().float().softmax(-1)
             p_w = w["logits"].detach().float().softmax(-1)
@@ -65,7 +64,7 @@ class AdaMatch(Algorithm):
             tau = self.p.p_cutoff * global_mean(p_lb.max(-1).values[:, None])[0]
             conf, target = aligned.max(-1)
             mask = (conf >= tau).float()
-        unsup = masked_consistency(s["logits"], target, mask)
+        unsup = masked_consistency(s["logits"], target, mask, self.cfg.consistency)
         loss = sup + self.unsup_weight(ctx) * self.cfg.lambda_u * unsup
         return StepOutput(
             loss, {"sup_loss": sup.detach(), "unsup_loss": unsup.detach(), "mask_ratio": mask.mean(), "threshold": tau}

@@ -53,6 +53,7 @@ class StepBatch:
     x_ulb_w: list[torch.Tensor] = field(default_factory=list)  # weak views of the unlabelled batch
     x_ulb_s: list[torch.Tensor] = field(default_factory=list)  # strong views, as many as the algorithm asked for
     idx_ulb: torch.Tensor | None = None
+    y_lb_soft: torch.Tensor | None = None  # level probabilities from the votes (algorithm.sup_targets: votes)
 
 
 @dataclass

@@ -33,7 +33,7 @@ from sslfw.algorithms.base import (
     forward_views,
     register,
 )
-from sslfw.algorithms.losses import masked_consistency
+from sslfw.algorithms.losses import masked_consistency, supervised_ce
 from sslfw.config import AlgorithmConfig
 from sslfw.data.labels import NUM_CLASSES
 from sslfw.dist import all_gather_cat, all_gather_with_grad, rank_offset
@@ -67,7 +67,7 @@ class CoMatch(Algorithm):
 
     def step(self, model: nn.Module, batch: StepBatch, ctx: StepContext) -> StepOutput:
         lb, w, s0, s1 = forward_views(model, [batch.x_lb, batch.x_ulb_w[0], *batch.x_ulb_s[:2]])
-        sup = F.cross_entropy(lb["logits"].float(), batch.y_lb)
+        sup = supervised_ce(lb["logits"], batch)
         T = self.p.T
         with torch.no_grad():
             f_w, f_lb = w["proj"].detach().float(), lb["proj"].detach().float()
@@ -88,7 +88,7 @@ class CoMatch(Algorithm):
                 torch.cat([all_gather_cat(f_w), all_gather_cat(f_lb)]),
                 torch.cat([all_gather_cat(p_orig), all_gather_cat(F.one_hot(batch.y_lb, NUM_CLASSES).float())]),
             )
-        unsup = masked_consistency(s0["logits"], target, mask)
+        unsup = masked_consistency(s0["logits"], target, mask, self.cfg.consistency)
         sim = (s0["proj"].float() @ all_gather_with_grad(s1["proj"].float()).T / T).softmax(-1)
         contrast = -(graph * torch.log(sim + 1e-7)).sum(1).mean()
         loss = sup + self.cfg.lambda_u * unsup + self.p.contrast_loss_ratio * contrast

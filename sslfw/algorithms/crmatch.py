@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslfw.algorithms.base import Algorithm, StepBatch, StepContext, StepOutput, forward_views, register
-from sslfw.algorithms.losses import masked_consistency
+from sslfw.algorithms.losses import masked_consistency, supervised_ce
 
 
 def rotations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,11 +50,11 @@ class CRMatch(Algorithm):
             views.append(x_rot)
         outs = forward_views(model, views)
         lb, w, s = outs[:3]
-        sup = F.cross_entropy(lb["logits"].float(), batch.y_lb)
+        sup = supervised_ce(lb["logits"], batch)
         with torch.no_grad():
             conf, pseudo = w["logits"].detach().float().softmax(-1).max(-1)
             mask = (conf >= self.p.p_cutoff).float()
-        unsup = masked_consistency(s["logits"], pseudo, mask)
+        unsup = masked_consistency(s["logits"], pseudo, mask, self.cfg.consistency)
         ds = (F.cosine_similarity(s["ds"].float(), w["ds"].float(), dim=1).clamp_min(0) * mask).mean()
         rot = F.cross_entropy(outs[3]["rot"].float(), y_rot) if self.p.rot_loss_ratio > 0 else sup * 0.0
         if self.p.usb_compat:

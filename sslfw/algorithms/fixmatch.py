@@ -12,11 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sslfw.algorithms.base import Algorithm, StepBatch, StepContext, StepOutput, forward_views, register
-from sslfw.algorithms.losses import masked_consistency
+from sslfw.algorithms.losses import masked_consistency, supervised_ce
 
 
 @register
@@ -32,7 +31,7 @@ class FixMatch(Algorithm):
 
     def step(self, model: nn.Module, batch: StepBatch, ctx: StepContext) -> StepOutput:
         lb, w, s = forward_views(model, [batch.x_lb, batch.x_ulb_w[0], batch.x_ulb_s[0]])
-        sup = F.cross_entropy(lb["logits"].float(), batch.y_lb)
+        sup = supervised_ce(lb["logits"], batch)
         with torch.no_grad():
             z_w = w["logits"].detach().float()
             probs = z_w.softmax(-1)
@@ -42,6 +41,6 @@ class FixMatch(Algorithm):
                 target = hard
             else:
                 target = probs if self.p.usb_compat else (z_w / self.p.T).softmax(-1)
-        unsup = masked_consistency(s["logits"], target, mask)
+        unsup = masked_consistency(s["logits"], target, mask, self.cfg.consistency)
         loss = sup + self.cfg.lambda_u * unsup
         return StepOutput(loss, {"sup_loss": sup.detach(), "unsup_loss": unsup.detach(), "mask_ratio": mask.mean()})

@@ -1,6 +1,7 @@
 """FreeMatch (Wang et al., ICLR 2023): self-adaptive thresholds and a self-adaptive fairness term.
 
-State (EMAs with momentum lambda, updated from the GLOBAL batch before masking):
+State (EMAs with momentum lambda, or min(lambda, t/(t+1)) at step t with warm_start; from the GLOBAL batch before
+masking):
     tau_g <- lambda tau_g + (1-lambda) mean(max p_w)      p_bar <- lambda p_bar + (1-lambda) mean(p_w)
     h_bar <- lambda h_bar + (1-lambda) hist(argmax p_w) / B_u
 Mask: m = [max p_w >= tau_g * p_bar[argmax p_w] / max(p_bar)];  L_u = mean(m * CE(z_s, argmax p_w))
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslfw.algorithms.base import Algorithm, DataInfo, StepBatch, StepContext, StepOutput, forward_views, register
-from sslfw.algorithms.losses import masked_consistency
+from sslfw.algorithms.losses import masked_consistency, supervised_ce
 from sslfw.algorithms.stats import ema_update, global_mean, global_sum
 from sslfw.config import AlgorithmConfig
 from sslfw.data.labels import NUM_CLASSES
@@ -45,6 +46,10 @@ class FreeMatch(Algorithm):
         ent_loss_ratio: float = 0.001  # USB's ViT configs (the argparse default is 0.01)
         use_quantile: bool = False
         clip_thresh: bool = False
+        # USB starts tau_g at 1/C and moves it by (1 - ema_p) per step: with ema_p 0.999 it is still near 1/C after
+        # hundreds of steps, so every pseudo-label passes. warm_start uses momentum min(ema_p, t / (t + 1)) at step
+        # t (a plain running mean until the EMA's horizon), so the statistics start at the model's own values.
+        warm_start: bool = True
 
     def __init__(self, cfg: AlgorithmConfig, data: DataInfo):
         super().__init__(cfg, data)
@@ -55,7 +60,7 @@ class FreeMatch(Algorithm):
 
     def step(self, model: nn.Module, batch: StepBatch, ctx: StepContext) -> StepOutput:
         lb, w, s = forward_views(model, [batch.x_lb, batch.x_ulb_w[0], batch.x_ulb_s[0]])
-        sup = F.cross_entropy(lb["logits"].float(), batch.y_lb)
+        sup = supervised_ce(lb["logits"], batch)
         with torch.no_grad():
             p_w = w["logits"].detach().float().softmax(-1)
             conf, pseudo = p_w.max(-1)
@@ -63,13 +68,14 @@ class FreeMatch(Algorithm):
                 level = torch.quantile(all_gather_cat(conf), 0.8)
             else:
                 level = global_mean(conf[:, None])[0]
-            ema_update(self.time_p, level, self.p.ema_p)
+            m = min(self.p.ema_p, ctx.step / (ctx.step + 1)) if self.p.warm_start else self.p.ema_p
+            ema_update(self.time_p, level, m)
             if self.p.clip_thresh:
                 self.time_p.clamp_(0.0, 0.95)
-            ema_update(self.p_model, global_mean(p_w), self.p.ema_p)
-            ema_update(self.label_hist, global_mean(F.one_hot(pseudo, NUM_CLASSES).float()), self.p.ema_p)
+            ema_update(self.p_model, global_mean(p_w), m)
+            ema_update(self.label_hist, global_mean(F.one_hot(pseudo, NUM_CLASSES).float()), m)
             mask = (conf >= self.time_p * self.p_model[pseudo] / self.p_model.max()).float()
-        unsup = masked_consistency(s["logits"], pseudo, mask)
+        unsup = masked_consistency(s["logits"], pseudo, mask, self.cfg.consistency)
         fair = self.fairness(s["logits"], mask)
         loss = sup + self.cfg.lambda_u * unsup + self.p.ent_loss_ratio * fair
         return StepOutput(

@@ -5,13 +5,38 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sslfw.algorithms.base import StepBatch
 
-def masked_consistency(logits_s: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """mean_i(mask_i * CE(logits_s,i, target_i)) over the whole batch; hard (long) or soft (prob) targets.
-    The mean runs over all samples, masked or not (as FixMatch defines it), so equal per-rank batches make DDP's
-    gradient average the global-batch loss."""
-    if target.dtype == torch.long:
-        ce = F.cross_entropy(logits_s.float(), target, reduction="none")
+
+def supervised_ce(logits: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+    """Cross-entropy of the labelled batch against its levels, or against the votes' level probabilities when the
+    trainer supplied them (algorithm.sup_targets: votes)."""
+    if batch.y_lb_soft is None:
+        return F.cross_entropy(logits.float(), batch.y_lb)
+    return -(batch.y_lb_soft * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+
+
+def ordinal_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample binary cross-entropy on the K-1 cumulative probabilities P(level > k), k = 0..K-2, of a hard
+    (long) or soft (prob) target: putting mass d levels away from the target costs about d cuts, not one."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    log_low = torch.logcumsumexp(logp, dim=-1)[:, :-1]  # log P(level <= k)
+    log_high = torch.logcumsumexp(logp.flip(-1), dim=-1).flip(-1)[:, 1:]  # log P(level > k)
+    t = F.one_hot(target, logits.shape[-1]).float() if target.dtype == torch.long else target.float()
+    t_high = t.flip(-1).cumsum(-1).flip(-1)[:, 1:]
+    return -(t_high * log_high + (1 - t_high) * log_low).sum(-1)
+
+
+def masked_consistency(
+    logits_s: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str = "ce"
+) -> torch.Tensor:
+    """mean_i(mask_i * loss(logits_s,i, target_i)) over the whole batch; hard (long) or soft (prob) targets; `kind`
+    is "ce" (cross-entropy) or "ordinal" (ordinal_ce). The mean runs over all samples, masked or not (as FixMatch
+    defines it), so equal per-rank batches make DDP's gradient average the global-batch loss."""
+    if kind == "ordinal":
+        per_sample = ordinal_ce(logits_s, target)
+    elif target.dtype == torch.long:
+        per_sample = F.cross_entropy(logits_s.float(), target, reduction="none")
     else:
-        ce = -(target * F.log_softmax(logits_s.float(), dim=-1)).sum(-1)
-    return (ce * mask).mean()
+        per_sample = -(target * F.log_softmax(logits_s.float(), dim=-1)).sum(-1)
+    return (per_sample * mask).mean()

@@ -29,7 +29,7 @@ from torch import nn
 
 from sslfw.algorithms.bank import DistAlignQueue, LabelledBank
 from sslfw.algorithms.base import Algorithm, DataInfo, StepBatch, StepContext, StepOutput, forward_views, register
-from sslfw.algorithms.losses import masked_consistency
+from sslfw.algorithms.losses import masked_consistency, supervised_ce
 from sslfw.config import AlgorithmConfig
 from sslfw.data.labels import NUM_CLASSES
 from sslfw.dist import all_gather_cat
@@ -57,7 +57,7 @@ class SimMatch(Algorithm):
 
     def step(self, model: nn.Module, batch: StepBatch, ctx: StepContext) -> StepOutput:
         lb, w, s = forward_views(model, [batch.x_lb, batch.x_ulb_w[0], batch.x_ulb_s[0]])
-        sup = F.cross_entropy(lb["logits"].float(), batch.y_lb)
+        sup = supervised_ce(lb["logits"], batch)
         teacher = ctx.teacher if self.p.use_ema_teacher else None
         bank = self.bank.feats.clone()  # a snapshot: the bank is rewritten below, before backward needs it
         with torch.no_grad():
@@ -77,7 +77,7 @@ class SimMatch(Algorithm):
                 aggregated = q @ F.one_hot(self.bank.labels, NUM_CLASSES).float()
                 target = self.p.smoothing_alpha * p_w + (1 - self.p.smoothing_alpha) * aggregated
             mask = (target.max(-1).values >= self.p.p_cutoff).float()
-        unsup = masked_consistency(s["logits"], target, mask)
+        unsup = masked_consistency(s["logits"], target, mask, self.cfg.consistency)
         if unfolded is not None:
             log_s = F.log_softmax(s["proj"].float() @ bank.T / self.p.T, dim=-1)
             in_loss = -(unfolded * log_s).sum(1).mean()

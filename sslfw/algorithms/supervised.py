@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import nn
 
 from sslfw.algorithms.base import Algorithm, StepBatch, StepContext, StepOutput, register
+from sslfw.algorithms.losses import supervised_ce
 
 
 @register
@@ -15,5 +15,5 @@ class Supervised(Algorithm):
 
     def step(self, model: nn.Module, batch: StepBatch, ctx: StepContext) -> StepOutput:
         logits = model(batch.x_lb)["logits"]
-        loss = F.cross_entropy(logits.float(), batch.y_lb)
+        loss = supervised_ce(logits, batch)
         return StepOutput(loss, {"sup_loss": loss.detach()})

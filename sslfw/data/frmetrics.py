@@ -62,11 +62,11 @@ def fr_quality(ref: np.ndarray, dist: np.ndarray) -> float:
 
 # Monotone map from fr_quality to true MOS on KonIQ's 1..5 scale. The knots are quantiles of fr_quality over the
 # default embedded mixture (`sslfw data synth --calibrate`), matched to KonIQ-10k's MOS distribution: 2 % below 1.79,
-# 15 % below 2.55, 64 % below 3.46, 98 % below 3.94 (docs/NOTES.md, Labels). The 98 % knot sits at 3.88, not 3.94:
-# pristine crops pile up just under it, and the simulated raters' noise would otherwise push ~4 % over the edge.
+# 15 % below 2.55, 64 % below 3.46, 98 % below 3.94 (docs/NOTES.md, Labels). The top 2 % are the flawless shots
+# (synth.capture: no defocus, noise or over-exposure, no distortion), so level 4 has a visible cause.
 # They are constants, so an image's score never depends on which other images were generated with it.
-MOS_KNOTS_Q = (0.0, 0.045, 0.2529, 0.5573, 0.7825, 0.9911, 1.0)
-MOS_KNOTS_MOS = (1.10, 1.79, 2.55, 3.05, 3.46, 3.88, 4.31)
+MOS_KNOTS_Q = (0.0, 0.019, 0.1308, 0.2871, 0.4965, 0.9763, 1.0)
+MOS_KNOTS_MOS = (1.10, 1.79, 2.55, 3.05, 3.46, 3.94, 4.31)
 CALIBRATION_QUANTILES = (0.0, 0.02, 0.15, 0.40, 0.64, 0.98, 1.0)
 
 

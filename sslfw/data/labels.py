@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import ndtr
 
 NUM_CLASSES = 5
 # MOS (1..5 scale) edges between levels 0|1, 1|2, 2|3, 3|4, from KonIQ-10k's official csv.
@@ -31,6 +32,19 @@ class LabelScheme:
 
     def labels(self, mos: np.ndarray) -> np.ndarray:
         return np.searchsorted(np.asarray(self.edges), np.asarray(mos), side="right").astype(np.int64)
+
+    def vote_probs(self, votes: list[float] | None, label: int) -> np.ndarray:
+        """P(level) of one image from its vote counts c1..c5: the chance that the MOS of an endless crowd falls in
+        each level, with the crowd's mean as estimate and sd/sqrt(n) as its error. An image whose MOS sits at an
+        edge is then half one level, half the next, as its label is. No votes: the label, one-hot."""
+        if not votes or sum(votes) < 2:
+            return np.eye(NUM_CLASSES)[label]
+        c, v = np.asarray(votes, dtype=np.float64), np.arange(1, 6)
+        n = c.sum()
+        mos = (c * v).sum() / n
+        se = max(np.sqrt((c * (v - mos) ** 2).sum() / (n - 1) / n), 1e-3)
+        cdf = ndtr((np.asarray(self.edges) - mos) / se)
+        return np.diff(np.concatenate([[0.0], cdf, [1.0]]))
 
     def to_dict(self) -> dict:
         return {"column": "MOS", "scale": [1.0, 5.0], "edges": list(self.edges), "num_classes": NUM_CLASSES}

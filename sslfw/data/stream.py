@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sslfw import fsio
 from sslfw.data.images import to_rgb8
+from sslfw.data.labels import LabelScheme
 from sslfw.data.shards import load_index
 from sslfw.errors import DataError
 
@@ -202,6 +203,7 @@ class TrainStream(IterableDataset):
         if not self.keep.any():
             raise DataError(f"{shards.root}: set {shards.name!r} has no sample to train on.")
         self.shards, self.batch_size, self.crop, self.labels = shards, batch_size, crop, labels
+        self.scheme = LabelScheme(tuple(shards.label_scheme["edges"]))
         self.seed, self.rank, self.stream, self.start_step = seed, rank, int(stream), start_step
         self.kept_per_shard = np.add.reduceat(self.keep, shards.shard_starts[:-1]).astype(np.int64)
         self.shards_per_block = min(shards_per_block, int((self.kept_per_shard > 0).sum()))
@@ -246,12 +248,14 @@ class TrainStream(IterableDataset):
                 damaged += 1
                 continue
             if self.labels is not None:
-                meta["label"] = int(self.labels[i])
+                meta["label"], meta["votes"] = int(self.labels[i]), None
             samples.append((img, meta))
         if not samples:
             raise DataError(f"{self.shards.root}: no image of a {self.shards.name} batch decodes; re-pack the shards")
         samples += samples[:damaged]  # the batch keeps its size, so every rank stays in step
         batch = collate(samples)
+        probs = [self.scheme.vote_probs(m.get("votes"), m["label"]) for _, m in samples]
+        batch["target"] = torch.tensor(np.stack(probs), dtype=torch.float32)  # algorithm.sup_targets: votes
         batch["step"], batch["damaged"] = torch.tensor(step), torch.tensor(damaged)
         return batch
 

@@ -1,9 +1,11 @@
 """`sslfw data synth`: an embedded IQA dataset in the real KonIQ-10k / KADIS-700k layouts, with no download.
 
 Content is scikit-image's bundled CC0/public-domain photos plus procedural dead-leaves images, cropped at random,
-then given one KADID-style distortion at one of 5 levels (or left pristine). The hidden quality is a full-reference
-score of the stored image against its clean crop (frmetrics.py), so it is a function of what the file shows, and a
-blind model can learn it. Crowd votes c1..c5 are simulated from that score, as KonIQ's were from real raters.
+"shot" with camera defects that vary from image to image (defocus, sensor noise, over-exposure, or none), then given
+one KADID-style distortion at one of 5 levels (or left undistorted). The hidden quality is a full-reference score of
+the stored image against the ideal crop (frmetrics.py), so it is a function of what the file shows, a blind model
+can learn it, and it varies among undistorted images too. Crowd votes c1..c5 are simulated from that score, as
+KonIQ's were from real raters.
 
 Every image is drawn from its own generator seeded by (seed, pool, index), so output is byte-identical for the same
 flags whatever the number of worker processes.
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from scipy import ndimage
 
 from sslfw import fsio
 from sslfw.data.distortions import DEFAULT_MIX, DISTORTIONS, distort, to_uint8
@@ -30,6 +33,15 @@ KONIQ_HEADER = ["image_name", "c1", "c2", "c3", "c4", "c5", "c_total", "MOS", "S
 KONIQ_SETS_HEADER = ["image_name", "c1", "c2", "c3", "c4", "c5", "c_total", "MOS", "SD", "set"]
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
 POOL_IDS = {"koniq": 1, "kadis": 2}
+# How shots vary before any distortion: probability of each defect and its range (Gaussian defocus sigma in pixels,
+# sensor noise std, exposure gain). The ranges start where a blind model can see the defect, so the flawless shots
+# (about 1 in 5 here, 2 % of all images once distortions are drawn) form a learnable top level. Under-exposure is
+# left out: on content of unknown brightness it cannot be told from a dark scene.
+CAPTURE = {
+    "p_defocus": 0.5, "defocus": (1.0, 2.0),
+    "p_noise": 0.5, "noise": (0.02, 0.04),
+    "p_exposure": 0.2, "exposure": (1.3, 1.8),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -96,15 +108,29 @@ def clean_crop(cfg: SynthConfig, rng: np.random.Generator) -> tuple[str, np.ndar
     return name, crop[:, ::-1].copy() if rng.random() < 0.5 else crop
 
 
+def capture(ideal: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """The shot as a camera took it: defocus, sensor noise and exposure vary from photo to photo, so quality varies
+    among undistorted images too, as it does among KonIQ's in-the-wild photos. Some shots are flawless."""
+    defocus = float(rng.uniform(*CAPTURE["defocus"])) if rng.random() < CAPTURE["p_defocus"] else 0.0
+    noise = float(rng.uniform(*CAPTURE["noise"])) if rng.random() < CAPTURE["p_noise"] else 0.0
+    exposure = float(rng.uniform(*CAPTURE["exposure"])) if rng.random() < CAPTURE["p_exposure"] else 1.0
+    img = ndimage.gaussian_filter(ideal, (defocus, defocus, 0), mode="reflect") if defocus > 0.05 else ideal
+    img = np.clip(img * np.float32(exposure), 0, 1)  # over-exposure clips highlights, as a sensor does
+    if noise > 0:
+        img = np.clip(img + rng.normal(0.0, noise, img.shape).astype(np.float32), 0, 1)
+    return img.astype(np.float32), {"defocus": defocus, "noise": noise, "exposure": exposure}
+
+
 def make_sample(cfg: SynthConfig, pool: str, index: int) -> dict:
     """One image: bytes as stored, its distortion, its hidden quality and simulated crowd votes."""
     rng = np.random.default_rng([cfg.seed, POOL_IDS[pool], index])
     content, clean = clean_crop(cfg, rng)
+    shot, shot_info = capture(clean, rng)
     if rng.random() < cfg.pristine_fraction:
         code, level = 0, 0
     else:
         code, level = int(rng.choice(cfg.distortions)), int(rng.integers(1, 6))
-    dist = distort(clean, code, level, rng)
+    dist = distort(shot, code, level, rng)
     buf = io.BytesIO()
     if pool == "koniq":  # KonIQ ships JPEGs; the score is measured on the decoded file, artefacts included
         Image.fromarray(to_uint8(dist)).save(buf, format="JPEG", quality=95, subsampling=0)
@@ -129,6 +155,7 @@ def make_sample(cfg: SynthConfig, pool: str, index: int) -> dict:
         "counts": counts.tolist(),
         "mos": mos,
         "sd": float(votes.std(ddof=1)),
+        **shot_info,
     }
 
 
@@ -200,16 +227,13 @@ def synthesize(cfg: SynthConfig) -> dict:
 
     # Hidden truth for every image (never read by training): lets pseudo-labels be scored on the pool.
     rows = [
-        [f"koniq10k/1024x768/{n}", s["content"], s["code"], s["level"], f"{s['q']:.6f}", f"{s['true_mos']:.6f}"]
-        for n, s in zip(koniq_names, koniq)
+        [path, s["content"], f"{s['defocus']:.3f}", f"{s['noise']:.4f}", f"{s['exposure']:.3f}", s["code"], s["level"]]
+        + [f"{s['q']:.6f}", f"{s['true_mos']:.6f}"]
+        for path, s in [(f"koniq10k/1024x768/{n}", s) for n, s in zip(koniq_names, koniq)]
+        + [(f"kadis700k/ref_imgs/{n}", s) for n, s in zip(kadis_names, kadis)]
     ]
-    rows += [
-        [f"kadis700k/ref_imgs/{n}", s["content"], s["code"], s["level"], f"{s['q']:.6f}", f"{s['true_mos']:.6f}"]
-        for n, s in zip(kadis_names, kadis)
-    ]
-    fsio.write_csv(
-        out / "synth_truth.csv", ["image", "content", "dist_type", "dist_level", "fr_quality", "true_mos"], rows
-    )
+    header = ["image", "content", "defocus", "noise", "exposure", "dist_type", "dist_level", "fr_quality", "true_mos"]
+    fsio.write_csv(out / "synth_truth.csv", header, rows)
 
     labels = np.array([scheme.label(s["mos"]) for s in koniq])
     return {
