@@ -132,6 +132,15 @@ def cmd_pipeline(a: argparse.Namespace) -> dict:
     return result
 
 
+def cmd_demo(a: argparse.Namespace) -> dict:
+    from sslfw.commands.demo import run_demo
+
+    result = run_demo(a.config, a.seed, a.overrides, a.data, a.shards)
+    if result.get("report_text"):
+        print(result.pop("report_text"))
+    return result
+
+
 def cmd_bench(a: argparse.Namespace) -> dict:
     from sslfw.bench.run import run_bench
 
@@ -240,6 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = verbs.add_parser("pipeline", help="SSL -> pseudo-label -> retrain -> eval for algorithms x seeds; report")
     s.add_argument("--config", type=Path, help="pipeline YAML (sslfw/commands/pipeline.py: PipelineConfig)")
     s.set_defaults(func=cmd_pipeline)
+    s = verbs.add_parser(
+        "demo",
+        help="the README's main job: build the few-label embedded benchmark for a data seed, run the pipeline on it",
+    )
+    s.add_argument("--seed", type=int, default=0, help="data seed: which embedded dataset (training seeds: --seeds)")
+    s.add_argument("--config", type=Path, default=Path("configs/pipeline_embedded.yaml"), help="pipeline YAML")
+    s.add_argument("--data", type=Path, default=Path("data/demo"), help="where the generated images go")
+    s.add_argument("--shards", type=Path, default=Path("shards"), help="where the packed shards go")
+    s.set_defaults(func=cmd_demo)
     s = verbs.add_parser("bench", help="throughput against its limit or alternative, as ratios (BENCHMARKS.md)")
     s.add_argument("what", help="data, augment, step, pseudolabel (comma-separated) or all")
     s.add_argument("--config", type=Path, help="training YAML: model, batch, augmentation, algorithm settings")
@@ -299,7 +317,7 @@ def _run(argv: list[str] | None) -> int:
     from sslfw.errors import ConfigError, DataError
 
     args, extra = build_parser().parse_known_args(argv)
-    if extra and args.verb not in ("train", "pipeline", "bench"):
+    if extra and args.verb not in ("train", "pipeline", "demo", "bench"):
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     t0 = time.perf_counter()

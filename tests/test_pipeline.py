@@ -173,3 +173,39 @@ def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, small_raw,
         "fixmatch (iqa_safe)",
     ]
     assert not (tmp_path / "out" / "comatch-iqa_safe-s0").exists()
+
+
+def test_demo_builds_the_few_label_benchmark_per_data_seed_and_resumes(small_shards, tmp_path, monkeypatch):
+    """`sslfw demo --seed N --seeds=[...]`: data, manifest and shards named by the data seed (15 % of train labelled,
+    the rest in the pool), the pipeline over the given training seeds, and a rerun that rebuilds nothing."""
+    from sslfw.commands import demo
+
+    monkeypatch.setattr(demo, "KONIQ_COUNT", 100)
+    monkeypatch.setattr(demo, "KADIS_COUNT", 40)
+    base = tmp_path / "base.yaml"
+    tree: dict = {}
+    for arg in tiny_overrides(small_shards, tmp_path / "unused", **{"eval.every": 0}):
+        key, value = arg[2:].split("=", 1)
+        node = tree
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = yaml.safe_load(value)
+    base.write_text(yaml.safe_dump(tree))
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "runs"), "base": str(base), "algorithms": ["supervised"],
+                                   "ssl": {"train.steps": 4, "ckpt.every": 4}}))  # fmt: skip
+    argv = ["demo", "--seed", "3", "--config", str(cfg), "--data", str(tmp_path / "data"),
+            "--shards", str(tmp_path / "shards"), "--seeds=[0,1]"]  # fmt: skip
+    assert main(argv) == 0
+    index = tmp_path / "shards" / "demo-seed3" / "index.json"
+    meta = json.loads((tmp_path / "data" / "seed3" / "manifest" / "meta.json").read_text())
+    assert meta["split"]["labelled_fraction"] == 0.15 and meta["counts"]["moved_to_pool"] > 0
+    sets = load_index(index.parent)["sets"]
+    assert sets["unlabelled"]["count"] > 40  # the pool got the unlabelled part of the train split
+    out = tmp_path / "runs" / "data-seed3"
+    assert all((out / f"supervised-s{s}" / "eval" / "eval.json").is_file() for s in (0, 1))
+    assert "| supervised | 2 |" in (out / "report.md").read_text()
+    stamps = [p.stat().st_mtime_ns for p in (index, out / "supervised-s0" / "eval" / "eval.json")]
+    assert main(argv) == 0
+    assert [p.stat().st_mtime_ns for p in (index, out / "supervised-s0" / "eval" / "eval.json")] == stamps

@@ -134,24 +134,63 @@ def write_report(
         f"threshold over the SSL stage; pseudo_acc: pseudo-labels of the pool against the hidden truth"
         f"{' (' + truth + ')' if truth else ' (no truth file given)'}.\n\n{table}\n",
     )
-    learning_curves(out)
+    val_cache = out / "reference_val.json"
+    val_refs = json.loads(val_cache.read_text()) if val_cache.is_file() else reference_rows(shards, "val")
+    fsio.write_json(val_cache, val_refs)
+    learning_curves(out, val_refs)
 
 
-def learning_curves(out: Path) -> None:
+def _curves(out: Path, stage: str, key: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """method -> (steps, mean, std over seeds) of `key` in each run's `stage`/metrics.jsonl, on the steps every seed
+    logged."""
+    by_method: dict[str, list[dict[int, float]]] = {}
+    for log in sorted(out.glob(f"*/{stage}/metrics.jsonl")):
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        pts = {r["step"]: r[key] for r in rows if key in r}
+        if pts:
+            by_method.setdefault(log.parent.parent.name.rsplit("-s", 1)[0], []).append(pts)
+    curves = {}
+    for method, seeds in by_method.items():
+        steps = sorted(set.intersection(*(set(p) for p in seeds)))
+        vals = np.array([[p[s] for s in steps] for p in seeds])
+        curves[method] = (np.array(steps), vals.mean(0), vals.std(0, ddof=1) if len(seeds) > 1 else 0 * vals[0])
+    return curves
+
+
+def learning_curves(out: Path, refs: dict[str, dict] | None = None) -> None:
+    """Validation SRCC and MAE of the EMA weights over training, SSL stage and retraining side by side: mean over
+    seeds with a +-1 std band; the reference rows (measured on val) as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for run in sorted(out.glob("*/ssl/metrics.jsonl")):
-        rows = [json.loads(line) for line in run.read_text().splitlines()]
-        pts = [(r["step"], r["val/ema/mae"]) for r in rows if "val/ema/mae" in r]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=run.parent.parent.name)
-    ax.set(xlabel="step", ylabel="val MAE (EMA)", title="SSL stage")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    refs = refs or {}
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex="col", squeeze=False)
+    colours = {}
+    for col, (stage, title) in enumerate(
+        (("ssl", "SSL stage (supervised: its only stage)"), ("retrain", "retraining"))
+    ):
+        for row, (metric, label) in enumerate((("srcc", "val SRCC (higher is better)"), ("mae", "val MAE"))):
+            ax = axes[row][col]
+            curves = _curves(out, stage, f"val/ema/{metric}")
+            if stage == "retrain":  # the baseline beside the retrained models: its one stage is their competitor
+                curves |= {m: c for m, c in _curves(out, "ssl", f"val/ema/{metric}").items() if m == BASELINE}
+            for method, (steps, mean, std) in curves.items():
+                c = colours.setdefault(method, f"C{len(colours) % 10}")
+                ax.plot(steps, mean, marker="o", ms=3, color=c, label=method)
+                ax.fill_between(steps, mean - std, mean + std, color=c, alpha=0.2)
+            for (name, m), style in zip(refs.items(), (":", "--")):
+                if metric in m and np.isfinite(m[metric]):
+                    ax.axhline(m[metric], color="grey", ls=style, lw=1, label=f"{name} (val)")
+            ax.set(ylabel=label, title=title if row == 0 else None)
+            ax.grid(alpha=0.3)
+            if row == 1:
+                ax.set_xlabel("step")
+    handles = {h.get_label(): h for ax in axes.flat for h in ax.get_legend_handles_labels()[0]}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 5), fontsize=8)
+    fig.suptitle("Learning curves: mean ± std over seeds")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     with fsio.atomic_open(out / "learning_curves.png") as f:
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
