@@ -14,6 +14,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def cmd_synth(a: argparse.Namespace) -> dict:
+    from sslfw.data.distortions import DEFAULT_MIX
     from sslfw.data.frmetrics import MOS_KNOTS_Q
     from sslfw.data.synth import SynthConfig, calibrate, synthesize
 
@@ -26,7 +27,7 @@ def cmd_synth(a: argparse.Namespace) -> dict:
         height=a.height,
         seed=a.seed,
         workers=a.workers,
-        distortions=tuple(int(x) for x in a.distortions.split(",")),
+        distortions=tuple(int(x) for x in a.distortions.split(",")) if a.distortions else DEFAULT_MIX,
     )
     if a.calibrate:
         return {"fr_quality_quantiles": calibrate(cfg), "current_knots": list(MOS_KNOTS_Q)}
@@ -153,11 +154,56 @@ def _inference_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--crops", type=int, default=1, choices=(1, 5), help="1: centre; 5: centre + corners, averaged")
 
 
+class ConfigHelpParser(argparse.ArgumentParser):
+    """A verb's parser whose --help also lists every config key it accepts as --section.key=value, with its type and
+    default (built only when asked: it imports the algorithms, so `sslfw --help` stays fast)."""
+
+    config_cls: str = ""  # "train" or "pipeline"
+
+    def format_help(self) -> str:
+        if not self.config_cls:
+            return super().format_help()
+        from sslfw.config import Config, describe_keys
+
+        if self.config_cls == "pipeline":
+            from sslfw.commands.pipeline import PipelineConfig
+
+            rows, title = describe_keys(PipelineConfig), "pipeline keys"
+        else:
+            rows, title = describe_keys(Config), "config keys"
+        lines = [f"  --{k}=VALUE  ({t}, default {d})" for k, t, d in rows if k != "algorithm.params"]
+        if self.config_cls == "train":
+            import dataclasses
+
+            from sslfw.algorithms import get_algorithm
+            from sslfw.algorithms.base import REGISTRY
+
+            get_algorithm("supervised")  # imports every algorithm module, so the registry is complete
+            by_key: dict[str, list[str]] = {}  # algorithm.params.KEY -> "algorithm: default" of those that have it
+            for name, algo in sorted(REGISTRY.items()):
+                for f in dataclasses.fields(algo.Params):
+                    by_key.setdefault(f"{f.name}=VALUE  ({f.type}", []).append(f"{name} {f.default}")
+            for key, uses in by_key.items():
+                lines.append(f"  --algorithm.params.{key}; default per algorithm: {', '.join(uses)})")
+        extra = "\n".join(lines)
+        how = "override any with --key=value; dashes or underscores; a bare flag means true"
+        return f"{super().format_help()}\n{title} ({how}):\n{extra}\n"
+
+
+def cmd_config(a: argparse.Namespace) -> None:
+    import yaml
+
+    from sslfw.config import load_config, to_dict
+
+    print(yaml.safe_dump(to_dict(load_config(a.config, a.overrides)), sort_keys=False), end="")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from sslfw.data.distortions import DEFAULT_MIX
+    from sslfw import __version__
 
     p = argparse.ArgumentParser(prog="sslfw", description=__doc__)
-    verbs = p.add_subparsers(dest="verb", required=True)
+    p.add_argument("--version", action="version", version=f"sslfw {__version__}")
+    verbs = p.add_subparsers(dest="verb", required=True, parser_class=ConfigHelpParser)
 
     data = verbs.add_parser("data", help="make or import datasets").add_subparsers(dest="action", required=True)
     s = data.add_parser("synth", help="write the embedded dataset in KonIQ/KADIS layouts (no download)")
@@ -171,8 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=0, help="processes; 0 = one per core (output does not change)")
     s.add_argument(
         "--distortions",
-        default=",".join(map(str, DEFAULT_MIX)),
-        help="KADID distortion codes to draw from (default: the structural ones)",
+        help="KADID distortion codes to draw from (default: the structural ones, sslfw/data/distortions.py)",
     )
     s.add_argument("--calibrate", action="store_true", help="print the fr_quality quantiles behind the MOS map")
     s.set_defaults(func=cmd_synth)
@@ -220,6 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", type=Path, help="YAML config; omitted sections keep their defaults")
     s.add_argument("--resume", help="auto | none | a step-N directory (same as --ckpt.resume)")
     s.set_defaults(func=cmd_train)
+    s.config_cls = "train"
+
+    s = verbs.add_parser("config", help="print the resolved training config (file + overrides) as YAML")
+    s.add_argument("action", choices=("show",))
+    s.add_argument("--config", type=Path, help="YAML config; omitted sections keep their defaults")
+    s.set_defaults(func=cmd_config)
+    s.config_cls = "train"
 
     s = verbs.add_parser("pseudolabel", help="label the unlabelled shards with a checkpoint (distributed, resumable)")
     _inference_args(s)
@@ -249,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = verbs.add_parser("pipeline", help="SSL -> pseudo-label -> retrain -> eval for algorithms x seeds; report")
     s.add_argument("--config", type=Path, help="pipeline YAML (sslfw/commands/pipeline.py: PipelineConfig)")
     s.set_defaults(func=cmd_pipeline)
+    s.config_cls = "pipeline"
     s = verbs.add_parser(
         "demo",
         help="the README's main job: build the few-label embedded benchmark for a data seed, run the pipeline on it",
@@ -258,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", type=Path, default=Path("data/demo"), help="where the generated images go")
     s.add_argument("--shards", type=Path, default=Path("shards"), help="where the packed shards go")
     s.set_defaults(func=cmd_demo)
+    s.config_cls = "pipeline"
     s = verbs.add_parser("bench", help="throughput against its limit or alternative, as ratios (BENCHMARKS.md)")
     s.add_argument("what", help="data, augment, step, pseudolabel (comma-separated) or all")
     s.add_argument("--config", type=Path, help="training YAML: model, batch, augmentation, algorithm settings")
@@ -291,9 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:
             write_exit_file(1)
             raise
-        import torch.distributed as dist
-
-        if dist.is_initialized():  # an undestroyed gloo group can abort the process at exit
+        dist = sys.modules.get("torch.distributed")  # never imported by --help, --version, data verbs
+        if dist is not None and dist.is_initialized():  # an undestroyed gloo group can abort the process at exit
             dist.destroy_process_group()
     except KeyboardInterrupt:  # a second Ctrl-C, wherever it lands: abort at once, no traceback
         print("\nsslfw: interrupted", file=sys.stderr)
@@ -313,11 +366,21 @@ def one_line(e: Exception) -> str:
     return text
 
 
+def _dashed(arg: str) -> str:
+    """--batch_size=3 -> --batch-size=3 (the value is left alone); config overrides turn back into underscores."""
+    if not arg.startswith("--"):
+        return arg
+    key, eq, value = arg.partition("=")
+    return key.replace("_", "-") + eq + value
+
+
 def _run(argv: list[str] | None) -> int:
     from sslfw.errors import ConfigError, DataError
 
+    # Flags are spelt with dashes (--batch-size), config keys with underscores (--run_dir): accept either in both.
+    argv = [_dashed(a) for a in (sys.argv[1:] if argv is None else argv)]
     args, extra = build_parser().parse_known_args(argv)
-    if extra and args.verb not in ("train", "pipeline", "demo", "bench"):
+    if extra and args.verb not in ("train", "config", "pipeline", "demo", "bench"):
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     t0 = time.perf_counter()

@@ -192,7 +192,8 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 def parse_overrides(args: list[str]) -> list[dict]:
     """["--train.steps=10", "--model.kwargs.depth", "2"] -> one nested dict per override, applied in order (so
-    `--model.kwargs=null --model.kwargs.depth=2` empties the mapping, then sets one key); values are YAML scalars."""
+    `--model.kwargs=null --model.kwargs.depth=2` empties the mapping, then sets one key); values are YAML scalars.
+    Dashes in keys read as underscores (`--report-only` is `--report_only`), and a key with no value is `true`."""
     out: list[dict] = []
     i = 0
     while i < len(args):
@@ -201,11 +202,12 @@ def parse_overrides(args: list[str]) -> list[dict]:
             raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key=value")
         if "=" in arg:
             key, text = arg[2:].split("=", 1)
-        elif i + 1 < len(args):
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
             key, text = arg[2:], args[i + 1]
             i += 1
-        else:
-            raise ConfigError(f"{arg}: missing value")
+        else:  # a bare flag: --log.progress, --report-only
+            key, text = arg[2:], "true"
+        key = key.replace("-", "_")
         try:
             value = yaml.safe_load(text) if text != "" else ""
         except yaml.YAMLError as e:
@@ -332,6 +334,21 @@ def to_dict(cfg: Config) -> dict:
     d = dataclasses.asdict(cfg)
     d["optim"]["betas"] = list(d["optim"]["betas"])
     return d
+
+
+def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, type, default) of every leaf of a config dataclass: what `--help` lists."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key, hint = f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows += describe_keys(hint, f"{key}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        name = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+        rows.append((key, name, yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n...")))
+    return rows
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

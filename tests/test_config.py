@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import yaml
 
 from sslfw.config import load_config, save_config
 from sslfw.errors import ConfigError
-from tests.helpers import run_sslfw
+from tests.helpers import child_env, run_sslfw
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -65,3 +68,31 @@ def test_a_misspelt_algorithm_param_exits_2_before_any_data_is_read(tmp_path):
         "algorithm.params.p_cutof: fixmatch has no such setting; known: ['T', 'hard_label', 'p_cutoff'" in proc.stderr
     )
     assert "no_such_shards" not in proc.stderr and not run.exists()
+
+
+def test_flags_take_dashes_or_underscores_and_a_bare_key_means_true():
+    cfg = load_config(None, ["--ckpt.overwrite", "--train.batch-size=8"])
+    assert cfg.ckpt.overwrite is True and cfg.train.batch_size == 8
+    cfg = load_config(None, ["--log.progress", "--train.steps", "7"])  # a bare key followed by another key
+    assert cfg.log.progress is True and cfg.train.steps == 7
+    with pytest.raises(ConfigError, match="train.steps: expected int"):  # a bare non-boolean names the key
+        load_config(None, ["--train.steps"])
+
+
+def test_help_lists_every_key_with_its_default_and_config_show_resolves(tmp_path):
+    """`sslfw train --help` names every key (algorithm settings with each algorithm's default); `sslfw config show`
+    prints the tree a run would save; `--version` and `--help` do not import torch; verb flags take underscores."""
+    helped = run_sslfw(["train", "--help"])
+    assert helped.returncode == 0
+    assert "--optim.lr=VALUE  (float, default 0.0005)" in helped.stdout
+    assert "--algorithm.params.p_cutoff=VALUE  (float; default per algorithm: " in helped.stdout
+    assert "fixmatch 0.95" in helped.stdout and "--algorithm.params.warm_start" in helped.stdout
+    shown = run_sslfw(["config", "show", "--algorithm.name=fixmatch", "--algorithm.params.p-cutoff=0.7"])
+    tree = yaml.safe_load(shown.stdout)
+    assert tree["algorithm"]["params"]["p_cutoff"] == 0.7 and tree["algorithm"]["params"]["hard_label"] is True
+    probe = "import sys; from sslfw.cli import main; main(sys.argv[1:]); print('torch' in sys.modules)"
+    for argv in (["--version"], ["--help"], ["data", "synth", "--help"]):
+        out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, env=child_env())
+        assert out.stdout.strip().splitlines()[-1] == "False", (argv, out.stdout[-300:])
+    bad = run_sslfw(["data", "synth", "--out", str(tmp_path / "d"), "--koniq_count=notanumber"])
+    assert bad.returncode == 2 and "--koniq-count" in bad.stderr  # the underscore spelling reached the flag
