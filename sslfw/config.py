@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import netrc
 import os
 import types
@@ -35,6 +36,9 @@ class DataConfig:
     pseudo_share: float = 0.0
 
 
+IMAGENET_NORM = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+
 @dataclass
 class ModelConfig:
     name: str = "vit_tiny_patch16_224"  # any timm model name
@@ -43,6 +47,11 @@ class ModelConfig:
     pretrained: str = ""  # local weights file; nothing is ever downloaded
     drop_path: float = 0.0
     proj_dim: int = 64  # size of the projection head, when an algorithm asks for one
+    # Input normalisation (RGB). Empty: taken from the weights' own timm config (config.json beside
+    # model.pretrained), else timm's pretrained_cfg for model.name (0.5/0.5 for ViT augreg, ImageNet's for ResNets).
+    # Resolved when the config loads, so every run, checkpoint, eval and predict uses the values it trained with.
+    mean: list = field(default_factory=list)
+    std: list = field(default_factory=list)
 
 
 @dataclass
@@ -267,6 +276,7 @@ def validate(cfg: Config) -> None:
     if cfg.run_dir == "" or Path(cfg.run_dir).is_file():
         raise ConfigError(f"run_dir: {cfg.run_dir!r} is {'empty' if not cfg.run_dir else 'a file'}; give a folder")
     _check_model_name(cfg.model.name)
+    _resolve_normalisation(cfg.model)
     if cfg.log.wandb == "online" and not _wandb_key():
         raise ConfigError(
             "log.wandb: online needs a W&B API key (run `wandb login` or set WANDB_API_KEY); "
@@ -298,6 +308,32 @@ def _check_range(key: str, value: float, interval: str) -> None:
         bound = f"{'>' if interval[0] == '(' else '>='} {lo_text}"
         bound += "" if hi == float("inf") else f" and {'<' if interval[-1] == ')' else '<='} {hi_text}"
         raise ConfigError(f"{key} must be {bound}, got {value}")
+
+
+def _resolve_normalisation(m: ModelConfig) -> None:
+    """Fill model.mean/std where unset (see ModelConfig) and check both are 3 numbers, std > 0."""
+    if not (m.mean and m.std):
+        found = None
+        beside = Path(m.pretrained).parent / "config.json" if m.pretrained else None
+        if beside is not None and beside.is_file():
+            try:
+                pre = json.loads(beside.read_text()).get("pretrained_cfg", {})
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{beside}: not a readable timm config.json ({e})") from None
+            if "mean" in pre and "std" in pre:
+                found = (pre["mean"], pre["std"])
+        if found is None:
+            import timm
+
+            pre = timm.models.get_pretrained_cfg(m.name)
+            found = (pre.mean, pre.std) if pre is not None else IMAGENET_NORM
+        m.mean = m.mean or [float(v) for v in found[0]]
+        m.std = m.std or [float(v) for v in found[1]]
+    for key, values in (("model.mean", m.mean), ("model.std", m.std)):
+        if len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
+            raise ConfigError(f"{key}: give 3 numbers (R, G, B), got {values}")
+    if min(m.std) <= 0:
+        raise ConfigError(f"model.std: every value must be > 0, got {m.std}")
 
 
 def _check_model_name(name: str) -> None:

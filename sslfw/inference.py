@@ -9,17 +9,30 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import yaml
+
 from sslfw import ckpt
 from sslfw.algorithms import get_algorithm
-from sslfw.config import Config, load_config
+from sslfw.config import IMAGENET_NORM, Config, load_config
+from sslfw.errors import ConfigError
 from sslfw.model import IQAModel
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the run's config ({str(e).splitlines()[0]})") from None
 
 
 def load_model(path: str | Path, weights: str = "ema") -> tuple[IQAModel, Config, Path]:
     """(model in eval mode on CPU, its training config, the checkpoint directory used)."""
     path = ckpt.resolve(path, "--checkpoint")
     state, info = ckpt.load(path)
-    cfg = load_config(None, info["config"]) if "config" in info else load_config(path.parent / "config.yaml")
+    saved = info["config"] if "config" in info else _read_yaml(path.parent / "config.yaml")
+    if "mean" not in saved.get("model", {}):  # trained before sslfw recorded it: ImageNet's, then hard-coded
+        saved = {**saved, "model": {**saved.get("model", {}), "mean": IMAGENET_NORM[0], "std": IMAGENET_NORM[1]}}
+    cfg = load_config(None, saved)
     algo = get_algorithm(cfg.algorithm.name)
     model = IQAModel(replace(cfg.model, pretrained=""), algo.extra_heads, algo.projection)
     if weights == "ema":

@@ -13,13 +13,9 @@ import timm
 import torch
 from torch import nn
 
-from sslfw.config import ModelConfig
+from sslfw.config import IMAGENET_NORM, ModelConfig
 from sslfw.data.labels import NUM_CLASSES
 from sslfw.errors import ConfigError
-
-# ImageNet statistics: what timm's ViT weights expect.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 
 
 def mlp(dim_in: int, dim_out: int, hidden: int | None = None) -> nn.Sequential:
@@ -46,8 +42,9 @@ class IQAModel(nn.Module):
         self.head = nn.Linear(dim, NUM_CLASSES)
         self.proj = mlp(dim, cfg.proj_dim) if projection else None
         self.extra = nn.ModuleDict({name: mlp(dim, out or dim) for name, out in (extra_heads or {}).items()})
-        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+        # config.py resolved them from the weights' timm config (or the config file, which wins)
+        self.register_buffer("mean", torch.tensor(cfg.mean or IMAGENET_NORM[0]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std or IMAGENET_NORM[1]).view(1, 3, 1, 1), persistent=False)
         if cfg.pretrained:
             load_pretrained(self.backbone, Path(cfg.pretrained))
 

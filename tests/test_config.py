@@ -96,3 +96,47 @@ def test_help_lists_every_key_with_its_default_and_config_show_resolves(tmp_path
         assert out.stdout.strip().splitlines()[-1] == "False", (argv, out.stdout[-300:])
     bad = run_sslfw(["data", "synth", "--out", str(tmp_path / "d"), "--koniq_count=notanumber"])
     assert bad.returncode == 2 and "--koniq-count" in bad.stderr  # the underscore spelling reached the flag
+
+
+def test_pretrained_weights_bring_their_own_normalisation(tmp_path):
+    """A locally saved timm model loads through model.pretrained and the model normalises with the mean/std of
+    that model's own timm config (config.json beside the weights), else timm's for the name; the config file wins,
+    and the resolved values are what a run saves."""
+    import json
+
+    import timm
+    import torch
+
+    from sslfw.model import IQAModel
+
+    kwargs = {"channels": [8, 8, 16, 16], "stem_width": 8}
+    saved = timm.create_model("resnet10t", pretrained=False, num_classes=0, **kwargs)
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    torch.save(saved.state_dict(), folder / "pytorch_model.bin")
+    base = [
+        "--model.name=resnet10t",
+        f"--model.kwargs={json.dumps(kwargs)}",
+        f"--model.pretrained={folder}/pytorch_model.bin",
+    ]
+    assert load_config(None, base).model.mean == [0.485, 0.456, 0.406]  # timm's resnet10t default
+    (folder / "config.json").write_text(
+        json.dumps({"architecture": "resnet10t", "pretrained_cfg": {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}})
+    )
+    cfg = load_config(None, base)
+    assert cfg.model.mean == [0.5, 0.4, 0.3] and cfg.model.std == [0.2, 0.25, 0.3]
+    model = IQAModel(cfg.model)
+    torch.testing.assert_close(model.mean.flatten(), torch.tensor([0.5, 0.4, 0.3]))
+    torch.testing.assert_close(model.backbone.conv1[0].weight, saved.conv1[0].weight)  # the file's weights
+    x = torch.rand(2, 3, 32, 32)
+    saved.eval(), model.eval()
+    expected = saved(
+        (x - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    )
+    torch.testing.assert_close(model(x)["feat"], expected)
+    assert load_config(None, [*base, "--model.mean=[0.1, 0.1, 0.1]"]).model.mean == [0.1, 0.1, 0.1]  # config wins
+    save_config(cfg, tmp_path / "c.yaml")
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["model"]["std"] == [0.2, 0.25, 0.3]
+    assert load_config(None, ["--model.name=vit_small_patch16_224"]).model.mean == [0.5, 0.5, 0.5]  # augreg ViT
+    with pytest.raises(ConfigError, match="model.std: every value must be > 0"):
+        load_config(None, ["--model.std=[0.2, 0, 0.2]"])
