@@ -112,6 +112,11 @@ class CkptConfig:
 class LogConfig:
     wandb: str = "offline"  # offline | online | disabled
     project: str = "sslfw"
+    entity: str = ""  # W&B team or user; empty: your default
+    name: str = ""  # run name in W&B; empty: the run folder's last two parts (e.g. fixmatch-iqa_safe-s0/ssl)
+    group: str = ""  # W&B group; the pipeline sets its out_dir, so one study's runs sit together
+    job_type: str = "train"  # the pipeline sets ssl / retrain / eval
+    tags: list = field(default_factory=list)
     progress: bool = True
 
 

@@ -12,17 +12,18 @@ import uuid
 from pathlib import Path
 
 from sslfw import fsio
+from sslfw.config import LogConfig
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, enabled: bool, wandb_mode: str, project: str, config: dict, resume_step: int):
+    def __init__(self, run_dir: Path, enabled: bool, log: LogConfig, config: dict, resume_step: int):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
-        self._wandb = None
+        self._wandb, self._offline_dir = None, None
         if not enabled:
             return
         self._truncate_after(resume_step)
-        if wandb_mode != "disabled":
+        if log.wandb != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
 
@@ -30,13 +31,20 @@ class RunLogger:
             if not id_file.is_file():
                 fsio.write_text(id_file, uuid.uuid4().hex[:12])
             self._wandb = wandb.init(
-                project=project,
+                project=log.project,
+                entity=log.entity or None,
+                name=log.name or "/".join(Path(run_dir).resolve().parts[-2:]),
+                group=log.group or None,
+                job_type=log.job_type,
+                tags=list(log.tags) or None,
                 id=id_file.read_text().strip(),
                 resume="allow",
-                mode=wandb_mode,
+                mode=log.wandb,
                 dir=str(run_dir),
                 config=config,
             )
+            if log.wandb == "offline":
+                self._offline_dir = Path(self._wandb.dir).parent  # RUN_DIR/wandb/offline-run-...
             self._wandb.define_metric("train/step")
             self._wandb.define_metric("*", step_metric="train/step")
 
@@ -63,7 +71,21 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.log({"train/step": step, **metrics})
 
+    def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({key: wandb.Table(columns=columns, data=rows)})
+
+    def log_image(self, key: str, path: Path) -> None:
+        if self._wandb is not None and Path(path).is_file():
+            import wandb
+
+            self._wandb.log({key: wandb.Image(str(path))})
+
     def close(self) -> None:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+            if self._offline_dir is not None:  # WANDB_SILENT hides wandb's own hint
+                print(f"[sslfw] W&B offline run saved; upload it with: wandb sync {self._offline_dir}", flush=True)

@@ -222,6 +222,16 @@ def open_streams(
     return Streams(loader(lb_set, per_rank - n_pl, StreamId.LABELLED), unlabelled, pseudo, n_pl)
 
 
+def eval_line(step: int, split: str, val: dict) -> str:
+    """One console line per evaluation (the EMA teacher's when evaluated), the constant guess beside the MAE."""
+    w = "ema" if f"{split}/ema/srcc" in val else "student"
+    m = {k.rsplit("/", 1)[1]: v for k, v in val.items() if k.startswith(f"{split}/{w}/")}
+    return (
+        f"[sslfw] step {step} {split} ({w}): srcc {m['srcc']:.3f}  mae {m['mae']:.3f} "
+        f"(constant guess {m['const_mae']:.3f})  accuracy {m['accuracy']:.3f}"
+    )
+
+
 def train(cfg: Config) -> dict:
     """Train `cfg` to `train.steps` (resuming as `ckpt.resume` says); {"exit_code", "step", "skipped_steps", "val"}."""
     acc = make_accelerator(cfg.train.bf16)
@@ -271,7 +281,7 @@ def _train_claimed(cfg: Config, acc: Accelerator, per_rank: int, resume_from: Pa
         (run_dir / PREEMPTED).unlink(missing_ok=True)
         record(run_dir, "start", start, world_size=world)
 
-    logger = RunLogger(run_dir, main, cfg.log.wandb, cfg.log.project, to_dict(cfg), start)
+    logger = RunLogger(run_dir, main, cfg.log, to_dict(cfg), start)
     if main:
         print(
             f"[sslfw] {world} process(es) on {device}: global batch {cfg.train.batch_size} = {world} ranks x "
@@ -367,6 +377,8 @@ def _train_claimed(cfg: Config, acc: Accelerator, per_rank: int, resume_from: Pa
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps:
             val = evaluate_now()
             logger.log(step, val)
+            if main and val:
+                print(eval_line(step, cfg.eval.split, val), flush=True)
         if res.stop:
             save(step)
             exit_code = stop.exit_code  # 130 for Ctrl-C, else 75 (Slurm requeues on it)

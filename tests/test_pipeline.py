@@ -184,7 +184,7 @@ def test_demo_builds_the_few_label_benchmark_per_data_seed_and_resumes(small_sha
     monkeypatch.setattr(demo, "KADIS_COUNT", 40)
     base = tmp_path / "base.yaml"
     tree: dict = {}
-    for arg in tiny_overrides(small_shards, tmp_path / "unused", **{"eval.every": 0}):
+    for arg in tiny_overrides(small_shards, tmp_path / "unused", **{"eval.every": 0, "log.wandb": "offline"}):
         key, value = arg[2:].split("=", 1)
         node = tree
         *parents, last = key.split(".")
@@ -206,6 +206,13 @@ def test_demo_builds_the_few_label_benchmark_per_data_seed_and_resumes(small_sha
     out = tmp_path / "runs" / "data-seed3"
     assert all((out / f"supervised-s{s}" / "eval" / "eval.json").is_file() for s in (0, 1))
     assert "| supervised | 2 |" in (out / "report.md").read_text()
+    # W&B (offline): each stage a run named after it in the pipeline's group; a report run with the table and images.
+    stage_run = next((out / "supervised-s1" / "ssl" / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    assert b"supervised-s1/ssl" in stage_run and str(out).encode() in stage_run
+    report_run = next((out / "wandb_report" / "wandb").glob("offline-run-*"))
+    media = {p.parent.name: p for p in (report_run / "files" / "media").rglob("*") if p.is_file()}
+    assert "table" in media and "images" in media
+    assert "supervised (iqa_safe)" not in media["table"].read_text() and "supervised" in media["table"].read_text()
     stamps = [p.stat().st_mtime_ns for p in (index, out / "supervised-s0" / "eval" / "eval.json")]
     assert main(argv) == 0
     assert [p.stat().st_mtime_ns for p in (index, out / "supervised-s0" / "eval" / "eval.json")] == stamps

@@ -10,14 +10,14 @@ row) in markdown and csv, and learning-curve PNGs.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from itertools import product
 from pathlib import Path
 
 from sslfw import ckpt
 from sslfw.commands.evaljob import run_eval
 from sslfw.commands.pseudolabel import pseudolabel
-from sslfw.commands.report import write_report
+from sslfw.commands.report import report_to_wandb, write_report
 from sslfw.config import load_config, nested
 from sslfw.dist import barrier, is_main_process
 from sslfw.errors import ConfigError
@@ -62,8 +62,16 @@ def run_name(algorithm: str, policy: str, seed: int) -> str:
     return f"supervised-s{seed}" if algorithm == "supervised" else f"{algorithm}-{policy}-s{seed}"
 
 
+def _wandb_names(p: PipelineConfig, algorithm: str, policy: str, seed: int, stage: str) -> dict:
+    """W&B identity of a stage: grouped by the pipeline's out_dir, named run/stage, typed and tagged."""
+    tags = [algorithm, f"seed{seed}"] + ([] if algorithm == "supervised" else [policy])
+    return {"log.group": p.out_dir, "log.name": f"{run_name(algorithm, policy, seed)}/{stage}", "log.job_type": stage,
+            "log.tags": tags}  # fmt: skip
+
+
 def ssl_overrides(p: PipelineConfig, algorithm: str, policy: str, seed: int) -> dict:
     return {
+        **_wandb_names(p, algorithm, policy, seed, "ssl"),
         **p.ssl,
         "run_dir": str(Path(p.out_dir) / run_name(algorithm, policy, seed) / "ssl"),
         "algorithm.name": algorithm,
@@ -76,6 +84,7 @@ def ssl_overrides(p: PipelineConfig, algorithm: str, policy: str, seed: int) -> 
 def retrain_overrides(p: PipelineConfig, algorithm: str, policy: str, seed: int) -> dict:
     d = Path(p.out_dir) / run_name(algorithm, policy, seed)
     return {
+        **_wandb_names(p, algorithm, policy, seed, "retrain"),
         **p.retrain,
         "run_dir": str(d / "retrain"),
         "algorithm.name": "supervised",
@@ -170,5 +179,8 @@ def run_pipeline(p: PipelineConfig) -> dict:
         setting = f"{p.weights} weights, {p.crops} crop(s)"
         write_report(Path(p.out_dir), shards, p.eval_split, setting, results, p.truth)
         out["report_text"] = (Path(p.out_dir) / "report.md").read_text()
+        log = load_config(p.base, nested(p.ssl)).log
+        if log.wandb != "disabled":
+            report_to_wandb(Path(p.out_dir), log, asdict(p))
     barrier()
     return out

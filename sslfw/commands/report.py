@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from sslfw import fsio
+from sslfw.config import LogConfig
 from sslfw.data.labels import NUM_CLASSES
 from sslfw.data.shards import load_index
 from sslfw.metrics import constant_guess, iqa_metrics, paired_bootstrap_srcc
@@ -138,6 +140,23 @@ def write_report(
     val_refs = json.loads(val_cache.read_text()) if val_cache.is_file() else reference_rows(shards, "val")
     fsio.write_json(val_cache, val_refs)
     learning_curves(out, val_refs)
+
+
+def report_to_wandb(out: Path, log: LogConfig, pipeline: dict) -> None:
+    """The report as a W&B table, with the learning curves and each run's test confusion matrix as images, in a
+    "report" run of the pipeline's group (out/wandb_report)."""
+    from sslfw.logger import RunLogger
+
+    (out / "wandb_report").mkdir(parents=True, exist_ok=True)
+    logger = RunLogger(out / "wandb_report", True, replace(log, name=f"{out.name}/report", group=str(out),
+                       job_type="report", tags=["report"]), {"pipeline": pipeline}, 0)  # fmt: skip
+    with open(out / "report.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    logger.log_table("report", rows[0], rows[1:])
+    logger.log_image("learning_curves", out / "learning_curves.png")
+    for png in sorted(out.glob("*/eval/confusion.png")):
+        logger.log_image(f"confusion/{png.parent.parent.name}", png)
+    logger.close()
 
 
 def _curves(out: Path, stage: str, key: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
