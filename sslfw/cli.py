@@ -120,7 +120,8 @@ def cmd_eval(a: argparse.Namespace) -> dict:
 def cmd_predict(a: argparse.Namespace) -> None:
     from sslfw.commands.predict import predict_files
 
-    predict_files(a.checkpoint, a.inputs, out=a.out, weights=a.weights, crops=a.crops)
+    summary = predict_files(a.checkpoint, a.inputs, a.out, a.weights, a.crops, a.batch_size, a.device, not a.quiet)
+    print(f"[predict] scored {summary['scored']}, skipped {summary['skipped']} -> {summary['out']}", file=sys.stderr)
 
 
 def cmd_pipeline(a: argparse.Namespace) -> dict:
@@ -148,10 +149,15 @@ def cmd_bench(a: argparse.Namespace) -> dict:
     return run_bench(a)
 
 
-def _inference_args(s: argparse.ArgumentParser) -> None:
+def _inference_args(s: argparse.ArgumentParser, whole: bool = False) -> None:
     s.add_argument("--checkpoint", type=Path, required=True, help="a step-N directory or a run directory (newest)")
     s.add_argument("--weights", default="ema", choices=("ema", "student"), help="the EMA teacher or the student")
-    s.add_argument("--crops", type=int, default=1, choices=(1, 5), help="1: centre; 5: centre + corners, averaged")
+    if whole:  # predict: whole photos by default
+        s.add_argument("--crops", default="all", choices=("all", "1", "5"),
+                       help="all: tiles covering the whole image at native resolution, averaged (default); "
+                       "1: centre; 5: centre + corners (as sslfw eval)")  # fmt: skip
+    else:
+        s.add_argument("--crops", type=int, default=1, choices=(1, 5), help="1: centre; 5: centre + corners, averaged")
 
 
 class ConfigHelpParser(argparse.ArgumentParser):
@@ -293,9 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_eval)
 
     s = verbs.add_parser("predict", help="quality level and score per image, as CSV")
-    _inference_args(s)
+    _inference_args(s, whole=True)
     s.add_argument("inputs", type=Path, nargs="+", help="image files and/or folders")
     s.add_argument("--out", type=Path, help="csv file (default: stdout)")
+    s.add_argument("--batch-size", type=int, default=32, help="views per forward pass")
+    s.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_predict)
 
     s = verbs.add_parser("pipeline", help="SSL -> pseudo-label -> retrain -> eval for algorithms x seeds; report")

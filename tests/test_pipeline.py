@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from sslfw.cli import main
 from sslfw.commands.pipeline import PipelineConfig, run_pipeline
 from sslfw.config import load_config
 from sslfw.data.shards import load_index
+from sslfw.data.stream import tile_crops
 from sslfw.errors import ConfigError
 from tests.helpers import run_sslfw, tiny_overrides
 
@@ -86,15 +88,33 @@ def test_eval_writes_json_markdown_and_confusion_png(tiny_run, small_shards, tmp
     assert (tmp_path / "e" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_predict_a_folder_and_reject_a_non_image(tiny_run, small_raw, tmp_path, capsys):
-    folder = small_raw / "kadis700k" / "ref_imgs"
-    assert main(["predict", "--checkpoint", str(tiny_run), str(folder), "--out", str(tmp_path / "p.csv")]) == 0
-    rows = read_csv(tmp_path / "p.csv")
+def test_predict_scores_whole_images_skips_unreadable_files_and_fails_only_when_none_scored(
+    tiny_run, small_raw, tmp_path, capsys
+):
+    folder = tmp_path / "photos"
+    shutil.copytree(small_raw / "kadis700k" / "ref_imgs", folder)
+    (folder / "notes.jpg").write_text("not a picture")
+    out = tmp_path / "p.csv"
+    argv = ["predict", "--checkpoint", str(tiny_run), str(folder), "--out", str(out), "--batch_size=4", "--device=cpu"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"{folder / 'notes.jpg'}: not a readable image" in err and "scored 80, skipped 1" in err
+    rows = read_csv(out)
     assert len(rows) == 80 and all(0 <= int(r["level"]) <= 4 and 0 <= float(r["score"]) <= 4 for r in rows)
-    bad = tmp_path / "notes.jpg"
-    bad.write_text("not a picture")
-    assert main(["predict", "--checkpoint", str(tiny_run), str(bad)]) == 2
-    assert f"{bad}: not a readable image" in capsys.readouterr().err
+    # 64x48 photos, 32 px views: tiles cover the whole image (2 x 2), centre crop is one view
+    assert {r["views"] for r in rows} == {"4"}
+    assert main([*argv[:-2], "--crops", "1", "--out", str(tmp_path / "c.csv")]) == 0
+    assert {r["views"] for r in read_csv(tmp_path / "c.csv")} == {"1"}
+    assert main(["predict", "--checkpoint", str(tiny_run), str(folder / "notes.jpg")]) == 2  # nothing scored
+    assert "none of the 1 file(s) could be scored" in capsys.readouterr().err
+
+
+def test_tiles_cover_every_pixel_at_native_resolution():
+    img = np.arange(50 * 70 * 3, dtype=np.int64).reshape(50, 70, 3).astype(np.uint8)
+    tiles = tile_crops(img, (32, 32))
+    assert tiles.shape == (2 * 3, 32, 32, 3)  # ceil(50/32) x ceil(70/32)
+    assert np.array_equal(tiles[0], img[:32, :32]) and np.array_equal(tiles[-1], img[-32:, -32:])
+    assert tile_crops(img[:20, :20], (32, 32)).shape == (1, 32, 32, 3)  # smaller than a view: padded, not resized
 
 
 def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, small_raw, tmp_path):

@@ -1,4 +1,10 @@
-"""`sslfw predict`: quality level and score for image files or folders, to CSV (stdout or a file)."""
+"""`sslfw predict`: quality level and score for image files or folders, to CSV (stdout or a file).
+
+By default each image is scored whole: native-resolution windows of the model's input size tile it and their class
+probabilities are averaged (`--crops all`); `--crops 1` and `--crops 5` are the centre and centre + corners views
+that `sslfw eval` uses. Files that cannot be read are skipped and listed; the command fails only when none could be
+scored.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +16,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from sslfw import fsio
-from sslfw.data.stream import decode_crop, fixed_crops
+from sslfw.data.stream import decode_crop, fixed_crops, tile_crops
 from sslfw.errors import DataError
 from sslfw.inference import load_model
 from sslfw.model import expected_score
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-COLUMNS = ["path", "level", "score", "p0", "p1", "p2", "p3", "p4"]
+COLUMNS = ["path", "level", "score", "p0", "p1", "p2", "p3", "p4", "views"]
 
 
 def list_images(inputs: list[Path]) -> list[Path]:
-    """Files as given (each must be an image) and, for folders, their image files by suffix, sorted."""
+    """Files as given and, for folders, their image files by suffix, sorted."""
     out = []
     for p in inputs:
         if p.is_dir():
@@ -36,20 +43,28 @@ def list_images(inputs: list[Path]) -> list[Path]:
     return out
 
 
-def load_views(path: Path, size: int, crops: int) -> np.ndarray:
-    data = path.read_bytes()
+def load_views(path: Path, size: int, crops: str) -> np.ndarray:
+    """(n, size, size, 3) uint8 views of one file; DataError naming the file when it is not a readable image."""
     try:
+        data = path.read_bytes()
         with Image.open(io.BytesIO(data)) as im:
             im.load()
     except Image.DecompressionBombError as e:
         raise DataError(f"{path}: refused as a decompression bomb ({e}); downscale it first") from None
     except (UnidentifiedImageError, OSError) as e:
-        raise DataError(
-            f"{path}: not a readable image ({type(e).__name__}: {e}); remove it or pass image files only"
-        ) from None
-    if crops == 1:
-        return decode_crop(data, (size, size), None)[None]
-    return fixed_crops(decode_crop(data, None, None), (size, size))
+        raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    if crops == "1":
+        return decode_crop(data, (size, size), None)[None].copy()  # writable: torch shares the memory
+    whole = decode_crop(data, None, None)
+    return fixed_crops(whole, (size, size)) if crops == "5" else tile_crops(whole, (size, size))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {name}: no CUDA device here; use --device cpu")
+    return torch.device(name)
 
 
 @torch.no_grad()
@@ -58,26 +73,38 @@ def predict_files(
     inputs: list[Path],
     out: Path | None = None,
     weights: str = "ema",
-    crops: int = 1,
+    crops: str = "all",
     batch_size: int = 32,
-) -> list[list]:
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Score every readable image; a summary (scored, skipped files, where the csv went)."""
     if out is not None and Path(out).is_dir():
         raise DataError(f"--out {out}: is a folder; give the csv file to write")
+    dev = pick_device(device)
     model, cfg, _ = load_model(checkpoint, weights)
+    model.to(dev)
     files = list_images(inputs)
-    rows = []
-    for lo in range(0, len(files), batch_size):
-        chunk = files[lo : lo + batch_size]
-        views = torch.from_numpy(np.stack([load_views(f, cfg.model.img_size, crops) for f in chunk]))
-        x = views.movedim(-1, -3).float().flatten(0, 1) / 255
-        probs = model(x)["logits"].float().softmax(-1).view(len(chunk), crops, -1).mean(1)
-        score = expected_score(probs)
-        for f, pr, sc in zip(chunk, probs, score):
-            rows.append([str(f), int(pr.argmax()), f"{float(sc):.4f}", *(f"{float(p):.4f}" for p in pr)])
+    rows, skipped = [], []
+    for f in tqdm(files, desc="predict", unit="img", disable=not progress, file=sys.stderr):
+        try:
+            views = torch.from_numpy(load_views(f, cfg.model.img_size, crops))
+        except DataError as e:
+            skipped.append(str(e))
+            continue
+        x = views.movedim(-1, -3).float() / 255  # an image's views in batches of batch_size: big photos fit memory
+        probs = torch.cat([model(part.to(dev))["logits"].float().softmax(-1).cpu() for part in x.split(batch_size)])
+        pr = probs.mean(0)
+        rows.append([str(f), int(pr.argmax()), f"{float(expected_score(pr[None])):.4f}",
+                     *(f"{float(p):.4f}" for p in pr), len(views)])  # fmt: skip
+    for line in skipped:
+        print(f"sslfw: skipped {line}", file=sys.stderr)
+    if not rows:
+        raise DataError(f"none of the {len(files)} file(s) could be scored (listed above)")
     if out is not None:
         fsio.write_csv(out, COLUMNS, rows)
     else:
         w = csv.writer(sys.stdout, lineterminator="\n")
         w.writerow(COLUMNS)
         w.writerows(rows)
-    return rows
+    return {"scored": len(rows), "skipped": len(skipped), "out": str(out) if out else "stdout"}
