@@ -31,6 +31,7 @@ def iqa_metrics(true: np.ndarray, pred: np.ndarray, score: np.ndarray, mos: np.n
     }
     per_class = {c: float(err[true == c].mean()) for c in range(NUM_CLASSES) if (true == c).any()}
     out |= {f"mae_class{c}": v for c, v in per_class.items()}
+    out |= {f"recall_class{c}": float((pred[true == c] == c).mean()) for c in per_class}
     out["macro_mae"] = float(np.mean(list(per_class.values())))
     hi = np.isin(true, (3, 4))
     if hi.any():  # the paper's "MAE of 3&4"

@@ -163,6 +163,9 @@ def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, small_raw,
     assert [r["method"] for r in rows] == ["constant guess", "features + ridge", "supervised", "fixmatch (iqa_safe)"]
     assert "±" in rows[2]["mae"] and "±" in rows[2]["srcc"]  # two seeds: mean ± std
     assert float(rows[1]["srcc"]) > 0.3  # the classical reference learns the embedded labels
+    for row in rows[1:]:  # per-level recall: the reference from its predictions, the models from predictions.npz
+        recall = [float(x) for x in row["recall by level 0/1/2/3/4"].split("/")]
+        assert len(recall) == 5 and all(0 <= r <= 1 or np.isnan(r) for r in recall)
     delta = rows[3]["Δsrcc vs supervised [95% CI]"]  # paired over the two seeds and the test images
     d, lo, hi = (float(x) for x in re.match(r"([+-][\d.]+) \[([+-][\d.]+), ([+-][\d.]+)\]", delta).groups())
     assert lo <= d <= hi and delta.endswith(" *") == (lo > 0 or hi < 0)

@@ -81,7 +81,8 @@ def run_eval(
             np.savez(f, **{k: pred[k] for k in ("idx", "label", "mos", "probs")})
         fsio.write_json(out / "eval.json", result)
         fsio.write_text(out / "eval.md", markdown(result))
-        confusion_png(pred["label"], pred["probs"].argmax(1), out / "confusion.png", f"{split} ({weights})")
+        title = f"{'/'.join(Path(ckpt_dir).resolve().parts[-3:])}, {split}, {weights} weights"  # run / stage / step-N
+        confusion_png(pred["label"], pred["probs"].argmax(1), out / "confusion.png", title)
     if lock is not None:
         lock.release()
     return result
@@ -98,6 +99,8 @@ def markdown(result: dict) -> str:
 
 
 def confusion_png(true: np.ndarray, pred: np.ndarray, path: Path, title: str) -> None:
+    """Counts and row-normalised (per true level: recall on the diagonal) confusion matrices side by side, each with
+    its colour bar; `title` names the split, weights and checkpoint."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,14 +108,18 @@ def confusion_png(true: np.ndarray, pred: np.ndarray, path: Path, title: str) ->
 
     cm = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=int)
     np.add.at(cm, (true.astype(int), pred.astype(int)), 1)
-    fig, ax = plt.subplots(figsize=(4.2, 3.8))
-    ax.imshow(cm, cmap="Blues")
-    for i in range(NUM_CLASSES):
-        for j in range(NUM_CLASSES):
-            ax.text(j, i, cm[i, j], ha="center", va="center", color="black" if cm[i, j] < cm.max() / 2 else "white")
-    ax.set(
-        xlabel="predicted level", ylabel="true level", title=title, xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES)
-    )
+    rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    for ax, data, fmt, name in ((axes[0], cm, "d", "counts"), (axes[1], rows, ".2f", "share of each true level")):
+        im = ax.imshow(data, cmap="Blues", vmin=0, vmax=max(data.max(), 1e-9) if name == "counts" else 1)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        for i in range(NUM_CLASSES):
+            for j in range(NUM_CLASSES):
+                dark = data[i, j] > (data.max() if name == "counts" else 1) / 2
+                ax.text(j, i, format(data[i, j], fmt), ha="center", va="center", color="white" if dark else "black")
+        ticks = range(NUM_CLASSES)
+        ax.set(xlabel="predicted level", ylabel="true level", title=name, xticks=ticks, yticks=ticks)
+    fig.suptitle(f"{title}: {len(true)} images", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with fsio.atomic_open(path) as f:

@@ -31,6 +31,24 @@ def _fmt(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
 
+def _recall(metrics: list[dict]) -> str:
+    """Per-level recall (mean over seeds) as "r0/r1/r2/r3/r4": which levels a model can tell apart at all."""
+    if not metrics or not all("recall_class0" in m for m in metrics):
+        return "-"
+    return "/".join(f"{np.mean([m.get(f'recall_class{c}', np.nan) for m in metrics]):.2f}" for c in range(NUM_CLASSES))
+
+
+def _level_recall(run: dict) -> dict:
+    """recall_class{c} of a finished run, from its saved test predictions (eval.json files older than the recall
+    columns have none)."""
+    path = Path(run["dir"]) / "eval" / "predictions.npz"
+    if not path.is_file():
+        return {}
+    with np.load(path) as z:
+        true, pred = z["label"], z["probs"].argmax(1)
+    return {f"recall_class{c}": float((pred[true == c] == c).mean()) for c in range(NUM_CLASSES) if (true == c).any()}
+
+
 def reference_rows(shards: str, split: str) -> dict[str, dict]:
     """Constant-guess and features + ridge metrics on `split` (cached beside the report: they depend only on the
     shards)."""
@@ -108,12 +126,12 @@ def write_report(
     cache = out / "reference.json"
     refs = json.loads(cache.read_text()) if cache.is_file() else reference_rows(shards, split)
     fsio.write_json(cache, refs)
-    header = ["method", "seeds", COLUMNS[0], f"Δsrcc vs {BASELINE} [95% CI]", *COLUMNS[1:], "ssl_stage_srcc",
-              "mask_ratio", "pseudo_acc"]  # fmt: skip
+    header = ["method", "seeds", COLUMNS[0], f"Δsrcc vs {BASELINE} [95% CI]", *COLUMNS[1:], "recall by level 0/1/2/3/4",
+              "ssl_stage_srcc", "mask_ratio", "pseudo_acc"]  # fmt: skip
     rows = []
     for name, m in refs.items():  # reference rows: one value each, no seeds, no SSL diagnostics
         cells = {k: _fmt([m[k]]) if k in m else "-" for k in COLUMNS}
-        rows.append([name, "-", cells[COLUMNS[0]], "-", *(cells[k] for k in COLUMNS[1:]), "-", "-", "-"])
+        rows.append([name, "-", cells[COLUMNS[0]], "-", *(cells[k] for k in COLUMNS[1:]), _recall([m]), "-", "-", "-"])
     truth = truth if truth and Path(truth).is_file() else ""  # real data has no hidden truth: the column stays empty
     levels = truth_levels(truth, load_index(Path(shards))["label_scheme"]) if truth else None
     base = results.get(BASELINE, [])
@@ -122,7 +140,8 @@ def write_report(
         delta = "-" if label == BASELINE else _delta(done, base)
         ssl = _fmt([r["ssl"]["srcc"] for r in done if "ssl" in r and "srcc" in r["ssl"]])
         mask, acc = _diagnostics(done, levels) if label != BASELINE else ("-", "-")
-        rows.append([label, str(len(done)), final[COLUMNS[0]], delta, *(final[k] for k in COLUMNS[1:]), ssl, mask, acc])
+        rows.append([label, str(len(done)), final[COLUMNS[0]], delta, *(final[k] for k in COLUMNS[1:]),
+                     _recall([_level_recall(r) for r in done]), ssl, mask, acc])  # fmt: skip
     fsio.write_csv(out / "report.csv", header, rows)
     table = "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows])
     fsio.write_text(
