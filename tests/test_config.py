@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import yaml
 
 from sslfw.config import load_config, save_config
 from sslfw.errors import ConfigError
-from tests.helpers import child_env, run_sslfw
+from tests.helpers import ROOT, child_env, run_sslfw
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -140,3 +141,17 @@ def test_pretrained_weights_bring_their_own_normalisation(tmp_path):
     assert load_config(None, ["--model.name=vit_small_patch16_224"]).model.mean == [0.5, 0.5, 0.5]  # augreg ViT
     with pytest.raises(ConfigError, match="model.std: every value must be > 0"):
         load_config(None, ["--model.std=[0.2, 0, 0.2]"])
+
+
+def test_every_shipped_config_loads():
+    """configs/*.yaml: training configs resolve (model names, keys, ranges), pipeline configs pass their check."""
+    from sslfw.commands.pipeline import PipelineConfig, check
+
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(configs) >= 6
+    for path in configs:
+        if path.name.startswith("pipeline_"):
+            p = load_config(path, cls=PipelineConfig)
+            check(replace(p, base=str(ROOT / p.base)))
+        else:
+            load_config(path)
