@@ -204,11 +204,12 @@ def learning_curves(out: Path, refs: dict[str, dict] | None = None) -> None:
     import matplotlib.pyplot as plt
 
     refs = refs or {}
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex="col", squeeze=False)
+    stages = [("ssl", "SSL stage (supervised: its only stage)"), ("retrain", "retraining on pseudo-labels")]
+    if not _curves(out, "retrain", "val/ema/srcc"):  # SSL stages only: no empty retraining panel
+        stages = stages[:1]
+    fig, axes = plt.subplots(2, len(stages), figsize=(5.5 * len(stages) + 0.5, 7), sharex="col", squeeze=False)
     colours = {}
-    for col, (stage, title) in enumerate(
-        (("ssl", "SSL stage (supervised: its only stage)"), ("retrain", "retraining"))
-    ):
+    for col, (stage, title) in enumerate(stages):
         for row, (metric, label) in enumerate((("srcc", "val SRCC (higher is better)"), ("mae", "val MAE"))):
             ax = axes[row][col]
             curves = _curves(out, stage, f"val/ema/{metric}")
@@ -226,9 +227,10 @@ def learning_curves(out: Path, refs: dict[str, dict] | None = None) -> None:
             if row == 1:
                 ax.set_xlabel("step")
     handles = {h.get_label(): h for ax in axes.flat for h in ax.get_legend_handles_labels()[0]}
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 5), fontsize=8)
+    ncol = min(len(handles), 5 if len(stages) > 1 else 2)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=ncol, fontsize=8)
     fig.suptitle("Learning curves: mean ± std over seeds")
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, 0.12 if ncol == 2 else 0.08, 1, 1))
     with fsio.atomic_open(out / "learning_curves.png") as f:
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
