@@ -216,7 +216,8 @@ def test_demo_builds_the_few_label_benchmark_per_data_seed_and_resumes(small_sha
         node[last] = yaml.safe_load(value)
     base.write_text(yaml.safe_dump(tree))
     cfg = tmp_path / "demo.yaml"
-    cfg.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "runs"), "base": str(base), "algorithms": ["supervised"],
+    cfg.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "runs"), "base": str(base),
+                                   "algorithms": ["supervised", "fixmatch"], "retrain_stage": False,
                                    "ssl": {"train.steps": 4, "ckpt.every": 4}}))  # fmt: skip
     argv = ["demo", "--seed", "3", "--config", str(cfg), "--data", str(tmp_path / "data"),
             "--shards", str(tmp_path / "shards"), "--seeds=[0,1]"]  # fmt: skip
@@ -229,6 +230,11 @@ def test_demo_builds_the_few_label_benchmark_per_data_seed_and_resumes(small_sha
     out = tmp_path / "runs" / "data-seed3"
     assert all((out / f"supervised-s{s}" / "eval" / "eval.json").is_file() for s in (0, 1))
     assert "| supervised | 2 |" in (out / "report.md").read_text()
+    # retrain_stage: false: the SSL model is the row; nothing is pseudo-labelled or retrained
+    assert (out / "fixmatch-iqa_safe-s1" / "eval" / "eval.json").is_file()
+    assert not (out / "fixmatch-iqa_safe-s1" / "pseudo.csv").exists()
+    assert not (out / "fixmatch-iqa_safe-s1" / "retrain").exists()
+    assert "this pipeline ran no retraining" in (out / "report.md").read_text()
     # W&B (offline): each stage a run named after it in the pipeline's group; a report run with the table and images.
     stage_run = next((out / "supervised-s1" / "ssl" / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
     assert b"supervised-s1/ssl" in stage_run and str(out).encode() in stage_run

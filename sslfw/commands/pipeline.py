@@ -35,6 +35,8 @@ class PipelineConfig:
     ssl: dict = field(default_factory=dict)  # dotted overrides for the SSL stage, e.g. {"train.steps": 300}
     params: dict = field(default_factory=dict)  # per algorithm: {fixmatch: {p_cutoff: 0.7}, freematch: {...}}
     retrain: dict = field(default_factory=dict)  # dotted overrides for the retraining stage
+    # false: an SSL row is its SSL model (no pseudo-labelling, no retraining), which halves its cost
+    retrain_stage: bool = True
     min_confidence: float = 0.0  # pseudo-labels below this confidence are not used for retraining
     eval_split: str = "test"
     weights: str = "ema"  # ema | student: the weights that pseudo-label the pool and are evaluated
@@ -128,7 +130,7 @@ def check(p: PipelineConfig) -> None:
         raise ConfigError("algorithms, policies and seeds must each name at least one entry")
     for algorithm, policy, seed in runs(p):
         load_config(p.base, nested(ssl_overrides(p, algorithm, policy, seed)))
-        if algorithm != "supervised":
+        if algorithm != "supervised" and p.retrain_stage:
             load_config(p.base, nested(retrain_overrides(p, algorithm, policy, seed)))
 
 
@@ -136,7 +138,7 @@ def run_one(p: PipelineConfig, algorithm: str, policy: str, seed: int) -> dict:
     d = Path(p.out_dir) / run_name(algorithm, policy, seed)
     ssl = _train_stage(p.base, ssl_overrides(p, algorithm, policy, seed))
     final, stages = ssl, {}
-    if algorithm != "supervised":
+    if algorithm != "supervised" and p.retrain_stage:
         stages["ssl"] = _evaluate(p, ssl, d / "eval_ssl")
         csv = d / "pseudo.csv"
         if not csv.is_file():
@@ -177,7 +179,7 @@ def run_pipeline(p: PipelineConfig) -> dict:
     if is_main_process():
         shards = load_config(p.base, nested(p.ssl)).data.shards  # the shards the runs used
         setting = f"{p.weights} weights, {p.crops} crop(s)"
-        write_report(Path(p.out_dir), shards, p.eval_split, setting, results, p.truth)
+        write_report(Path(p.out_dir), shards, p.eval_split, setting, results, p.truth, p.retrain_stage)
         out["report_text"] = (Path(p.out_dir) / "report.md").read_text()
         log = load_config(p.base, nested(p.ssl)).log
         if log.wandb != "disabled":

@@ -121,7 +121,13 @@ def _diagnostics(done: list[dict], truth: dict[str, int] | None) -> tuple[str, s
 
 
 def write_report(
-    out: Path, shards: str, split: str, setting: str, results: dict[str, list[dict]], truth: str = ""
+    out: Path,
+    shards: str,
+    split: str,
+    setting: str,
+    results: dict[str, list[dict]],
+    truth: str = "",
+    retrained: bool = True,
 ) -> None:
     cache = out / "reference.json"
     refs = json.loads(cache.read_text()) if cache.is_file() else reference_rows(shards, split)
@@ -143,16 +149,21 @@ def write_report(
         rows.append([label, str(len(done)), final[COLUMNS[0]], delta, *(final[k] for k in COLUMNS[1:]),
                      _recall([_level_recall(r) for r in done]), ssl, mask, acc])  # fmt: skip
     fsio.write_csv(out / "report.csv", header, rows)
+    what = (
+        "after retraining on pseudo-labels for SSL rows; `ssl_stage_srcc` is the SSL model itself"
+        if retrained
+        else "SSL rows: the SSL model itself, this pipeline ran no retraining"
+    )
     table = "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows])
     fsio.write_text(
         out / "report.md",
         f"# sslfw pipeline report ({split} split, {setting})\n\n"
-        f"Metrics of the final model (after retraining on pseudo-labels for SSL rows), mean ± std over seeds; "
-        f"`ssl_stage_srcc` is the SSL model itself. SRCC/PLCC are of the expected level against MOS. The constant "
-        f"guess always answers the median training level; features + ridge is a classical no-reference model "
-        f"trained on the same labelled images (`sslfw/reference.py`). Δsrcc: paired bootstrap over test images "
-        f"and seeds; * when the 95% interval excludes 0. mask_ratio: mean share of unlabelled images above the "
-        f"threshold over the SSL stage; pseudo_acc: pseudo-labels of the pool against the hidden truth"
+        f"Metrics of the final model ({what}), mean ± std over seeds. SRCC/PLCC are of the expected level "
+        f"against MOS. The constant guess always answers the median training level; features + ridge is a "
+        f"classical no-reference model trained on the same labelled images (`sslfw/reference.py`). Δsrcc: paired "
+        f"bootstrap over test images and seeds; * when the 95% interval excludes 0. recall by level: share of each "
+        f"true level predicted exactly. mask_ratio: mean share of unlabelled images above the threshold over the SSL "
+        f"stage; pseudo_acc: pseudo-labels of the pool against the hidden truth"
         f"{' (' + truth + ')' if truth else ' (no truth file given)'}.\n\n{table}\n",
     )
     val_cache = out / "reference_val.json"
