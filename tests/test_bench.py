@@ -53,6 +53,11 @@ def test_bench_all_writes_every_table_with_finite_ratios(small_shards, tmp_path)
     assert len(ratios) == 3 + 2 + 7 + 3
     assert all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in ratios)
     assert "| supervised |" in (tmp_path / "b" / "bench.md").read_text()
+    gflop, mfu = (step["columns"].index(c) for c in ("GFLOP/step", "MFU"))
+    flops = {r[0]: r[gflop] for r in step["rows"]}
+    assert flops["supervised"] > 0 and flops["fixmatch"] > 2 * flops["supervised"]  # 3 views through the model
+    assert all(0 < r[mfu] < 1.5 for r in step["rows"])  # a share of the measured matmul rate (noise allowed)
+    assert "MFU: counted model FLOPs" in step["notes"][0]
     assert main(["bench", "data,nonsense", *overrides]) == 2  # a typo is a clear error, not a crash
 
 

@@ -54,6 +54,33 @@ class Harness:
         self.step_no += 1
 
 
+# Dense bf16 tensor-core peaks from the vendors' data sheets (no sparsity), FLOP/s; longest name match wins.
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def peak_flops(device: torch.device) -> tuple[float, str]:
+    """(peak FLOP/s, where it comes from): the card's data-sheet bf16 peak, else a measured large-matmul rate (bf16
+    on a GPU, fp32 on a CPU), the best this device showed sslfw."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for card in sorted(PEAK_BF16, key=len, reverse=True):
+            if card in name:
+                return PEAK_BF16[card], f"{card} data-sheet dense bf16"
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    t = median_seconds({"mm": lambda: a @ b}, reps=5)["mm"]
+    return 2 * n**3 / t, f"measured {n}x{n} {str(dtype).removeprefix('torch.')} matmul"
+
+
+def step_flops(h: Harness) -> float:
+    """Model FLOPs of one training step (forward and backward of every view), counted by torch's flop counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        h.step()
+    return float(counter.get_total_flops())
+
+
 def real_batch(cfg: Config, shards: str, per_rank: int, rank: int, device: torch.device) -> dict:
     """One labelled and one unlabelled loader batch (uint8 crops), moved to the device once."""
     crop = (cfg.data.load_crop, cfg.data.load_crop)
@@ -106,8 +133,16 @@ def bench_step(cfg: Config, shards: str, algorithms: list[str], steps: int, reps
             "step time / supervised",
             "bank+stats sync ms",
             "sync / step",
+            "GFLOP/step",
+            "TFLOP/s",
+            "MFU",
+            "peak MiB/image",
             "target",
         ],
+    )
+    peak, source = peak_flops(acc.device)
+    table.notes.append(
+        f"MFU: counted model FLOPs (torch.utils.flop_counter) per second / {peak / 1e12:.1f} TFLOP/s ({source})"
     )
     base = None
     for name in ["supervised"] + [a for a in algorithms if a != "supervised"]:
@@ -119,6 +154,12 @@ def bench_step(cfg: Config, shards: str, algorithms: list[str], steps: int, reps
         SYNC.update(on=False)
         base = base or t
         images = h.images_per_step() * world
+        flops = step_flops(h) * world
+        mem = "-"
+        if acc.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(acc.device)
+            h.step()
+            mem = torch.cuda.max_memory_allocated(acc.device) / 2**20 / (images / world)
         table.add(
             name,
             1e3 * t,
@@ -127,6 +168,10 @@ def bench_step(cfg: Config, shards: str, algorithms: list[str], steps: int, reps
             t / base,
             sync_ms,
             sync_ms / (1e3 * t),
+            flops / 1e9,
+            flops / t / 1e12,
+            flops / t / (peak * world),
+            mem,
             "sync < 0.05" if world > 1 else "",
         )
     return table
