@@ -158,12 +158,17 @@ def randaugment(x: torch.Tensor, gen: torch.Generator, num_ops: int, cutout: flo
     for _ in range(num_ops):
         choice = torch.randint(0, len(names), (n,), generator=gen, device=x.device)
         mag = _u(n, gen, x.device)
-        out = x.clone()
-        for k, name in enumerate(names):
-            sel = (choice == k).nonzero().flatten()
-            if len(sel):
-                out[sel] = RANDAUGMENT_OPS[name](x[sel], mag[sel]).to(x.dtype)
-        x = out
+        # Samples sorted by their op, each op applied to its contiguous segment: one host sync per round (the
+        # segment sizes), where selecting each op's samples by mask cost one sync per op.
+        order = torch.argsort(choice, stable=True)
+        xs, ms = x[order], mag[order]
+        out, start = torch.empty_like(xs), 0
+        for name, count in zip(names, torch.bincount(choice, minlength=len(names)).tolist()):
+            if count:
+                seg = slice(start, start + count)
+                out[seg] = RANDAUGMENT_OPS[name](xs[seg], ms[seg]).to(x.dtype)
+                start += count
+        x = torch.empty_like(out).index_copy_(0, order, out)
     if cutout > 0:
         h, w = x.shape[-2:]
         side = (_u(n, gen, x.device) * cutout * min(h, w)).view(-1, 1, 1)

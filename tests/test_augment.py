@@ -84,3 +84,17 @@ def test_randaugment_changes_values_and_every_op_runs():
     assert changed == len(RANDAUGMENT_OPS) - 1  # all but identity
     weak = Augmenter(AugConfig(strong="randaugment", cutout=0.0), 12)
     assert not torch.equal(weak.strong(images(), gen(0)), weak.weak(images(), gen(0)))
+
+
+def test_randaugment_by_segments_equals_each_sample_alone():
+    """The sorted-segment RandAugment (one host sync per round) gives every sample exactly what its drawn ops give it
+    alone: the per-op masking it replaced, recomputed here sample by sample from the same generator draws."""
+    from sslfw.augment import _u, randaugment
+
+    x = images(n=40, h=16, w=16, seed=3).float() / 255
+    got = randaugment(x, gen(5), num_ops=2, cutout=0.0)
+    g, names, want = gen(5), list(RANDAUGMENT_OPS), x.clone()
+    for _ in range(2):
+        choice, mag = torch.randint(0, len(names), (40,), generator=g), _u(40, g, x.device)
+        want = torch.cat([RANDAUGMENT_OPS[names[c]](want[i : i + 1], mag[i : i + 1]) for i, c in enumerate(choice)])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
