@@ -13,7 +13,7 @@ from torch import nn
 from sslfw.data.labels import NUM_CLASSES
 from sslfw.data.stream import EvalStream, ShardSet, make_loader
 from sslfw.dist import gather_objects
-from sslfw.metrics import iqa_metrics
+from sslfw.metrics import calibration_error, iqa_metrics
 from sslfw.model import expected_score
 
 
@@ -84,4 +84,7 @@ def predict(
 
 def metrics_from_predictions(pred: dict[str, np.ndarray], constant: int) -> dict:
     probs = torch.from_numpy(pred["probs"])
-    return iqa_metrics(pred["label"], probs.argmax(-1).numpy(), expected_score(probs).numpy(), pred["mos"], constant)
+    out = iqa_metrics(pred["label"], probs.argmax(-1).numpy(), expected_score(probs).numpy(), pred["mos"], constant)
+    conf = pred["probs"].max(-1)
+    return out | {"confidence": float(conf.mean()) if len(conf) else float("nan"),
+                  "ece": calibration_error(pred["probs"], pred["label"])}  # fmt: skip

@@ -43,6 +43,18 @@ def iqa_metrics(true: np.ndarray, pred: np.ndarray, score: np.ndarray, mos: np.n
     return out
 
 
+def calibration_error(probs: np.ndarray, true: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error: the |confidence - accuracy| gap of the top class, averaged over 10 equal-width
+    confidence bins weighted by their share of samples. A threshold on confidence means what it says only when this
+    is small, so it is logged with every evaluation."""
+    if len(true) == 0:
+        return float("nan")
+    conf, hit = probs.max(-1), probs.argmax(-1) == np.asarray(true)
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    return float(sum(abs(conf[which == b].mean() - hit[which == b].mean()) * (which == b).mean()
+                     for b in range(bins) if (which == b).any()))  # fmt: skip
+
+
 def constant_guess(class_counts: list[int]) -> int:
     """The level that minimises MAE when always guessed: the median training label."""
     cum = np.cumsum(class_counts)

@@ -33,3 +33,12 @@ def test_qwk_on_a_hand_computed_case():
     expected = (w * np.outer(marg_y, marg_p) / 4).sum()
     assert quadratic_weighted_kappa(y, p) == pytest.approx(1 - observed / expected)
     assert quadratic_weighted_kappa(y, y) == pytest.approx(1.0)
+
+
+def test_calibration_error_by_hand():
+    from sslfw.metrics import calibration_error
+
+    probs = np.array([[0.9, 0.1, 0, 0, 0], [0.9, 0.1, 0, 0, 0], [0.2, 0.6, 0.2, 0, 0], [0.2, 0.6, 0.2, 0, 0]])
+    # bin 0.9: confidence 0.9, accuracy 1/2; bin 0.6: confidence 0.6, accuracy 1; each half of the samples
+    assert calibration_error(probs, np.array([0, 1, 1, 1])) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
+    assert calibration_error(np.eye(5)[[0, 1, 2]], np.array([0, 1, 2])) == pytest.approx(0.0)
