@@ -227,8 +227,10 @@ def learning_curves(out: Path, refs: dict[str, dict] | None = None) -> None:
             if stage == "retrain":  # the baseline beside the retrained models: its one stage is their competitor
                 curves |= {m: c for m, c in _curves(out, "ssl", f"val/ema/{metric}").items() if m == BASELINE}
             for method, (steps, mean, std) in curves.items():
-                c = colours.setdefault(method, f"C{len(colours) % 10}")
-                ax.plot(steps, mean, marker="o", ms=3, color=c, label=method)
+                k = list(colours).index(method) if method in colours else len(colours)
+                c = colours.setdefault(method, f"C{k % 10}")
+                style = ("-", "--", "-.", ":")[k // 10 % 4]  # past 10 methods the line style tells them apart
+                ax.plot(steps, mean, marker="os^D"[k // 10 % 4], ms=3, color=c, ls=style, label=method)
                 ax.fill_between(steps, mean - std, mean + std, color=c, alpha=0.2)
             for (name, m), style in zip(refs.items(), (":", "--")):
                 if metric in m and np.isfinite(m[metric]):
