@@ -153,11 +153,13 @@ def _inference_args(s: argparse.ArgumentParser, whole: bool = False) -> None:
     s.add_argument("--checkpoint", type=Path, required=True, help="a step-N directory or a run directory (newest)")
     s.add_argument("--weights", default="ema", choices=("ema", "student"), help="the EMA teacher or the student")
     if whole:  # predict: whole photos by default
-        s.add_argument("--crops", default="all", choices=("all", "1", "5"),
-                       help="all: tiles covering the whole image at native resolution, averaged (default); "
+        s.add_argument("--crops", default="all", choices=("all", "0", "1", "5"),
+                       help="all (or 0): tiles covering the whole image at native resolution, averaged (default); "
                        "1: centre; 5: centre + corners (as sslfw eval)")  # fmt: skip
     else:
-        s.add_argument("--crops", type=int, default=1, choices=(1, 5), help="1: centre; 5: centre + corners, averaged")
+        s.add_argument("--crops", type=int, default=1, choices=(1, 5, 0),
+                       help="1: centre; 5: centre + corners; 0: tiles covering the whole image (as predict's "
+                       "default); averaged")  # fmt: skip
 
 
 class ConfigHelpParser(argparse.ArgumentParser):
@@ -375,6 +377,14 @@ def one_line(e: Exception) -> str:
     return text
 
 
+def _compact_json(result: dict) -> str:
+    """The command's summary as JSON, with lists of plain values on one line (class counts, not one per line)."""
+    import re
+
+    text = json.dumps(result, indent=1, default=str)
+    return re.sub(r"\[\s*([^\[\]{}]*?)\s*\]", lambda m: "[" + re.sub(r"\s*\n\s*", " ", m.group(1)) + "]", text)
+
+
 def _dashed(arg: str) -> str:
     """--batch_size=3 -> --batch-size=3 (the value is left alone); config overrides turn back into underscores."""
     if not arg.startswith("--"):
@@ -403,7 +413,7 @@ def _run(argv: list[str] | None) -> int:
     from sslfw.dist import is_main_process
 
     if is_main_process():  # only the global main process reports
-        print(json.dumps(result, indent=1, default=str))
+        print(_compact_json(result))
         print(f"[{args.verb} {getattr(args, 'action', '')}] done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return int(result.get("exit_code", 0))  # every process returns the job's code (train, pseudolabel)
 

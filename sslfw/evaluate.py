@@ -24,7 +24,13 @@ def predict_batch(model: nn.Module, batch: dict, device: torch.device, autocast)
     crops = x.shape[1] if x.ndim == 5 else 1
     with autocast():
         logits = model(x.flatten(0, 1) if x.ndim == 5 else x)["logits"]
-    probs = logits.float().softmax(-1).view(len(x), crops, -1).mean(1)
+    if "tiles" in batch:  # whole-image tiles: a variable number per image, averaged per image
+        counts = batch["tiles"].to(device)
+        owner = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
+        probs = torch.zeros(len(counts), logits.shape[-1], device=device)
+        probs = probs.index_add_(0, owner, logits.float().softmax(-1)) / counts[:, None]
+    else:
+        probs = logits.float().softmax(-1).view(len(x), crops, -1).mean(1)
     return {
         "probs": probs.cpu().numpy(),
         "key": np.array(batch["key"]),

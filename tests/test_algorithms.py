@@ -103,6 +103,7 @@ def test_freematch_warm_start_takes_the_first_batch_and_usb_start_stays_near_one
         usb.step(LogitsAreInputs(), batch, StepContext(step, 10, None))
         assert float(warm.time_p) == pytest.approx(conf, rel=1e-6)
     assert float(usb.time_p) == pytest.approx(conf + (0.2 - conf) * 0.999**3, rel=1e-6)
+    torch.testing.assert_close(warm.label_hist, usb.label_hist)  # class statistics keep USB's uniform start
 
 
 def test_ordinal_consistency_charges_by_distance_and_matches_hand_values():
@@ -141,7 +142,7 @@ def test_two_ranks_equal_one_rank_with_the_global_batch(name, tmp_path):
     assert any(r["logs"]["mask_ratio"] > 0 for r in one)  # the unlabelled terms were really exercised
     active = {"comatch": "contrast_loss", "simmatch": "in_loss", "crmatch": "rot_loss", "freematch": "fair_loss"}
     if name in active:
-        assert one[-1]["logs"][active[name]] != 0
+        assert any(r["logs"][active[name]] != 0 for r in one)  # each term acted on some step
     for a, b, c in zip(one, r0, r1):
         assert b["hash"] == c["hash"]  # state identical on both ranks
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)

@@ -105,8 +105,10 @@ def test_predict_scores_whole_images_skips_unreadable_files_and_fails_only_when_
     assert {r["views"] for r in rows} == {"4"}
     assert main([*argv[:-2], "--crops", "1", "--out", str(tmp_path / "c.csv")]) == 0
     assert {r["views"] for r in read_csv(tmp_path / "c.csv")} == {"1"}
+    capsys.readouterr()
     assert main(["predict", "--checkpoint", str(tiny_run), str(folder / "notes.jpg")]) == 2  # nothing scored
-    assert "none of the 1 file(s) could be scored" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()  # one file, nothing scored: the usual one-line error
+    assert len(err) == 1 and err[0].startswith(f"sslfw: error: {folder / 'notes.jpg'}: not a readable image")
 
 
 def test_tiles_cover_every_pixel_at_native_resolution():
@@ -245,3 +247,26 @@ def test_demo_builds_the_few_label_benchmark_per_data_seed_and_resumes(small_sha
     stamps = [p.stat().st_mtime_ns for p in (index, out / "supervised-s0" / "eval" / "eval.json")]
     assert main(argv) == 0
     assert [p.stat().st_mtime_ns for p in (index, out / "supervised-s0" / "eval" / "eval.json")] == stamps
+
+
+def test_eval_with_whole_image_tiles_averages_each_images_tiles(tiny_run, small_shards, tmp_path):
+    """--crops 0 (eval, pseudolabel, the pipeline): every test image scored by the tiles that cover it, as predict
+    does by default; the probabilities are each image's own tile average."""
+    import torch
+
+    from sslfw.commands.evaljob import run_eval
+    from sslfw.data.stream import ShardSet, read_image
+    from sslfw.inference import load_model
+
+    result = run_eval(tiny_run, "test", "ema", 0, out=tmp_path / "e")
+    test = ShardSet(small_shards, "test")
+    assert result["metrics"]["n"] == len(test) and result["crops"] == 0
+    with np.load(tmp_path / "e" / "predictions.npz") as z:
+        idx, probs = z["idx"], z["probs"]
+    model, cfg, _ = load_model(tiny_run, "ema")
+    img, _ = read_image(test, int(idx[0]), None, None)
+    tiles = torch.from_numpy(tile_crops(img, (cfg.model.img_size,) * 2)).movedim(-1, -3).float() / 255
+    assert len(tiles) > 1  # 64x48 images, 32 px views
+    with torch.no_grad():
+        want = model(tiles)["logits"].softmax(-1).mean(0).numpy()
+    np.testing.assert_allclose(probs[0], want, rtol=1e-4, atol=1e-5)

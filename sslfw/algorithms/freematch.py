@@ -1,7 +1,7 @@
 """FreeMatch (Wang et al., ICLR 2023): self-adaptive thresholds and a self-adaptive fairness term.
 
-State (EMAs with momentum lambda, or min(lambda, t/(t+1)) at step t with warm_start; from the GLOBAL batch before
-masking):
+State (EMAs with momentum lambda, tau_g's min(lambda, t/(t+1)) at step t with warm_start; from the GLOBAL batch
+before masking):
     tau_g <- lambda tau_g + (1-lambda) mean(max p_w)      p_bar <- lambda p_bar + (1-lambda) mean(p_w)
     h_bar <- lambda h_bar + (1-lambda) hist(argmax p_w) / B_u
 Mask: m = [max p_w >= tau_g * p_bar[argmax p_w] / max(p_bar)];  L_u = mean(m * CE(z_s, argmax p_w))
@@ -47,8 +47,10 @@ class FreeMatch(Algorithm):
         use_quantile: bool = False
         clip_thresh: bool = False
         # USB starts tau_g at 1/C and moves it by (1 - ema_p) per step: with ema_p 0.999 it is still near 1/C after
-        # hundreds of steps, so every pseudo-label passes. warm_start uses momentum min(ema_p, t / (t + 1)) at step
-        # t (a plain running mean until the EMA's horizon), so the statistics start at the model's own values.
+        # hundreds of steps, so every pseudo-label passes. warm_start updates tau_g with momentum min(ema_p, t/(t+1))
+        # at step t (a plain running mean until the EMA's horizon), so it starts at the model's own confidence. The
+        # class statistics keep USB's uniform start: warm-started, a first batch that predicts one class would zero
+        # the others' histogram and silence the fairness term exactly when predictions collapse.
         warm_start: bool = True
 
     def __init__(self, cfg: AlgorithmConfig, data: DataInfo):
@@ -72,8 +74,8 @@ class FreeMatch(Algorithm):
             ema_update(self.time_p, level, m)
             if self.p.clip_thresh:
                 self.time_p.clamp_(0.0, 0.95)
-            ema_update(self.p_model, global_mean(p_w), m)
-            ema_update(self.label_hist, global_mean(F.one_hot(pseudo, NUM_CLASSES).float()), m)
+            ema_update(self.p_model, global_mean(p_w), self.p.ema_p)
+            ema_update(self.label_hist, global_mean(F.one_hot(pseudo, NUM_CLASSES).float()), self.p.ema_p)
             mask = (conf >= self.time_p * self.p_model[pseudo] / self.p_model.max()).float()
         unsup = masked_consistency(s["logits"], pseudo, mask, self.cfg.consistency)
         fair = self.fairness(s["logits"], mask)

@@ -92,7 +92,8 @@ def markdown(result: dict) -> str:
     m = result["metrics"]
     rows = "\n".join(f"| {k} | {m[k]:.4f} |" for k in REPORT_KEYS if k in m)
     return (
-        f"# Evaluation: {result['split']} ({m['n']} images), {result['weights']} weights, {result['crops']} crop(s)\n\n"
+        f"# Evaluation: {result['split']} ({m['n']} images), {result['weights']} weights, "
+        f"{'whole-image tiles' if result['crops'] == 0 else str(result['crops']) + ' crop(s)'}\n\n"
         f"Checkpoint `{result['checkpoint']}`, split sha256 `{result['split_sha256'][:12]}`.\n\n"
         f"| metric | value |\n|---|---|\n{rows}\n"
     )

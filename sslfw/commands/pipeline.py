@@ -40,7 +40,7 @@ class PipelineConfig:
     min_confidence: float = 0.0  # pseudo-labels below this confidence are not used for retraining
     eval_split: str = "test"
     weights: str = "ema"  # ema | student: the weights that pseudo-label the pool and are evaluated
-    crops: int = 1  # 1 (centre) or 5 (centre + corners) for pseudo-labelling and evaluation
+    crops: int = 1  # 1 (centre), 5 (centre + corners) or 0 (tiles covering the whole image) for pseudo-labels and eval
     report_only: bool = False  # run nothing: report the runs that have finished so far
     truth: str = ""  # an embedded dataset's synth_truth.csv: the report scores pseudo-labels with it (training never)
 
@@ -111,7 +111,7 @@ def check(p: PipelineConfig) -> None:
     choices = {
         "weights": (p.weights, ("ema", "student")),
         "eval_split": (p.eval_split, ("train", "val", "test")),
-        "crops": (p.crops, (1, 5)),
+        "crops": (p.crops, (1, 5, 0)),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -86,7 +86,7 @@ def predict_files(
     model.to(dev)
     files = list_images(inputs)
     rows, skipped = [], []
-    for f in tqdm(files, desc="predict", unit="img", disable=not progress, file=sys.stderr):
+    for f in tqdm(files, desc="predict", unit="img", disable=not progress or len(files) == 1, file=sys.stderr):
         try:
             views = torch.from_numpy(load_views(f, cfg.model.img_size, crops))
         except DataError as e:
@@ -97,6 +97,8 @@ def predict_files(
         pr = probs.mean(0)
         rows.append([str(f), int(pr.argmax()), f"{float(expected_score(pr[None])):.4f}",
                      *(f"{float(p):.4f}" for p in pr), len(views)])  # fmt: skip
+    if not rows and len(files) == 1:
+        raise DataError(skipped[0])  # one file given, one reason: the usual one-line error
     for line in skipped:
         print(f"sslfw: skipped {line}", file=sys.stderr)
     if not rows:

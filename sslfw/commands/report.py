@@ -33,7 +33,7 @@ def _fmt(values: list[float]) -> str:
 
 def _recall(metrics: list[dict]) -> str:
     """Per-level recall (mean over seeds) as "r0/r1/r2/r3/r4": which levels a model can tell apart at all."""
-    if not metrics or not all("recall_class0" in m for m in metrics):
+    if not metrics or not all(metrics):
         return "-"
     return "/".join(f"{np.mean([m.get(f'recall_class{c}', np.nan) for m in metrics]):.2f}" for c in range(NUM_CLASSES))
 

@@ -281,8 +281,8 @@ class EvalStream(IterableDataset):
         ids: range | None = None,
         crops: int = 1,
     ):
-        if crops not in (1, 5):
-            raise ValueError(f"crops must be 1 (centre) or 5 (centre and corners), got {crops}")
+        if crops not in CROP_MODES:
+            raise ValueError(f"crops must be one of {CROP_MODES} (0: tiles covering the whole image), got {crops}")
         self.shards, self.batch_size, self.crop, self.crops = shards, batch_size, crop, crops
         self.rank, self.world_size = rank, world_size
         self.ids = ids if ids is not None else range(len(shards))
@@ -320,8 +320,12 @@ class ChunkStream(IterableDataset):
             yield eval_batch(self.shards, ids, self.crop, self.crops) | {"chunk": c}
 
 
+CROP_MODES = (1, 5, 0)  # centre; centre + corners; 0: tiles covering the whole image (tile_crops)
+
+
 def eval_batch(shards: ShardSet, ids: range, crop: tuple[int, int] | None, crops: int) -> dict[str, torch.Tensor]:
-    """Fixed views of samples `ids`: the centre crop, or (crops=5) centre and corners as (B, 5, 3, h, w)."""
+    """Fixed views of samples `ids`: the centre crop, (crops=5) centre and corners as (B, 5, 3, h, w), or (crops=0)
+    every image's tiles one after another as (sum of tiles, 3, h, w) with "tiles" counting them per image."""
     samples = []
     for i in ids:
         img, meta = read_image(shards, i, crop if crops == 1 else None, None)
@@ -330,8 +334,13 @@ def eval_batch(shards: ShardSet, ids: range, crop: tuple[int, int] | None, crops
                 f"{shards.shards[int(shards.offsets[i][0])]}: image {meta.get('key')} no longer decodes; re-pack the "
                 f"shards (pack skips and lists images that do not decode)"
             )
-        samples.append((img if crops == 1 else fixed_crops(img, crop), meta))
-    return collate(samples)
+        samples.append((img if crops == 1 else fixed_crops(img, crop) if crops == 5 else tile_crops(img, crop), meta))
+    if crops != 0:
+        return collate(samples)
+    batch = collate([(views[0], meta) for views, meta in samples])  # labels, keys, indices as for the other modes
+    batch["image"] = torch.from_numpy(np.concatenate([s[0] for s in samples])).movedim(-1, -3)
+    batch["tiles"] = torch.tensor([len(s[0]) for s in samples], dtype=torch.int64)
+    return batch
 
 
 def read_image(shards: ShardSet, i: int, crop: tuple[int, int] | None, rng: np.random.Generator | None):
