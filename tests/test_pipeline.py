@@ -119,17 +119,23 @@ def test_tiles_cover_every_pixel_at_native_resolution():
     assert tile_crops(img[:20, :20], (32, 32)).shape == (1, 32, 32, 3)  # smaller than a view: padded, not resized
 
 
-def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, small_raw, tmp_path):
-    base = tmp_path / "base.yaml"
-    tree = {}
-    for arg in tiny_overrides(small_shards, tmp_path / "unused", **{"eval.every": 0}):
+def base_yaml(small_shards: Path, tmp_path: Path, **extra) -> Path:
+    """The tiny test config as a YAML file: a pipeline's `base`."""
+    tree: dict = {}
+    for arg in tiny_overrides(small_shards, tmp_path / "unused", **extra):
         key, value = arg[2:].split("=", 1)
         node = tree
         *parents, last = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
         node[last] = yaml.safe_load(value)
+    base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump(tree))
+    return base
+
+
+def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, small_raw, tmp_path):
+    base = base_yaml(small_shards, tmp_path, **{"eval.every": 0})
     cfg = load_config(
         None,
         {
@@ -207,16 +213,7 @@ def test_demo_builds_the_few_label_benchmark_per_data_seed_and_resumes(small_sha
 
     monkeypatch.setattr(demo, "KONIQ_COUNT", 100)
     monkeypatch.setattr(demo, "KADIS_COUNT", 40)
-    base = tmp_path / "base.yaml"
-    tree: dict = {}
-    for arg in tiny_overrides(small_shards, tmp_path / "unused", **{"eval.every": 0, "log.wandb": "offline"}):
-        key, value = arg[2:].split("=", 1)
-        node = tree
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = yaml.safe_load(value)
-    base.write_text(yaml.safe_dump(tree))
+    base = base_yaml(small_shards, tmp_path, **{"eval.every": 0, "log.wandb": "offline"})
     cfg = tmp_path / "demo.yaml"
     cfg.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "runs"), "base": str(base),
                                    "algorithms": ["supervised", "fixmatch"], "retrain_stage": False,
