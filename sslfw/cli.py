@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -120,27 +119,29 @@ def cmd_eval(a: argparse.Namespace) -> dict:
 def cmd_predict(a: argparse.Namespace) -> None:
     from sslfw.commands.predict import predict_files
 
-    summary = predict_files(a.checkpoint, a.inputs, a.out, a.weights, a.crops, a.batch_size, a.device, not a.quiet)
+    crops = 0 if a.crops == "all" else int(a.crops)  # all: the whole-image tiles, eval's --crops 0
+    summary = predict_files(a.checkpoint, a.inputs, a.out, a.weights, crops, a.batch_size, a.device, not a.quiet)
     print(f"[predict] scored {summary['scored']}, skipped {summary['skipped']} -> {summary['out']}", file=sys.stderr)
+
+
+def _print_report(result: dict) -> dict:
+    """A pipeline's report goes to stdout as markdown; the rest of its result is the usual JSON summary."""
+    if result.get("report_text"):
+        print(result.pop("report_text"))
+    return result
 
 
 def cmd_pipeline(a: argparse.Namespace) -> dict:
     from sslfw.commands.pipeline import PipelineConfig, run_pipeline
     from sslfw.config import load_config
 
-    result = run_pipeline(load_config(a.config, a.overrides, cls=PipelineConfig))
-    if result.get("report_text"):
-        print(result.pop("report_text"))
-    return result
+    return _print_report(run_pipeline(load_config(a.config, a.overrides, cls=PipelineConfig)))
 
 
 def cmd_demo(a: argparse.Namespace) -> dict:
     from sslfw.commands.demo import run_demo
 
-    result = run_demo(a.config, a.seed, a.overrides, a.data, a.shards)
-    if result.get("report_text"):
-        print(result.pop("report_text"))
-    return result
+    return _print_report(run_demo(a.config, a.seed, a.overrides, a.data, a.shards))
 
 
 def cmd_bench(a: argparse.Namespace) -> dict:
@@ -162,42 +163,6 @@ def _inference_args(s: argparse.ArgumentParser, whole: bool = False) -> None:
                        "default); averaged")  # fmt: skip
 
 
-class ConfigHelpParser(argparse.ArgumentParser):
-    """A verb's parser whose --help also lists every config key it accepts as --section.key=value, with its type and
-    default (built only when asked: it imports the algorithms, so `sslfw --help` stays fast)."""
-
-    config_cls: str = ""  # "train" or "pipeline"
-
-    def format_help(self) -> str:
-        if not self.config_cls:
-            return super().format_help()
-        from sslfw.config import Config, describe_keys
-
-        if self.config_cls == "pipeline":
-            from sslfw.commands.pipeline import PipelineConfig
-
-            rows, title = describe_keys(PipelineConfig), "pipeline keys"
-        else:
-            rows, title = describe_keys(Config), "config keys"
-        lines = [f"  --{k}=VALUE  ({t}, default {d})" for k, t, d in rows if k != "algorithm.params"]
-        if self.config_cls == "train":
-            import dataclasses
-
-            from sslfw.algorithms import get_algorithm
-            from sslfw.algorithms.base import REGISTRY
-
-            get_algorithm("supervised")  # imports every algorithm module, so the registry is complete
-            by_key: dict[str, list[str]] = {}  # algorithm.params.KEY -> "algorithm: default" of those that have it
-            for name, algo in sorted(REGISTRY.items()):
-                for f in dataclasses.fields(algo.Params):
-                    by_key.setdefault(f"{f.name}=VALUE  ({f.type}", []).append(f"{name} {f.default}")
-            for key, uses in by_key.items():
-                lines.append(f"  --algorithm.params.{key}; default per algorithm: {', '.join(uses)})")
-        extra = "\n".join(lines)
-        how = "override any with --key=value; dashes or underscores; a bare flag means true"
-        return f"{super().format_help()}\n{title} ({how}):\n{extra}\n"
-
-
 def cmd_config(a: argparse.Namespace) -> None:
     import yaml
 
@@ -208,6 +173,7 @@ def cmd_config(a: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from sslfw import __version__
+    from sslfw.cli_help import ConfigHelpParser
 
     p = argparse.ArgumentParser(prog="sslfw", description=__doc__)
     p.add_argument("--version", action="version", version=f"sslfw {__version__}")
@@ -377,27 +343,12 @@ def one_line(e: Exception) -> str:
     return text
 
 
-def _compact_json(result: dict) -> str:
-    """The command's summary as JSON, with lists of plain values on one line (class counts, not one per line)."""
-    import re
-
-    text = json.dumps(result, indent=1, default=str)
-    return re.sub(r"\[\s*([^\[\]{}]*?)\s*\]", lambda m: "[" + re.sub(r"\s*\n\s*", " ", m.group(1)) + "]", text)
-
-
-def _dashed(arg: str) -> str:
-    """--batch_size=3 -> --batch-size=3 (the value is left alone); config overrides turn back into underscores."""
-    if not arg.startswith("--"):
-        return arg
-    key, eq, value = arg.partition("=")
-    return key.replace("_", "-") + eq + value
-
-
 def _run(argv: list[str] | None) -> int:
+    from sslfw.cli_help import compact_json, dashed
     from sslfw.errors import ConfigError, DataError
 
     # Flags are spelt with dashes (--batch-size), config keys with underscores (--run_dir): accept either in both.
-    argv = [_dashed(a) for a in (sys.argv[1:] if argv is None else argv)]
+    argv = [dashed(a) for a in (sys.argv[1:] if argv is None else argv)]
     args, extra = build_parser().parse_known_args(argv)
     if extra and args.verb not in ("train", "config", "pipeline", "demo", "bench"):
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
@@ -413,7 +364,7 @@ def _run(argv: list[str] | None) -> int:
     from sslfw.dist import is_main_process
 
     if is_main_process():  # only the global main process reports
-        print(_compact_json(result))
+        print(compact_json(result))
         print(f"[{args.verb} {getattr(args, 'action', '')}] done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return int(result.get("exit_code", 0))  # every process returns the job's code (train, pseudolabel)
 

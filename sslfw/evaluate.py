@@ -94,3 +94,13 @@ def metrics_from_predictions(pred: dict[str, np.ndarray], constant: int) -> dict
     conf = pred["probs"].max(-1)
     return out | {"confidence": float(conf.mean()) if len(conf) else float("nan"),
                   "ece": calibration_error(pred["probs"], pred["label"])}  # fmt: skip
+
+
+def eval_line(step: int, split: str, val: dict) -> str:
+    """One console line per evaluation (the EMA teacher's when evaluated), the constant guess beside the MAE."""
+    w = "ema" if f"{split}/ema/srcc" in val else "student"
+    m = {k.rsplit("/", 1)[1]: v for k, v in val.items() if k.startswith(f"{split}/{w}/")}
+    return (
+        f"[sslfw] step {step} {split} ({w}): srcc {m['srcc']:.3f}  mae {m['mae']:.3f} "
+        f"(constant guess {m['const_mae']:.3f})  accuracy {m['accuracy']:.3f}"
+    )

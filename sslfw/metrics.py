@@ -31,7 +31,7 @@ def iqa_metrics(true: np.ndarray, pred: np.ndarray, score: np.ndarray, mos: np.n
     }
     per_class = {c: float(err[true == c].mean()) for c in range(NUM_CLASSES) if (true == c).any()}
     out |= {f"mae_class{c}": v for c, v in per_class.items()}
-    out |= {f"recall_class{c}": float((pred[true == c] == c).mean()) for c in per_class}
+    out |= level_recall(true, pred)
     out["macro_mae"] = float(np.mean(list(per_class.values())))
     hi = np.isin(true, (3, 4))
     if hi.any():  # the paper's "MAE of 3&4"
@@ -53,6 +53,12 @@ def calibration_error(probs: np.ndarray, true: np.ndarray, bins: int = 10) -> fl
     which = np.minimum((conf * bins).astype(int), bins - 1)
     return float(sum(abs(conf[which == b].mean() - hit[which == b].mean()) * (which == b).mean()
                      for b in range(bins) if (which == b).any()))  # fmt: skip
+
+
+def level_recall(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """recall_class{c}: the share of each true level (present in `true`) predicted exactly."""
+    true, pred = np.asarray(true, int), np.asarray(pred, int)
+    return {f"recall_class{c}": float((pred[true == c] == c).mean()) for c in range(NUM_CLASSES) if (true == c).any()}
 
 
 def constant_guess(class_counts: list[int]) -> int:

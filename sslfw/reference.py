@@ -98,23 +98,27 @@ class Ridge:
         return (self._expand(x) - self.zmu) @ self.w + self.ymu
 
 
-def reference_predictions(root: str, split: str, scheme: dict) -> dict:
+def reference_predictions(root: str, splits: tuple[str, ...], scheme: dict) -> dict[str, dict]:
     """Fit on the labelled train set (MOS where known, else the level's midpoint), choose alpha on val by SRCC, and
-    predict `split`: {"idx", "label", "mos", "score" (predicted MOS), "pred" (level), "alpha"}."""
+    predict each of `splits`: {split: {"label", "mos", "score" (predicted MOS), "pred" (level), "alpha"}}. Every set's
+    features are extracted once, however many splits ask for them."""
     edges = LabelScheme(tuple(scheme["edges"]))
     mids = np.array([1.0, *edges.edges, 5.0])
     mids = (mids[:-1] + mids[1:]) / 2
-    x_tr, l_tr, m_tr = set_features(ShardSet(root, "train"))
+    feats = {name: set_features(ShardSet(root, name)) for name in dict.fromkeys(("train", "val", *splits))}
+    x_tr, l_tr, m_tr = feats["train"]
     y_tr = np.where(np.isnan(m_tr), mids[l_tr], m_tr)
     best = (-np.inf, ALPHAS[0])
-    val = ShardSet(root, "val")
-    if len(val):
-        x_va, l_va, m_va = set_features(val)
+    x_va, l_va, m_va = feats["val"]
+    if len(x_va):
         target = np.where(np.isnan(m_va), l_va, m_va)
         for alpha in ALPHAS:
             rho = stats.spearmanr(Ridge(alpha).fit(x_tr, y_tr).predict(x_va), target).statistic
             best = max(best, (np.nan_to_num(rho, nan=-1.0), alpha))
     model = Ridge(best[1]).fit(x_tr, y_tr)
-    x, labels, mos = set_features(ShardSet(root, split))
-    score = model.predict(x)
-    return {"label": labels, "mos": mos, "score": score, "pred": edges.labels(score), "alpha": best[1]}
+    out = {}
+    for split in splits:
+        x, labels, mos = feats[split]
+        score = model.predict(x)
+        out[split] = {"label": labels, "mos": mos, "score": score, "pred": edges.labels(score), "alpha": best[1]}
+    return out

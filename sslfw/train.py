@@ -41,7 +41,7 @@ from sslfw.data.stream import ShardSet, StreamId, TrainStream, make_loader
 from sslfw.dist import any_across_ranks, autocast_for, barrier, make_accelerator, mean_across_ranks
 from sslfw.ema import EMATeacher
 from sslfw.errors import ConfigError, DataError
-from sslfw.evaluate import metrics_from_predictions, predict
+from sslfw.evaluate import eval_line, metrics_from_predictions, predict
 from sslfw.logger import RunLogger
 from sslfw.metrics import constant_guess
 from sslfw.model import IQAModel
@@ -220,16 +220,6 @@ def open_streams(
         pool = ShardSet(cfg.data.shards, "unlabelled")
         unlabelled = loader(pool, per_rank * cfg.algorithm.uratio, StreamId.UNLABELLED)
     return Streams(loader(lb_set, per_rank - n_pl, StreamId.LABELLED), unlabelled, pseudo, n_pl)
-
-
-def eval_line(step: int, split: str, val: dict) -> str:
-    """One console line per evaluation (the EMA teacher's when evaluated), the constant guess beside the MAE."""
-    w = "ema" if f"{split}/ema/srcc" in val else "student"
-    m = {k.rsplit("/", 1)[1]: v for k, v in val.items() if k.startswith(f"{split}/{w}/")}
-    return (
-        f"[sslfw] step {step} {split} ({w}): srcc {m['srcc']:.3f}  mae {m['mae']:.3f} "
-        f"(constant guess {m['const_mae']:.3f})  accuracy {m['accuracy']:.3f}"
-    )
 
 
 def train(cfg: Config) -> dict:

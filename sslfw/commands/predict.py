@@ -1,9 +1,9 @@
 """`sslfw predict`: quality level and score for image files or folders, to CSV (stdout or a file).
 
 By default each image is scored whole: native-resolution windows of the model's input size tile it and their class
-probabilities are averaged (`--crops all`); `--crops 1` and `--crops 5` are the centre and centre + corners views
-that `sslfw eval` uses. Files that cannot be read are skipped and listed; the command fails only when none could be
-scored.
+probabilities are averaged (`--crops all`, or 0 as `sslfw eval --crops 0`); `--crops 1` and `--crops 5` are the
+centre and centre + corners views. Files that cannot be read are skipped and listed; the command fails only when
+none could be scored.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from sslfw import fsio
-from sslfw.data.stream import decode_crop, fixed_crops, tile_crops
+from sslfw.data.stream import decode_crop, multi_views
 from sslfw.errors import DataError
 from sslfw.inference import load_model
 from sslfw.model import expected_score
@@ -43,7 +43,7 @@ def list_images(inputs: list[Path]) -> list[Path]:
     return out
 
 
-def load_views(path: Path, size: int, crops: str) -> np.ndarray:
+def load_views(path: Path, size: int, crops: int) -> np.ndarray:
     """(n, size, size, 3) uint8 views of one file; DataError naming the file when it is not a readable image."""
     try:
         data = path.read_bytes()
@@ -53,10 +53,9 @@ def load_views(path: Path, size: int, crops: str) -> np.ndarray:
         raise DataError(f"{path}: refused as a decompression bomb ({e}); downscale it first") from None
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
-    if crops == "1":
+    if crops == 1:
         return decode_crop(data, (size, size), None)[None].copy()  # writable: torch shares the memory
-    whole = decode_crop(data, None, None)
-    return fixed_crops(whole, (size, size)) if crops == "5" else tile_crops(whole, (size, size))
+    return multi_views(decode_crop(data, None, None), (size, size), crops)
 
 
 def pick_device(name: str) -> torch.device:
@@ -73,7 +72,7 @@ def predict_files(
     inputs: list[Path],
     out: Path | None = None,
     weights: str = "ema",
-    crops: str = "all",
+    crops: int = 0,
     batch_size: int = 32,
     device: str = "auto",
     progress: bool = True,

@@ -16,7 +16,7 @@ from sslfw import fsio
 from sslfw.config import LogConfig
 from sslfw.data.labels import NUM_CLASSES
 from sslfw.data.shards import load_index
-from sslfw.metrics import constant_guess, iqa_metrics, paired_bootstrap_srcc
+from sslfw.metrics import constant_guess, iqa_metrics, level_recall, paired_bootstrap_srcc
 from sslfw.model import expected_score
 
 COLUMNS = ("srcc", "mae", "plcc", "mae_class3", "mae_class4", "mae_class34", "macro_mae", "accuracy", "qwk")
@@ -45,23 +45,25 @@ def _level_recall(run: dict) -> dict:
     if not path.is_file():
         return {}
     with np.load(path) as z:
-        true, pred = z["label"], z["probs"].argmax(1)
-    return {f"recall_class{c}": float((pred[true == c] == c).mean()) for c in range(NUM_CLASSES) if (true == c).any()}
+        return level_recall(z["label"], z["probs"].argmax(1))
 
 
-def reference_rows(shards: str, split: str) -> dict[str, dict]:
-    """Constant-guess and features + ridge metrics on `split` (cached beside the report: they depend only on the
+def reference_rows(shards: str, splits: tuple[str, ...]) -> dict[str, dict[str, dict]]:
+    """{split: constant-guess and features + ridge metrics} (cached beside the report: they depend only on the
     shards)."""
     from sslfw.reference import reference_predictions
 
     index = load_index(Path(shards))
     sets = index["sets"]
     c = constant_guess(sets["train"]["class_counts"])
-    true = np.repeat(np.arange(NUM_CLASSES), sets[split]["class_counts"])
-    const = iqa_metrics(true, np.full(len(true), c), np.full(len(true), float(c)), np.full(len(true), np.nan), c)
-    ref = reference_predictions(shards, split, index["label_scheme"])
-    feats = iqa_metrics(ref["label"], ref["pred"], ref["score"], ref["mos"], c) | {"alpha": ref["alpha"]}
-    return {"constant guess": const, "features + ridge": feats}
+    refs = reference_predictions(shards, splits, index["label_scheme"])
+    out = {}
+    for split, ref in refs.items():
+        true = np.repeat(np.arange(NUM_CLASSES), sets[split]["class_counts"])
+        const = iqa_metrics(true, np.full(len(true), c), np.full(len(true), float(c)), np.full(len(true), np.nan), c)
+        feats = iqa_metrics(ref["label"], ref["pred"], ref["score"], ref["mos"], c) | {"alpha": ref["alpha"]}
+        out[split] = {"constant guess": const, "features + ridge": feats}
+    return out
 
 
 def _scores(run: dict) -> tuple[np.ndarray, np.ndarray] | None:
@@ -129,9 +131,12 @@ def write_report(
     truth: str = "",
     retrained: bool = True,
 ) -> None:
-    cache = out / "reference.json"
-    refs = json.loads(cache.read_text()) if cache.is_file() else reference_rows(shards, split)
-    fsio.write_json(cache, refs)
+    cache, val_cache = out / "reference.json", out / "reference_val.json"  # the eval split's and val's
+    if not (cache.is_file() and val_cache.is_file()):
+        both = reference_rows(shards, (split, "val"))
+        fsio.write_json(cache, both[split])
+        fsio.write_json(val_cache, both["val"])
+    refs, val_refs = json.loads(cache.read_text()), json.loads(val_cache.read_text())
     header = ["method", "seeds", COLUMNS[0], f"Δsrcc vs {BASELINE} [95% CI]", *COLUMNS[1:], "recall by level 0/1/2/3/4",
               "ssl_stage_srcc", "mask_ratio", "pseudo_acc"]  # fmt: skip
     rows = []
@@ -166,9 +171,6 @@ def write_report(
         f"stage; pseudo_acc: pseudo-labels of the pool against the hidden truth"
         f"{' (' + truth + ')' if truth else ' (no truth file given)'}.\n\n{table}\n",
     )
-    val_cache = out / "reference_val.json"
-    val_refs = json.loads(val_cache.read_text()) if val_cache.is_file() else reference_rows(shards, "val")
-    fsio.write_json(val_cache, val_refs)
     learning_curves(out, val_refs)
 
 

@@ -334,7 +334,7 @@ def eval_batch(shards: ShardSet, ids: range, crop: tuple[int, int] | None, crops
                 f"{shards.shards[int(shards.offsets[i][0])]}: image {meta.get('key')} no longer decodes; re-pack the "
                 f"shards (pack skips and lists images that do not decode)"
             )
-        samples.append((img if crops == 1 else fixed_crops(img, crop) if crops == 5 else tile_crops(img, crop), meta))
+        samples.append((img if crops == 1 else multi_views(img, crop, crops), meta))
     if crops != 0:
         return collate(samples)
     batch = collate([(views[0], meta) for views, meta in samples])  # labels, keys, indices as for the other modes
@@ -359,6 +359,12 @@ def fixed_crops(img: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
     h, w = img.shape[:2]
     spots = [((h - ch) // 2, (w - cw) // 2), (0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw)]
     return np.stack([img[y : y + ch, x : x + cw] for y, x in spots])
+
+
+def multi_views(img: np.ndarray, crop: tuple[int, int], crops: int) -> np.ndarray:
+    """The several-view modes of eval, pseudolabel and predict on a whole decoded image: centre + corners (5) or the
+    tiles covering it (0), as (n, h, w, 3)."""
+    return fixed_crops(img, crop) if crops == 5 else tile_crops(img, crop)
 
 
 def tile_crops(img: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
