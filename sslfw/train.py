@@ -47,6 +47,7 @@ from sslfw.metrics import constant_guess
 from sslfw.model import IQAModel
 from sslfw.optim import build_optimizer, set_lr
 from sslfw.preempt import EXIT_NONFINITE, StopFlag, record, write_exit_file
+from sslfw.trace import PseudoTrace
 
 PREEMPTED = "preempted.json"  # written with EXIT_PREEMPTED: {"step", "signal"}; removed when the run restarts
 
@@ -126,7 +127,7 @@ def make_batch(run: Run, lb: dict, ulb: dict | None, gen: torch.Generator) -> St
         x_u = ulb["image"].to(device, non_blocking=True)
         batch.x_ulb_w = [run.augment.weak(x_u, gen) for _ in range(run.views.weak)]
         batch.x_ulb_s = [run.augment.strong(x_u, gen) for _ in range(run.views.strong)]
-        batch.idx_ulb = ulb["idx"].to(device)
+        batch.idx_ulb, batch.keys_ulb = ulb["idx"].to(device), ulb["key"]
     return batch
 
 
@@ -137,6 +138,7 @@ class StepResult:
     loss: torch.Tensor  # this rank's loss on the last micro-batch (detached)
     logs: dict[str, float]
     lr: float
+    pseudo: list[tuple[list[str], torch.Tensor, torch.Tensor]]  # (keys, level, used) per micro-batch, on device
 
 
 def train_step(
@@ -148,7 +150,7 @@ def train_step(
     cfg, acc = run.cfg, run.acc
     lr = set_lr(run.optimizer, step, cfg.train.steps, cfg.optim)
     ctx = StepContext(step, cfg.train.steps, run.ema.module if run.ema else None)
-    accum, finite = cfg.train.grad_accum, True
+    accum, finite, pseudo = cfg.train.grad_accum, True, []
     for micro, batch in enumerate(batches):
         # DDP all-reduces gradients only on the last micro-step.
         with acc.no_sync(run.model) if micro < accum - 1 else nullcontext(), run.autocast():
@@ -156,6 +158,8 @@ def train_step(
             loss = faults.inject(acc.process_index, step, out.loss / accum)
             acc.backward(loss)
         finite &= bool(torch.isfinite(loss.detach()))
+        if out.pseudo is not None:
+            pseudo.append((batch.keys_ulb, *out.pseudo))
     bad, stop = any_across_ranks([not finite, stop_requested()], acc.device)
     if not bad:  # one rank's NaN already reached everyone's gradients through DDP: then skip on all ranks
         if cfg.optim.clip_grad > 0:
@@ -164,7 +168,7 @@ def train_step(
     run.optimizer.zero_grad(set_to_none=True)
     if not bad and run.ema is not None:
         run.ema.update(run.raw_model)
-    return StepResult(not bad, stop, out.loss.detach(), {k: float(v) for k, v in out.logs.items()}, lr)
+    return StepResult(not bad, stop, out.loss.detach(), {k: float(v) for k, v in out.logs.items()}, lr, pseudo)
 
 
 @dataclass
@@ -272,6 +276,7 @@ def _train_claimed(cfg: Config, acc: Accelerator, per_rank: int, resume_from: Pa
         record(run_dir, "start", start, world_size=world)
 
     logger = RunLogger(run_dir, main, cfg.log, to_dict(cfg), start)
+    trace = PseudoTrace(run_dir, rank, start)
     if main:
         print(
             f"[sslfw] {world} process(es) on {device}: global batch {cfg.train.batch_size} = {world} ranks x "
@@ -307,6 +312,7 @@ def _train_claimed(cfg: Config, acc: Accelerator, per_rank: int, resume_from: Pa
         return out
 
     def save(step: int) -> None:
+        trace.flush(step)
         if main:
             payload = {
                 "model": run.raw_model.state_dict(),
@@ -355,6 +361,8 @@ def _train_claimed(cfg: Config, acc: Accelerator, per_rank: int, resume_from: Pa
                 break
         step += 1
         bar.update()
+        for keys, level, used in res.pseudo:
+            trace.add(step, keys, level, used)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             logs = mean_across_ranks({**res.logs, "loss": float(res.loss) if res.applied else float("nan")}, device)
             now = time.perf_counter()
@@ -366,6 +374,7 @@ def _train_claimed(cfg: Config, acc: Accelerator, per_rank: int, resume_from: Pa
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps:
             val = evaluate_now()
+            trace.flush(step)
             logger.log(step, val)
             if main and val:
                 print(eval_line(step, cfg.eval.split, val), flush=True)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from sslfw import trace
 from sslfw.algorithms import get_algorithm
 from sslfw.algorithms.base import DataInfo, StepBatch, StepContext
 from sslfw.config import AlgorithmConfig, resolve_params
@@ -164,6 +165,9 @@ def test_trains_checkpoints_and_resumes_to_identical_state(name, small_shards, t
     monkeypatch.setenv("SSLFW_FAULT_SIGNAL", "0:2")  # a signal during step index 2: stops after 3 steps
     stopped = train(load_config(None, tiny_overrides(small_shards, tmp_path / "cut", **extra)))
     monkeypatch.delenv("SSLFW_FAULT_SIGNAL")
+    stale = tmp_path / "cut" / trace.DIR / "r0-upto-0000005.npz"  # as if a killed run had got past its checkpoint
+    if name != "supervised":
+        stale.write_bytes((tmp_path / "cut" / trace.DIR / "r0-upto-0000003.npz").read_bytes())
     resumed = train(load_config(None, tiny_overrides(small_shards, tmp_path / "cut", **extra)))
     assert whole["exit_code"] == 0 and stopped["exit_code"] == EXIT_PREEMPTED and stopped["step"] == 3
     assert resumed["exit_code"] == 0 and resumed["step"] == 6
@@ -174,6 +178,19 @@ def test_trains_checkpoints_and_resumes_to_identical_state(name, small_shards, t
     assert all(torch.equal(a["ema"]["module"][k], b["ema"]["module"][k]) for k in a["ema"]["module"])
     rows = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+    # The pseudo-label trace: every step's unlabelled batch, its share used = the logged mask ratio, and the
+    # interrupted run's trace (stale chunk pruned on resume) equal to the uninterrupted one's.
+    t, t_cut = trace.load(tmp_path / "whole"), trace.load(tmp_path / "cut")
+    if name == "supervised":
+        assert t is None and t_cut is None
+        return
+    assert not stale.exists() and sorted(np.unique(t["step"])) == [1, 2, 3, 4, 5, 6]
+    mask = {r["step"]: r["train/mask_ratio"] for r in rows if "train/mask_ratio" in r}
+    for step, m in mask.items():
+        assert t["used"][t["step"] == step].mean() == pytest.approx(m, abs=1e-6)
+    order, order_cut = np.lexsort((t["key"], t["step"])), np.lexsort((t_cut["key"], t_cut["step"]))
+    for k in ("step", "key", "label", "used"):
+        assert np.array_equal(t[k][order], t_cut[k][order_cut]), k
 
 
 class LogitsAndProj(nn.Module):

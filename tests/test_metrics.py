@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from sslfw.metrics import constant_guess, iqa_metrics, quadratic_weighted_kappa
 
@@ -42,3 +43,23 @@ def test_calibration_error_by_hand():
     # bin 0.9: confidence 0.9, accuracy 1/2; bin 0.6: confidence 0.6, accuracy 1; each half of the samples
     assert calibration_error(probs, np.array([0, 1, 1, 1])) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
     assert calibration_error(np.eye(5)[[0, 1, 2]], np.array([0, 1, 2])) == pytest.approx(0.0)
+
+
+def test_pseudo_label_trace_accuracy_per_bin_matches_hand_counts(tmp_path):
+    from sslfw import trace
+
+    t = trace.PseudoTrace(tmp_path, rank=0, start=0)
+    t.add(1, ["a", "b"], torch.tensor([2, 3]), torch.tensor([1.0, 0.0]))
+    t.add(2, ["c", "d"], torch.tensor([1, 1]), torch.tensor([1.0, 1.0]))
+    t.flush(2)
+    t.add(3, ["a", "x"], torch.tensor([4, 0]), torch.tensor([0.0, 1.0]))  # "x" has no truth: left out
+    t.flush(3)
+    truth = {"a": 2, "b": 3, "c": 1, "d": 0}
+    s = trace.accuracy_series(tmp_path, truth, bin_steps=2)
+    # bin 1 (steps 1-2): used a(right) c(right) d(wrong) -> 2/3; all 3/4 right; 3 of 4 used
+    # bin 2 (step 3): only "a", label 4 vs 2, not used -> used_acc NaN, all_acc 0, mask 0
+    assert s["step"].tolist() == [2.0, 4.0]
+    np.testing.assert_allclose(s["used_acc"], [2 / 3, np.nan])
+    np.testing.assert_allclose(s["all_acc"], [3 / 4, 0.0])
+    np.testing.assert_allclose(s["mask"], [3 / 4, 0.0])
+    assert trace.PseudoTrace(tmp_path, rank=0, start=2) and trace.load(tmp_path)["step"].max() == 2  # resume prunes

@@ -67,5 +67,7 @@ class AdaMatch(Algorithm):
         unsup = masked_consistency(s["logits"], target, mask, self.cfg.consistency)
         loss = sup + self.unsup_weight(ctx) * self.cfg.lambda_u * unsup
         return StepOutput(
-            loss, {"sup_loss": sup.detach(), "unsup_loss": unsup.detach(), "mask_ratio": mask.mean(), "threshold": tau}
+            loss,
+            {"sup_loss": sup.detach(), "unsup_loss": unsup.detach(), "mask_ratio": mask.mean(), "threshold": tau},
+            pseudo=(target, mask),
         )

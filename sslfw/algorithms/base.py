@@ -53,6 +53,7 @@ class StepBatch:
     x_ulb_w: list[torch.Tensor] = field(default_factory=list)  # weak views of the unlabelled batch
     x_ulb_s: list[torch.Tensor] = field(default_factory=list)  # strong views, as many as the algorithm asked for
     idx_ulb: torch.Tensor | None = None
+    keys_ulb: list[str] = field(default_factory=list)  # sample keys of the unlabelled batch (the pseudo-label trace)
     y_lb_soft: torch.Tensor | None = None  # level probabilities from the votes (algorithm.sup_targets: votes)
 
 
@@ -67,6 +68,8 @@ class StepContext:
 class StepOutput:
     loss: torch.Tensor
     logs: dict[str, torch.Tensor | float] = field(default_factory=dict)
+    # (level, 1.0 where it passed the threshold) per weak unlabelled image: the trainer traces pseudo-label quality
+    pseudo: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Algorithm(nn.Module):

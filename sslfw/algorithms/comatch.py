@@ -100,4 +100,5 @@ class CoMatch(Algorithm):
                 "contrast_loss": contrast.detach(),
                 "mask_ratio": mask.mean(),
             },
+            pseudo=(target.argmax(-1), mask),
         )

@@ -70,4 +70,5 @@ class CRMatch(Algorithm):
                 "rot_loss": rot.detach(),
                 "mask_ratio": mask.mean(),
             },
+            pseudo=(pseudo, mask),
         )

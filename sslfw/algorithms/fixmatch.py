@@ -43,4 +43,5 @@ class FixMatch(Algorithm):
                 target = probs if self.p.usb_compat else (z_w / self.p.T).softmax(-1)
         unsup = masked_consistency(s["logits"], target, mask, self.cfg.consistency)
         loss = sup + self.cfg.lambda_u * unsup
-        return StepOutput(loss, {"sup_loss": sup.detach(), "unsup_loss": unsup.detach(), "mask_ratio": mask.mean()})
+        logs = {"sup_loss": sup.detach(), "unsup_loss": unsup.detach(), "mask_ratio": mask.mean()}
+        return StepOutput(loss, logs, pseudo=(hard, mask))

@@ -89,6 +89,7 @@ class FreeMatch(Algorithm):
                 "mask_ratio": mask.mean(),
                 "threshold": self.time_p.clone(),
             },
+            pseudo=(pseudo, mask),
         )
 
     def fairness(self, logits_s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -98,4 +98,5 @@ class SimMatch(Algorithm):
                 "in_loss": in_loss.detach(),
                 "mask_ratio": mask.mean(),
             },
+            pseudo=(target.argmax(-1), mask),
         )

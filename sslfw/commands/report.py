@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sslfw import fsio
+from sslfw import fsio, trace
 from sslfw.config import LogConfig
 from sslfw.data.labels import NUM_CLASSES
 from sslfw.data.shards import load_index
@@ -103,11 +103,16 @@ def truth_levels(truth_csv: str, scheme: dict) -> dict[str, int]:
         }
 
 
-def _diagnostics(done: list[dict], truth: dict[str, int] | None) -> tuple[str, str]:
-    """(mean unlabelled mask ratio over the SSL stage's logged steps, accuracy of the pool's pseudo-labels against
-    the hidden truth), each mean ± std over seeds."""
-    masks, accs = [], []
+def _diagnostics(done: list[dict], truth: dict[str, int] | None) -> tuple[str, str, str]:
+    """(mean unlabelled mask ratio over the SSL stage's logged steps, accuracy against the hidden truth of the
+    pseudo-labels that passed the threshold during training, and of the pool's pseudo-labels after the SSL stage),
+    each mean ± std over seeds."""
+    masks, used, accs = [], [], []
     for r in done:
+        t = trace.load(Path(r["dir"]) / "ssl") if truth else None
+        if t is not None and t["used"].any():
+            sel = t["used"] & np.array([k in truth for k in t["key"]])
+            used.append(float(np.mean([lab == truth[k] for k, lab in zip(t["key"][sel], t["label"][sel])])))
         log = Path(r["dir"]) / "ssl" / "metrics.jsonl"
         rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
         vals = [x["train/mask_ratio"] for x in rows if "train/mask_ratio" in x]
@@ -119,7 +124,7 @@ def _diagnostics(done: list[dict], truth: dict[str, int] | None) -> tuple[str, s
                 pairs = [(int(x["label"]), truth[x["key"]]) for x in csv.DictReader(f) if x["key"] in truth]
             if pairs:
                 accs.append(float(np.mean([a == b for a, b in pairs])))
-    return _fmt(masks), _fmt(accs)
+    return _fmt(masks), _fmt(used), _fmt(accs)
 
 
 def write_report(
@@ -138,11 +143,11 @@ def write_report(
         fsio.write_json(val_cache, both["val"])
     refs, val_refs = json.loads(cache.read_text()), json.loads(val_cache.read_text())
     header = ["method", "seeds", COLUMNS[0], f"Δsrcc vs {BASELINE} [95% CI]", *COLUMNS[1:], "recall by level 0/1/2/3/4",
-              "ssl_stage_srcc", "mask_ratio", "pseudo_acc"]  # fmt: skip
+              "ssl_stage_srcc", "mask_ratio", "used_acc", "pseudo_acc"]  # fmt: skip
     rows = []
     for name, m in refs.items():  # reference rows: one value each, no seeds, no SSL diagnostics
         cells = {k: _fmt([m[k]]) if k in m else "-" for k in COLUMNS}
-        rows.append([name, "-", cells[COLUMNS[0]], "-", *(cells[k] for k in COLUMNS[1:]), _recall([m]), "-", "-", "-"])
+        rows.append([name, "-", cells[COLUMNS[0]], "-", *(cells[k] for k in COLUMNS[1:]), _recall([m]), *["-"] * 4])
     truth = truth if truth and Path(truth).is_file() else ""  # real data has no hidden truth: the column stays empty
     levels = truth_levels(truth, load_index(Path(shards))["label_scheme"]) if truth else None
     base = results.get(BASELINE, [])
@@ -150,9 +155,9 @@ def write_report(
         final = {k: _fmt([r["final"][k] for r in done if k in r["final"]]) for k in COLUMNS}
         delta = "-" if label == BASELINE else _delta(done, base)
         ssl = _fmt([r["ssl"]["srcc"] for r in done if "ssl" in r and "srcc" in r["ssl"]])
-        mask, acc = _diagnostics(done, levels) if label != BASELINE else ("-", "-")
+        mask, used, acc = _diagnostics(done, levels) if label != BASELINE else ("-", "-", "-")
         rows.append([label, str(len(done)), final[COLUMNS[0]], delta, *(final[k] for k in COLUMNS[1:]),
-                     _recall([_level_recall(r) for r in done]), ssl, mask, acc])  # fmt: skip
+                     _recall([_level_recall(r) for r in done]), ssl, mask, used, acc])  # fmt: skip
     fsio.write_csv(out / "report.csv", header, rows)
     what = (
         "after retraining on pseudo-labels for SSL rows; `ssl_stage_srcc` is the SSL model itself"
@@ -168,10 +173,14 @@ def write_report(
         f"classical no-reference model trained on the same labelled images (`sslfw/reference.py`). Δsrcc: paired "
         f"bootstrap over test images and seeds; * when the 95% interval excludes 0. recall by level: share of each "
         f"true level predicted exactly. mask_ratio: mean share of unlabelled images above the threshold over the SSL "
-        f"stage; pseudo_acc: pseudo-labels of the pool against the hidden truth"
+        f"stage; used_acc: pseudo-labels that passed the threshold during the SSL stage, against the hidden truth "
+        f"(pseudo_labels.png shows both over training); pseudo_acc: the pool's pseudo-labels after the SSL stage "
+        f"against the hidden truth"
         f"{' (' + truth + ')' if truth else ' (no truth file given)'}.\n\n{table}\n",
     )
     learning_curves(out, val_refs)
+    if levels:
+        pseudo_label_curves(out, levels)
 
 
 def report_to_wandb(out: Path, log: LogConfig, pipeline: dict) -> None:
@@ -208,6 +217,64 @@ def _curves(out: Path, stage: str, key: str) -> dict[str, tuple[np.ndarray, np.n
     return curves
 
 
+def _band(ax, colours: dict[str, int], method: str, steps, mean, std, ls: str | None = None, label: bool = True):
+    """One method's mean line and ±1 std band, its colour fixed across panels; past 10 methods the line style and
+    marker tell them apart."""
+    k = colours.setdefault(method, len(colours))
+    c = f"C{k % 10}"
+    ax.plot(steps, mean, marker="os^D"[k // 10 % 4], ms=3, color=c, ls=ls or ("-", "--", "-.", ":")[k // 10 % 4],
+            label=method if label else None)  # fmt: skip
+    ax.fill_between(steps, mean - std, mean + std, color=c, alpha=0.2)
+
+
+def _figure_end(fig, axes, out_png: Path, title: str, ncol_max: int) -> None:
+    """Shared legend under the panels, title, atomic save."""
+    import matplotlib.pyplot as plt
+
+    handles = {h.get_label(): h for ax in axes.flat for h in ax.get_legend_handles_labels()[0]}
+    ncol = min(len(handles), ncol_max)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=ncol, fontsize=8)
+    fig.suptitle(title)
+    rows = -(-len(handles) // max(ncol, 1))
+    fig.tight_layout(rect=(0, min(0.3, 0.03 + 0.035 * rows), 1, 1))
+    with fsio.atomic_open(out_png) as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+def pseudo_label_curves(out: Path, truth: dict[str, int], bin_steps: int = 25) -> None:
+    """Pseudo-labels over the SSL stage, from each run's trace against the hidden truth: accuracy of those that
+    passed the threshold (solid) and of all (dotted), and the share that passed; mean ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[dict]] = {}
+    for run in sorted(p.parent for p in out.glob(f"*/ssl/{trace.DIR}")):
+        s = trace.accuracy_series(run, truth, bin_steps)
+        if s is not None:
+            series.setdefault(run.parent.name.rsplit("-s", 1)[0], []).append(s)
+    if not series:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), squeeze=False)
+    colours: dict[str, int] = {}
+    for method, runs in series.items():
+        n = min(len(r["step"]) for r in runs)  # the steps every seed reached
+        steps = runs[0]["step"][:n]
+        for ax, key, ls in ((axes[0][0], "used_acc", None), (axes[0][0], "all_acc", ":"), (axes[0][1], "mask", None)):
+            vals = np.array([r[key][:n] for r in runs])
+            std = np.nanstd(vals, 0, ddof=1) if len(runs) > 1 else 0 * vals[0]
+            _band(ax, colours, method, steps, np.nanmean(vals, 0), std, ls=ls, label=key != "all_acc")
+    axes[0][0].set(xlabel="step", ylabel="accuracy against the hidden truth",
+                   title="pseudo-labels: passed the threshold (solid), all (dotted)")  # fmt: skip
+    axes[0][1].set(xlabel="step", ylabel="share of unlabelled images", title="passed the threshold (mask ratio)")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    _figure_end(fig, axes, out / "pseudo_labels.png", f"Pseudo-labels over training ({bin_steps}-step bins, "
+                "mean ± std over seeds)", 4)  # fmt: skip
+
+
 def learning_curves(out: Path, refs: dict[str, dict] | None = None) -> None:
     """Validation SRCC and MAE of the EMA weights over training, SSL stage and retraining side by side: mean over
     seeds with a +-1 std band; the reference rows (measured on val) as horizontal lines."""
@@ -221,19 +288,15 @@ def learning_curves(out: Path, refs: dict[str, dict] | None = None) -> None:
     if not _curves(out, "retrain", "val/ema/srcc"):  # SSL stages only: no empty retraining panel
         stages = stages[:1]
     fig, axes = plt.subplots(2, len(stages), figsize=(5.5 * len(stages) + 0.5, 7), sharex="col", squeeze=False)
-    colours = {}
+    colours: dict[str, int] = {}
     for col, (stage, title) in enumerate(stages):
         for row, (metric, label) in enumerate((("srcc", "val SRCC (higher is better)"), ("mae", "val MAE"))):
             ax = axes[row][col]
             curves = _curves(out, stage, f"val/ema/{metric}")
             if stage == "retrain":  # the baseline beside the retrained models: its one stage is their competitor
                 curves |= {m: c for m, c in _curves(out, "ssl", f"val/ema/{metric}").items() if m == BASELINE}
-            for method, (steps, mean, std) in curves.items():
-                k = list(colours).index(method) if method in colours else len(colours)
-                c = colours.setdefault(method, f"C{k % 10}")
-                style = ("-", "--", "-.", ":")[k // 10 % 4]  # past 10 methods the line style tells them apart
-                ax.plot(steps, mean, marker="os^D"[k // 10 % 4], ms=3, color=c, ls=style, label=method)
-                ax.fill_between(steps, mean - std, mean + std, color=c, alpha=0.2)
+            for method, curve in curves.items():
+                _band(ax, colours, method, *curve)
             for (name, m), style in zip(refs.items(), (":", "--")):
                 if metric in m and np.isfinite(m[metric]):
                     ax.axhline(m[metric], color="grey", ls=style, lw=1, label=f"{name} (val)")
@@ -241,11 +304,5 @@ def learning_curves(out: Path, refs: dict[str, dict] | None = None) -> None:
             ax.grid(alpha=0.3)
             if row == 1:
                 ax.set_xlabel("step")
-    handles = {h.get_label(): h for ax in axes.flat for h in ax.get_legend_handles_labels()[0]}
-    ncol = min(len(handles), 5 if len(stages) > 1 else 2)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=ncol, fontsize=8)
-    fig.suptitle("Learning curves: mean ± std over seeds")
-    fig.tight_layout(rect=(0, 0.12 if ncol == 2 else 0.08, 1, 1))
-    with fsio.atomic_open(out / "learning_curves.png") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    _figure_end(fig, axes, out / "learning_curves.png", "Learning curves: mean ± std over seeds",
+                5 if len(stages) > 1 else 2)  # fmt: skip
