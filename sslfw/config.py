@@ -84,6 +84,9 @@ class TrainConfig:
     bf16: bool = True  # autocast on GPU; ignored on CPU
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
     log_every: int = 10
+    # The weak unlabelled view only makes targets: forward it without autograd (same outputs, less backward work
+    # and memory) when the model has no batch-statistics layer; BatchNorm models keep the one concatenated forward.
+    weak_no_grad: bool = True
 
 
 @dataclass

@@ -56,20 +56,21 @@ def is_main_process() -> bool:
     return dist.get_rank() == 0 if is_dist() else os.environ.get("RANK", "0") == "0"
 
 
-def any_across_ranks(flags: list[bool], device: torch.device) -> list[bool]:
-    """Element-wise OR over ranks: every rank reaches the same decision (skip, stop) at the same step."""
-    t = torch.tensor([float(f) for f in flags], device=device)
+def any_across_ranks(flags: list[bool | torch.Tensor], device: torch.device) -> list[bool]:
+    """Element-wise OR over ranks: every rank reaches the same decision (skip, stop) at the same step. Flags may be
+    device tensors: the one read-back to the host is the final list."""
+    t = torch.stack([torch.as_tensor(f, device=device).float() for f in flags])
     if is_dist():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
 
 
-def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+def mean_across_ranks(values: dict[str, float | torch.Tensor], device: torch.device) -> dict[str, float]:
     """Global means of per-rank scalars (equal per-rank batches make this the global-batch mean)."""
     if not values:
         return {}
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
+    t = torch.stack([torch.as_tensor(values[k], device=device).double() for k in keys])  # one read-back below
     if is_dist():
         dist.all_reduce(t)
         t /= dist.get_world_size()

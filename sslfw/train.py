@@ -82,6 +82,7 @@ class Run:
     augment: Augmenter
     views: Views  # unlabelled views per image the algorithm asked for
     autocast: Callable[[], AbstractContextManager]
+    split_weak: bool  # the weak view may be forwarded without autograd (train.weak_no_grad, no BatchNorm)
 
 
 def build_run(cfg: Config, acc: Accelerator, data: DataInfo, state: dict | None = None) -> Run:
@@ -112,6 +113,7 @@ def build_run(cfg: Config, acc: Accelerator, data: DataInfo, state: dict | None 
         Augmenter(cfg.aug, cfg.model.img_size),
         algo_cls.views(cfg.aug),
         autocast_for(acc, cfg.train.bf16),
+        cfg.train.weak_no_grad and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
     )
 
 
@@ -127,7 +129,7 @@ def make_batch(run: Run, lb: dict, ulb: dict | None, gen: torch.Generator) -> St
         x_u = ulb["image"].to(device, non_blocking=True)
         batch.x_ulb_w = [run.augment.weak(x_u, gen) for _ in range(run.views.weak)]
         batch.x_ulb_s = [run.augment.strong(x_u, gen) for _ in range(run.views.strong)]
-        batch.idx_ulb, batch.keys_ulb = ulb["idx"].to(device), ulb["key"]
+        batch.idx_ulb, batch.keys_ulb = ulb["idx"].to(device), ulb.get("key", [])  # the bench's batches have none
     return batch
 
 
@@ -136,7 +138,7 @@ class StepResult:
     applied: bool  # False: some rank had a non-finite loss, so every rank skipped the update
     stop: bool  # some rank was asked to stop (signal): save and exit at this boundary
     loss: torch.Tensor  # this rank's loss on the last micro-batch (detached)
-    logs: dict[str, float]
+    logs: dict[str, torch.Tensor | float]  # device tensors: read back only on the steps that log them
     lr: float
     pseudo: list[tuple[list[str], torch.Tensor, torch.Tensor]]  # (keys, level, used) per micro-batch, on device
 
@@ -149,18 +151,18 @@ def train_step(
     step needs: ranks agree on skip and stop."""
     cfg, acc = run.cfg, run.acc
     lr = set_lr(run.optimizer, step, cfg.train.steps, cfg.optim)
-    ctx = StepContext(step, cfg.train.steps, run.ema.module if run.ema else None)
-    accum, finite, pseudo = cfg.train.grad_accum, True, []
+    ctx = StepContext(step, cfg.train.steps, run.ema.module if run.ema else None, run.split_weak)
+    accum, finite, pseudo = cfg.train.grad_accum, torch.ones((), dtype=torch.bool, device=acc.device), []
     for micro, batch in enumerate(batches):
         # DDP all-reduces gradients only on the last micro-step.
         with acc.no_sync(run.model) if micro < accum - 1 else nullcontext(), run.autocast():
             out = run.algorithm.step(run.model, batch, ctx)
             loss = faults.inject(acc.process_index, step, out.loss / accum)
             acc.backward(loss)
-        finite &= bool(torch.isfinite(loss.detach()))
-        if out.pseudo is not None:
+        finite &= torch.isfinite(loss.detach()).all()  # stays on the device: no host sync per micro-step
+        if out.pseudo is not None and batch.keys_ulb:
             pseudo.append((batch.keys_ulb, *out.pseudo))
-    bad, stop = any_across_ranks([not finite, stop_requested()], acc.device)
+    bad, stop = any_across_ranks([~finite, stop_requested()], acc.device)  # the step's one host sync
     if not bad:  # one rank's NaN already reached everyone's gradients through DDP: then skip on all ranks
         if cfg.optim.clip_grad > 0:
             acc.clip_grad_norm_(run.model.parameters(), cfg.optim.clip_grad)
@@ -168,7 +170,7 @@ def train_step(
     run.optimizer.zero_grad(set_to_none=True)
     if not bad and run.ema is not None:
         run.ema.update(run.raw_model)
-    return StepResult(not bad, stop, out.loss.detach(), {k: float(v) for k, v in out.logs.items()}, lr, pseudo)
+    return StepResult(not bad, stop, out.loss.detach(), dict(out.logs), lr, pseudo)
 
 
 @dataclass
@@ -364,7 +366,8 @@ def _train_claimed(cfg: Config, acc: Accelerator, per_rank: int, resume_from: Pa
         for keys, level, used in res.pseudo:
             trace.add(step, keys, level, used)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            logs = mean_across_ranks({**res.logs, "loss": float(res.loss) if res.applied else float("nan")}, device)
+            loss = res.loss if res.applied else float("nan")
+            logs = mean_across_ranks({**res.logs, "loss": loss}, device)
             now = time.perf_counter()
             logs |= {"lr": res.lr, "skipped_steps": skipped, "steps_per_s": cfg.train.log_every / (now - t_last)}
             if streams.damaged:

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sslfw import ckpt
+from sslfw.algorithms.base import DataInfo
 from sslfw.config import load_config
 from sslfw.preempt import EXIT_NONFINITE, EXIT_PREEMPTED
 from sslfw.train import PREEMPTED, train
@@ -138,3 +140,80 @@ def test_single_process_exit_code_on_sigterm(small_shards, tmp_path):
     proc.communicate(timeout=60)
     assert proc.returncode == EXIT_PREEMPTED
     assert len(ckpt.valid_checkpoints(run)) == 1
+
+
+def test_weak_view_without_autograd_gives_the_same_losses_and_batchnorm_models_keep_one_forward(small_shards, tmp_path):
+    extra = {"algorithm.name": "fixmatch", "algorithm.params": "{p_cutoff: 0.5}", "aug.strong": "randaugment"}
+    for flag in ("true", "false"):
+        train(load_config(None, tiny_overrides(small_shards, tmp_path / flag, **extra, **{"train.weak_no_grad": flag})))
+    split, joint = losses(tmp_path / "true"), losses(tmp_path / "false")
+    assert len(split) == 20 and [s for s, _ in split] == [s for s, _ in joint]
+    for (_, a), (_, b) in zip(split, joint):  # equal up to float rounding: the matmuls see other batch shapes
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    masks = [[r["train/mask_ratio"] for r in rows(tmp_path / d) if "train/mask_ratio" in r] for d in ("true", "false")]
+    assert masks[0] == masks[1] and any(m > 0 for m in masks[0])  # the same pseudo-labels passed, and some did
+    from sslfw.dist import make_accelerator
+    from sslfw.train import build_run
+
+    for name, kwargs, split_expected in (("resnet10t", "{}", False), ("vit_tiny_patch16_224", None, True)):
+        over = {"model.name": name} | ({"model.kwargs": kwargs} if kwargs else {})
+        cfg = load_config(None, tiny_overrides(small_shards, tmp_path / name, **extra, **over))
+        run = build_run(cfg, make_accelerator(False), DataInfo(8, 8, cfg.model.proj_dim))
+        assert run.split_weak is split_expected  # BatchNorm: batch statistics would differ between the forwards
+
+
+class HostReads(TorchDispatchMode):
+    """CPU proxy for CUDA's sync debug mode: records where sslfw code reads a tensor's value back to the host
+    (.item(), bool(), float(), int() reach the dispatcher as _local_scalar_dense; .tolist() does not, so it is
+    wrapped). Reads inside torch itself are left out: the optimizer's step counters live on the host even when
+    training on a GPU, so they are no device syncs there."""
+
+    def __init__(self):
+        super().__init__()
+        self.where: list[str] = []
+        self._tolist = torch.Tensor.tolist
+
+    def _record(self, depth: int) -> None:
+        frame = sys._getframe(depth)
+        while frame.f_code.co_filename == __file__:
+            frame = frame.f_back
+        if "/torch/" not in frame.f_code.co_filename:  # the innermost Python frame asking for the value
+            self.where.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}")
+
+    def __enter__(self):
+        def tolist(t):
+            self._record(1)
+            return self._tolist(t)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self._record(1)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["supervised", "fixmatch", "adamatch", "freematch", "comatch", "simmatch", "crmatch"])
+def test_a_training_step_reads_back_to_the_host_once(name, small_shards, tmp_path):
+    from sslfw.data.stream import ShardSet
+    from sslfw.dist import make_accelerator
+    from sslfw.train import build_run, make_batch, open_streams, train_step
+
+    params = {"comatch": "{queue_size: 16}"}.get(name, "{}")
+    cfg = load_config(
+        None, tiny_overrides(small_shards, tmp_path, **{"algorithm.name": name, "algorithm.params": params})
+    )
+    lb_set, pool = ShardSet(small_shards, "train"), ShardSet(small_shards, "unlabelled")
+    run = build_run(cfg, make_accelerator(False), DataInfo(len(lb_set), len(pool), cfg.model.proj_dim))
+    streams = open_streams(cfg, lb_set, 8, 0, 0, False, run.algorithm.uses_unlabelled)
+    for step in range(len(lb_set) // 8 + 3):  # past the steps that fill SimMatch's bank and CoMatch's queue
+        lb, ulb = streams.next_labelled(), streams.next_unlabelled()  # the loader's own reads are not the step's
+        with HostReads() as reads:
+            batch = make_batch(run, lb, ulb, torch.Generator().manual_seed(step))
+            train_step(run, step, [batch])
+    assert reads.where == ["dist.py:any_across_ranks"], reads.where  # the skip/stop agreement each step needs

@@ -47,17 +47,16 @@ class AdaMatch(Algorithm):
         return 0.5 - math.cos(min(math.pi, 2 * math.pi * ctx.step / ctx.total_steps)) / 2
 
     def step(self, model: nn.Module, batch: StepBatch, ctx: StepContext) -> StepOutput:
-        lb, w, s = forward_views(model, [batch.x_lb, batch.x_ulb_w[0], batch.x_ulb_s[0]])
+        lb, w, s = forward_views(model, [batch.x_lb, batch.x_ulb_w[0], batch.x_ulb_s[0]], self.no_grad_views(ctx))
         sup = supervised_ce(lb["logits"], batch)
         with torch.no_grad():
             p_lb = lb["logits"].detach().float().softmax(-1)
             p_w = w["logits"].detach().float().softmax(-1)
             mean_w, mean_lb = global_mean(p_w), global_mean(p_lb)
-            if not bool(self.initialised):  # USB and the paper start p_model at the first batch's mean
-                self.p_model.copy_(mean_w)
-                self.initialised.fill_(True)
-            else:
-                ema_update(self.p_model, mean_w, self.p.ema_p)
+            # USB and the paper start p_model at the first batch's mean (chosen on the device: no host sync)
+            moved = self.p_model.mul(self.p.ema_p).add_(mean_w, alpha=1 - self.p.ema_p)
+            self.p_model.copy_(torch.where(self.initialised, moved, mean_w))
+            self.initialised.fill_(True)
             ema_update(self.p_target, mean_lb, self.p.ema_p)
             aligned = p_w * (self.p_target + 1e-6) / (self.p_model + 1e-6)
             aligned = aligned / aligned.sum(-1, keepdim=True)

@@ -27,7 +27,14 @@ class RingQueue(nn.Module):
 
     @property
     def full(self) -> bool:
-        return int(self.count) >= len(self.feats)
+        """Read back from the device (a sync) only until it first holds: a queue never empties again."""
+        if not getattr(self, "_full", False):
+            self._full = int(self.count) >= len(self.feats)
+        return self._full
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._full = False  # a loaded state is read again
+        super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def push(self, feats: torch.Tensor, probs: torch.Tensor) -> None:
@@ -54,12 +61,19 @@ class LabelledBank(nn.Module):
 
     @property
     def full(self) -> bool:
-        return bool(self.written.all())
+        """Read back from the device (a sync) only until every sample has been written once."""
+        if not getattr(self, "_full", False):
+            self._full = bool(self.written.all())
+        return self._full
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._full = False
+        super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def update(self, idx: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor, usb_compat: bool = False) -> None:
         """Write gathered rows; an index seen twice keeps its last row (deterministic, unlike index_put on GPU)."""
-        keep = _last_occurrence(idx)
+        keep = _last_occurrence(idx, len(self.feats))
         idx, feats, labels = idx[keep], feats[keep].float(), labels[keep]
         if usb_compat:  # USB: EMA 0.7/0.3, then normalise across the updated samples (dim bug, docs/NOTES.md, USB)
             self.feats[idx] = F.normalize(0.7 * self.feats[idx] + 0.3 * feats, dim=0)
@@ -69,10 +83,10 @@ class LabelledBank(nn.Module):
         self.written[idx] = True
 
 
-def _last_occurrence(idx: torch.Tensor) -> torch.Tensor:
-    n = len(idx)
-    pos = torch.arange(n, device=idx.device)
-    last = torch.full((int(idx.max()) + 1 if n else 0,), -1, dtype=torch.long, device=idx.device)
+def _last_occurrence(idx: torch.Tensor, size: int) -> torch.Tensor:
+    """True where an index in 0..size-1 is seen for the last time in `idx`."""
+    pos = torch.arange(len(idx), device=idx.device)
+    last = torch.full((size,), -1, dtype=torch.long, device=idx.device)
     last.scatter_reduce_(0, idx, pos, reduce="amax")
     return last[idx] == pos
 
@@ -91,9 +105,13 @@ class DistAlignQueue(nn.Module):
 
     @torch.no_grad()
     def align(self, probs: torch.Tensor) -> torch.Tensor:
-        self.queue[self.ptr] = global_mean(probs)
+        self.queue.index_copy_(0, self.ptr[None], global_mean(probs)[None])  # tensor-indexed: no host sync
         self.ptr.copy_((self.ptr + 1) % len(self.queue))
         self.count.copy_(torch.clamp(self.count + 1, max=len(self.queue)))
-        p_model = self.queue.mean(0) if self.usb_compat else self.queue[: int(self.count)].mean(0)
+        if self.usb_compat:
+            p_model = self.queue.mean(0)
+        else:  # the mean of the rows written so far, without reading the count back to the host
+            written = torch.arange(len(self.queue), device=probs.device) < self.count
+            p_model = (self.queue * written[:, None]).sum(0) / self.count
         aligned = probs * (1.0 / probs.shape[1] + 1e-6) / (p_model + 1e-6)
         return aligned / aligned.sum(-1, keepdim=True)

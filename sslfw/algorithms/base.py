@@ -62,6 +62,7 @@ class StepContext:
     step: int
     total_steps: int
     teacher: nn.Module | None  # the EMA teacher (eval mode, fp32), when enabled
+    split_weak: bool = False  # the model may forward the weak view apart, without autograd (no batch statistics)
 
 
 @dataclass
@@ -99,9 +100,25 @@ class Algorithm(nn.Module):
     def step(self, model: nn.Module, batch: StepBatch, ctx: StepContext) -> StepOutput:
         raise NotImplementedError
 
+    def no_grad_views(self, ctx: StepContext) -> tuple[int, ...]:
+        """Positions in the [labelled, weak, strong...] view list that may skip autograd: the weak view, for an
+        algorithm whose weak outputs are only targets, unless `usb_compat` asks for USB's single forward."""
+        return (1,) if ctx.split_weak and not getattr(self.p, "usb_compat", False) else ()
 
-def forward_views(model: nn.Module, views: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """One forward over the concatenated views (one DDP sync, one pass through the backbone), split back."""
-    out = model(torch.cat(views))
-    sizes = [len(v) for v in views]
-    return [{k: v for k, v in zip(out, parts)} for parts in zip(*(t.split(sizes) for t in out.values()))]
+
+def forward_views(
+    model: nn.Module, views: list[torch.Tensor], no_grad: tuple[int, ...] = ()
+) -> list[dict[str, torch.Tensor]]:
+    """One forward over the concatenated views (one DDP sync, one pass through the backbone), split back. Views
+    in `no_grad` go through a second forward without autograd: the same outputs for a model without batch
+    statistics, and no activations kept for a backward that would never reach them."""
+    outs: dict[int, dict[str, torch.Tensor]] = {}
+    for chosen, grad in (([i for i in range(len(views)) if i not in no_grad], True), (list(no_grad), False)):
+        if not chosen:
+            continue
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            out = model(torch.cat([views[i] for i in chosen]))
+        sizes = [len(views[i]) for i in chosen]
+        parts = zip(*(t.split(sizes) for t in out.values()))
+        outs |= {i: dict(zip(out, p)) for i, p in zip(chosen, parts)}
+    return [outs[i] for i in range(len(views))]

@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sslfw.algorithms.bank import DistAlignQueue, RingQueue
@@ -34,6 +33,7 @@ from sslfw.algorithms.base import (
     register,
 )
 from sslfw.algorithms.losses import masked_consistency, supervised_ce
+from sslfw.algorithms.stats import one_hot
 from sslfw.config import AlgorithmConfig
 from sslfw.data.labels import NUM_CLASSES
 from sslfw.dist import all_gather_cat, all_gather_with_grad, rank_offset
@@ -66,7 +66,8 @@ class CoMatch(Algorithm):
         return self.queue.full and (not self.p.usb_compat or ctx.step >= self.p.usb_epoch_steps)
 
     def step(self, model: nn.Module, batch: StepBatch, ctx: StepContext) -> StepOutput:
-        lb, w, s0, s1 = forward_views(model, [batch.x_lb, batch.x_ulb_w[0], *batch.x_ulb_s[:2]])
+        views = [batch.x_lb, batch.x_ulb_w[0], *batch.x_ulb_s[:2]]
+        lb, w, s0, s1 = forward_views(model, views, self.no_grad_views(ctx))
         sup = supervised_ce(lb["logits"], batch)
         T = self.p.T
         with torch.no_grad():
@@ -86,7 +87,7 @@ class CoMatch(Algorithm):
             graph = graph / graph.sum(1, keepdim=True)
             self.queue.push(
                 torch.cat([all_gather_cat(f_w), all_gather_cat(f_lb)]),
-                torch.cat([all_gather_cat(p_orig), all_gather_cat(F.one_hot(batch.y_lb, NUM_CLASSES).float())]),
+                torch.cat([all_gather_cat(p_orig), all_gather_cat(one_hot(batch.y_lb, NUM_CLASSES))]),
             )
         unsup = masked_consistency(s0["logits"], target, mask, self.cfg.consistency)
         sim = (s0["proj"].float() @ all_gather_with_grad(s1["proj"].float()).T / T).softmax(-1)

@@ -30,7 +30,7 @@ class FixMatch(Algorithm):
         usb_compat: bool = False
 
     def step(self, model: nn.Module, batch: StepBatch, ctx: StepContext) -> StepOutput:
-        lb, w, s = forward_views(model, [batch.x_lb, batch.x_ulb_w[0], batch.x_ulb_s[0]])
+        lb, w, s = forward_views(model, [batch.x_lb, batch.x_ulb_w[0], batch.x_ulb_s[0]], self.no_grad_views(ctx))
         sup = supervised_ce(lb["logits"], batch)
         with torch.no_grad():
             z_w = w["logits"].detach().float()

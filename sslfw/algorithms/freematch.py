@@ -17,12 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sslfw.algorithms.base import Algorithm, DataInfo, StepBatch, StepContext, StepOutput, forward_views, register
 from sslfw.algorithms.losses import masked_consistency, supervised_ce
-from sslfw.algorithms.stats import ema_update, global_mean, global_sum
+from sslfw.algorithms.stats import ema_update, global_mean, global_sum, one_hot
 from sslfw.config import AlgorithmConfig
 from sslfw.data.labels import NUM_CLASSES
 from sslfw.dist import all_gather_cat, is_dist
@@ -61,7 +60,7 @@ class FreeMatch(Algorithm):
         self.register_buffer("label_hist", torch.full((c,), 1.0 / c))
 
     def step(self, model: nn.Module, batch: StepBatch, ctx: StepContext) -> StepOutput:
-        lb, w, s = forward_views(model, [batch.x_lb, batch.x_ulb_w[0], batch.x_ulb_s[0]])
+        lb, w, s = forward_views(model, [batch.x_lb, batch.x_ulb_w[0], batch.x_ulb_s[0]], self.no_grad_views(ctx))
         sup = supervised_ce(lb["logits"], batch)
         with torch.no_grad():
             p_w = w["logits"].detach().float().softmax(-1)
@@ -75,7 +74,7 @@ class FreeMatch(Algorithm):
             if self.p.clip_thresh:
                 self.time_p.clamp_(0.0, 0.95)
             ema_update(self.p_model, global_mean(p_w), self.p.ema_p)
-            ema_update(self.label_hist, global_mean(F.one_hot(pseudo, NUM_CLASSES).float()), self.p.ema_p)
+            ema_update(self.label_hist, global_mean(one_hot(pseudo, NUM_CLASSES)), self.p.ema_p)
             mask = (conf >= self.time_p * self.p_model[pseudo] / self.p_model.max()).float()
         unsup = masked_consistency(s["logits"], pseudo, mask, self.cfg.consistency)
         fair = self.fairness(s["logits"], mask)
@@ -95,17 +94,17 @@ class FreeMatch(Algorithm):
     def fairness(self, logits_s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """L_f over the masked strong views of the global batch (0 if none is masked anywhere)."""
         p_s = logits_s.float().softmax(-1) * mask[:, None]
-        hist_s = F.one_hot(p_s.argmax(-1), NUM_CLASSES).float() * mask[:, None]
+        hist_s = one_hot(p_s.argmax(-1), NUM_CLASSES) * mask[:, None]
         local_sum = p_s.sum(0)
         totals = global_sum(torch.cat([local_sum.detach(), hist_s.sum(0), mask.sum()[None]]))
-        n = totals[-1]
-        if n == 0:
-            return logits_s.sum() * 0.0  # keeps the graph (and DDP's gradient hooks) intact
+        n = totals[-1].clamp_min(1)  # 0 masked anywhere: the value below is finite and then replaced by 0
         # Global mean with this rank's part differentiable: other ranks' sums enter as constants.
         mean_s = (local_sum + totals[:NUM_CLASSES] - local_sum.detach()) / n
         hist = totals[NUM_CLASSES:-1] / n
         target = _sum_norm(self.p_model * _inv0(self.label_hist))
         value = (target * torch.log(_sum_norm(mean_s * _inv0(hist)) + 1e-12)).sum()
+        # Chosen on the device (no host sync); the graph stays whole for DDP's gradient hooks either way.
+        value = torch.where(totals[-1] > 0, value, torch.zeros_like(value))
         world = torch.distributed.get_world_size() if is_dist() else 1
         # DDP averages gradients over ranks; scale this rank's share so the average is the one-process gradient.
         return world * value - (world - 1) * value.detach()

@@ -30,6 +30,7 @@ from torch import nn
 from sslfw.algorithms.bank import DistAlignQueue, LabelledBank
 from sslfw.algorithms.base import Algorithm, DataInfo, StepBatch, StepContext, StepOutput, forward_views, register
 from sslfw.algorithms.losses import masked_consistency, supervised_ce
+from sslfw.algorithms.stats import one_hot
 from sslfw.config import AlgorithmConfig
 from sslfw.data.labels import NUM_CLASSES
 from sslfw.dist import all_gather_cat
@@ -56,7 +57,7 @@ class SimMatch(Algorithm):
         self.da = DistAlignQueue(self.p.da_len, NUM_CLASSES, usb_compat=self.p.usb_compat)
 
     def step(self, model: nn.Module, batch: StepBatch, ctx: StepContext) -> StepOutput:
-        lb, w, s = forward_views(model, [batch.x_lb, batch.x_ulb_w[0], batch.x_ulb_s[0]])
+        lb, w, s = forward_views(model, [batch.x_lb, batch.x_ulb_w[0], batch.x_ulb_s[0]], self.no_grad_views(ctx))
         sup = supervised_ce(lb["logits"], batch)
         teacher = ctx.teacher if self.p.use_ema_teacher else None
         bank = self.bank.feats.clone()  # a snapshot: the bank is rewritten below, before backward needs it
@@ -74,7 +75,7 @@ class SimMatch(Algorithm):
                 q = (f_w @ bank.T / self.p.T).softmax(-1)
                 unfolded = q * p_w[:, self.bank.labels]
                 unfolded = unfolded / unfolded.sum(1, keepdim=True)
-                aggregated = q @ F.one_hot(self.bank.labels, NUM_CLASSES).float()
+                aggregated = q @ one_hot(self.bank.labels, NUM_CLASSES)
                 target = self.p.smoothing_alpha * p_w + (1 - self.p.smoothing_alpha) * aggregated
             mask = (target.max(-1).values >= self.p.p_cutoff).float()
         unsup = masked_consistency(s["logits"], target, mask, self.cfg.consistency)

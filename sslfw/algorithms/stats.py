@@ -30,3 +30,8 @@ def global_mean(x: torch.Tensor) -> torch.Tensor:
 
 def ema_update(state: torch.Tensor, value: torch.Tensor, momentum: float) -> None:
     state.mul_(momentum).add_(value.to(state.dtype), alpha=1 - momentum)
+
+
+def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """F.one_hot without its range check, which reads the labels' min and max back to the host (a device sync)."""
+    return (labels[:, None] == torch.arange(num_classes, device=labels.device)).float()
