@@ -73,6 +73,9 @@ class OptimConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     clip_grad: float = 1.0  # max global grad norm; 0 disables
+    # One fused kernel updates every parameter (GPU and CPU; BENCHMARKS.md has the timing); false keeps torch's
+    # default path. The same update up to float rounding.
+    fused: bool = True
 
 
 @dataclass
@@ -87,6 +90,7 @@ class TrainConfig:
     # The weak unlabelled view only makes targets: forward it without autograd (same outputs, less backward work
     # and memory) when the model has no batch-statistics layer; BatchNorm models keep the one concatenated forward.
     weak_no_grad: bool = True
+    compile: bool = False  # torch.compile the model (after the EMA copy is made); the first steps pay the compile
 
 
 @dataclass

@@ -34,7 +34,8 @@ def build_optimizer(model: IQAModel, cfg: OptimConfig) -> torch.optim.Optimizer:
         g["lr"] = cfg.lr * g["lr_scale"]
     groups = [g for g in groups if g["params"]]
     cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[cfg.name]
-    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), **({"weight_decay": 0.0} if cfg.name == "adam" else {}))
+    extra = {"weight_decay": 0.0} if cfg.name == "adam" else {}
+    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=cfg.fused or None, **extra)
 
 
 def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:

@@ -101,6 +101,8 @@ def build_run(cfg: Config, acc: Accelerator, data: DataInfo, state: dict | None 
             ema.load_state_dict(state["ema"])
     if ema is not None:
         ema.module.to(acc.device)
+    if cfg.train.compile:  # in place: state_dict keys stay the same, and the EMA deep copy above stays eager
+        model.compile()
     model, optimizer = acc.prepare(model, optimizer)  # never the loaders: they are per-rank streams already
     return Run(
         cfg,

@@ -217,3 +217,28 @@ def test_a_training_step_reads_back_to_the_host_once(name, small_shards, tmp_pat
             batch = make_batch(run, lb, ulb, torch.Generator().manual_seed(step))
             train_step(run, step, [batch])
     assert reads.where == ["dist.py:any_across_ranks"], reads.where  # the skip/stop agreement each step needs
+
+
+def test_fused_optimizer_trains_like_the_default_path(small_shards, tmp_path):
+    for flag in ("true", "false"):
+        train(load_config(None, tiny_overrides(small_shards, tmp_path / flag, **{"optim.fused": flag})))
+    fused, plain = losses(tmp_path / "true"), losses(tmp_path / "false")
+    assert len(fused) == 20 and fused[0] == plain[0]  # the first loss precedes any update
+    for (_, a), (_, b) in zip(fused, plain):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    a, b = final_model(tmp_path / "true"), final_model(tmp_path / "false")
+    assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-5) for k in a)
+
+
+@pytest.mark.slow  # torch.compile takes about a minute on 2 cores
+def test_compiled_model_trains_like_the_eager_one(small_shards, tmp_path):
+    extra = {"algorithm.name": "fixmatch", "train.steps": 4, "eval.every": 0, "ckpt.every": 4}
+    for flag in ("true", "false"):
+        train(load_config(None, tiny_overrides(small_shards, tmp_path / flag, **extra, **{"train.compile": flag})))
+    compiled, eager = losses(tmp_path / "true"), losses(tmp_path / "false")
+    assert len(compiled) == 4
+    for (_, a), (_, b) in zip(compiled, eager):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    a, b = final_model(tmp_path / "true"), final_model(tmp_path / "false")
+    assert a.keys() == b.keys()  # compiled in place: checkpoints keep the eager names
+    assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-6) for k in a)
