@@ -30,13 +30,13 @@ def cmd_synth(a: argparse.Namespace) -> dict:
     )
     if a.calibrate:
         return {"fr_quality_quantiles": calibrate(cfg), "current_knots": list(MOS_KNOTS_Q)}
-    return synthesize(cfg)
+    return {"out": str(a.out), **synthesize(cfg), "details": str(Path(a.out) / "synth_truth.csv")}
 
 
 def cmd_prepare(a: argparse.Namespace) -> dict:
     from sslfw.data.manifest import prepare
 
-    return prepare(
+    meta = prepare(
         a.koniq,
         a.kadis,
         a.out,
@@ -48,6 +48,8 @@ def cmd_prepare(a: argparse.Namespace) -> dict:
         koniq_images=a.koniq_images,
         labelled_fraction=a.labelled_fraction,
     )
+    short = ("counts", "class_shares")  # the rest (sources, split, label scheme) is in meta.json
+    return {"out": str(a.out), **{k: meta[k] for k in short}, "details": str(Path(a.out) / "meta.json")}
 
 
 def cmd_pack(a: argparse.Namespace) -> dict:
@@ -68,7 +70,7 @@ def cmd_pack(a: argparse.Namespace) -> dict:
         for name, s in index["sets"].items()
     }
     summary["skipped"] = index["skipped"]
-    return summary
+    return {"out": str(a.out), **summary, "details": str(Path(a.out) / "index.json")}
 
 
 def cmd_verify(a: argparse.Namespace) -> dict:
@@ -104,7 +106,7 @@ def cmd_pseudolabel(a: argparse.Namespace) -> dict:
 def cmd_eval(a: argparse.Namespace) -> dict:
     from sslfw.commands.evaljob import run_eval
 
-    return run_eval(
+    result = run_eval(
         a.checkpoint,
         a.split,
         a.weights,
@@ -114,14 +116,20 @@ def cmd_eval(a: argparse.Namespace) -> dict:
         num_workers=a.num_workers,
         shards=a.shards,
     )
+    return result | ({"details": str(Path(a.out) / "eval.json")} if a.out else {})
 
 
 def cmd_predict(a: argparse.Namespace) -> None:
     from sslfw.commands.predict import predict_files
 
     crops = 0 if a.crops == "all" else int(a.crops)  # all: the whole-image tiles, eval's --crops 0
+    t0 = time.perf_counter()
     summary = predict_files(a.checkpoint, a.inputs, a.out, a.weights, crops, a.batch_size, a.device, not a.quiet)
-    print(f"[predict] scored {summary['scored']}, skipped {summary['skipped']} -> {summary['out']}", file=sys.stderr)
+    print(
+        f"[predict] scored {summary['scored']}, skipped {summary['skipped']} -> {summary['out']} "
+        f"in {time.perf_counter() - t0:.1f}s",
+        file=sys.stderr,
+    )
 
 
 def _print_report(result: dict) -> dict:
@@ -344,7 +352,7 @@ def one_line(e: Exception) -> str:
 
 
 def _run(argv: list[str] | None) -> int:
-    from sslfw.cli_help import compact_json, dashed
+    from sslfw.cli_help import compact_json, dashed, headline
     from sslfw.errors import ConfigError, DataError
 
     # Flags are spelt with dashes (--batch-size), config keys with underscores (--run_dir): accept either in both.
@@ -364,8 +372,9 @@ def _run(argv: list[str] | None) -> int:
     from sslfw.dist import is_main_process
 
     if is_main_process():  # only the global main process reports
-        print(compact_json(result))
-        print(f"[{args.verb} {getattr(args, 'action', '')}] done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        print(compact_json(headline(result)))
+        name = " ".join(filter(None, (args.verb, getattr(args, "action", ""))))
+        print(f"[{name}] done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return int(result.get("exit_code", 0))  # every process returns the job's code (train, pseudolabel)
 
 

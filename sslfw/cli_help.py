@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 
 
 class ConfigHelpParser(argparse.ArgumentParser):
@@ -45,10 +44,44 @@ class ConfigHelpParser(argparse.ArgumentParser):
         return f"{super().format_help()}\n{title} ({how}):\n{extra}\n"
 
 
-def compact_json(result: dict) -> str:
-    """The command's summary as JSON, with lists of plain values on one line (class counts, not one per line)."""
-    text = json.dumps(result, indent=1, default=str)
-    return re.sub(r"\[\s*([^\[\]{}]*?)\s*\]", lambda m: "[" + re.sub(r"\s*\n\s*", " ", m.group(1)) + "]", text)
+HEADLINE = ("n", "srcc", "plcc", "mae", "const_mae", "accuracy")
+
+
+def headline(result: dict) -> dict:
+    """What the terminal shows of a result: metric dicts cut to the headline numbers of one set of weights (EMA when
+    there), rounded; per-level, calibration and the other weights' numbers are in the files the command wrote."""
+    out = {}
+    for key, value in result.items():
+        if key in ("val", "metrics") and isinstance(value, dict) and any(m.endswith("srcc") for m in value):
+            has_ema = any("/ema/" in m for m in value)
+            value = {
+                m: round(x, 4) if isinstance(x, float) else x
+                for m, x in value.items()
+                if m.rsplit("/", 1)[-1] in HEADLINE and not (has_ema and "/student/" in m)
+            }
+        out[key] = value
+    return out
+
+
+def compact_json(result: dict, width: int = 100) -> str:
+    """The command's summary as JSON, each list or object on one line when it fits in `width` (a set's sizes, class
+    counts), lists of plain values always on one line, so a summary reads as a few lines."""
+
+    def render(value, indent: int) -> str:
+        one = json.dumps(value, default=str, ensure_ascii=False)
+        plain = isinstance(value, list) and not any(isinstance(v, (list, dict)) for v in value)
+        if not isinstance(value, (list, dict)) or plain or indent + len(one) <= width:
+            return one
+        pad = " " * (indent + 1)
+        items = (
+            [f"{pad}{json.dumps(k, ensure_ascii=False)}: {render(v, indent + 1)}" for k, v in value.items()]
+            if isinstance(value, dict)
+            else [pad + render(v, indent + 1) for v in value]
+        )
+        brackets = "{}" if isinstance(value, dict) else "[]"
+        return brackets[0] + "\n" + ",\n".join(items) + "\n" + " " * indent + brackets[1]
+
+    return render(result, 0)
 
 
 def dashed(arg: str) -> str:

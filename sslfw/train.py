@@ -231,7 +231,8 @@ def open_streams(
 
 
 def train(cfg: Config) -> dict:
-    """Train `cfg` to `train.steps` (resuming as `ckpt.resume` says); {"exit_code", "step", "skipped_steps", "val"}."""
+    """Train `cfg` to `train.steps` (resuming as `ckpt.resume` says); {"exit_code", "step", "skipped_steps", "val",
+    "run_dir"}."""
     acc = make_accelerator(cfg.train.bf16)
     per_rank = per_rank_batch(cfg, acc.num_processes)
     # The run folder first: whose it is, what to resume from, and a lock held for the whole run.
@@ -260,7 +261,8 @@ def _train_claimed(cfg: Config, acc: Accelerator, per_rank: int, resume_from: Pa
                 )
                 if created:
                     shutil.rmtree(run_dir, ignore_errors=True)
-            return {"exit_code": 0, "step": start, "skipped_steps": int(info.get("skipped_steps", 0)), "val": {}}
+            return {"exit_code": 0, "step": start, "skipped_steps": int(info.get("skipped_steps", 0)), "val": {},
+                    "run_dir": str(run_dir)}  # fmt: skip
         index = load_index(Path(cfg.data.shards))
         lb_set, eval_set = ShardSet(cfg.data.shards, "train"), ShardSet(cfg.data.shards, cfg.eval.split)
         if len(eval_set) == 0:
@@ -382,7 +384,7 @@ def _train_claimed(cfg: Config, acc: Accelerator, per_rank: int, resume_from: Pa
             trace.flush(step)
             logger.log(step, val)
             if main and val:
-                print(eval_line(step, cfg.eval.split, val), flush=True)
+                tqdm.write(eval_line(step, cfg.eval.split, val), file=sys.stdout)  # above the bar, not into it
         if res.stop:
             save(step)
             exit_code = stop.exit_code  # 130 for Ctrl-C, else 75 (Slurm requeues on it)
@@ -403,4 +405,4 @@ def _train_claimed(cfg: Config, acc: Accelerator, per_rank: int, resume_from: Pa
     if main:
         record(run_dir, "end", step, exit_code=exit_code)
     logger.close()  # the process group stays: a pipeline runs more stages in it; the CLI destroys it at exit
-    return {"exit_code": exit_code, "step": step, "skipped_steps": skipped, "val": val}
+    return {"exit_code": exit_code, "step": step, "skipped_steps": skipped, "val": val, "run_dir": str(run_dir)}

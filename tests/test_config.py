@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from dataclasses import replace
@@ -155,3 +156,25 @@ def test_every_shipped_config_loads():
             check(replace(p, base=str(ROOT / p.base)))
         else:
             load_config(path)
+
+
+def test_commands_print_a_short_summary_and_name_the_files_with_the_details(tiny_run, small_raw, tmp_path, capsys):
+    from sslfw.cli import main
+
+    assert main(["data", "prepare", "--koniq", str(small_raw / "koniq10k"), "--out", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr()
+    summary = json.loads(out.out)
+    assert summary["details"] == str(tmp_path / "m" / "meta.json") and set(summary["counts"]) >= {"train", "test"}
+    assert len(out.out.splitlines()) <= 8 and "sources" not in summary  # meta.json has the rest
+    assert main(["eval", "--checkpoint", str(tiny_run), "--split", "val", "--out", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr()
+    summary = json.loads(out.out)
+    assert set(summary["metrics"]) == {"n", "srcc", "plcc", "mae", "const_mae", "accuracy"}  # per level: eval.json
+    full = json.loads((tmp_path / "ev" / "eval.json").read_text())["metrics"]
+    assert "recall_class0" in full and summary["metrics"]["mae"] == round(full["mae"], 4)
+    assert len(out.out.splitlines()) <= 10 and out.err.strip().endswith("s") and "[eval] done in" in out.err
+    from sslfw.cli_help import headline
+
+    val = {"val/ema/srcc": 0.123456, "val/student/srcc": 0.2, "val/ema/recall_class0": 1.0, "val/ema/n": 9}
+    assert headline({"step": 3, "val": val}) == {"step": 3, "val": {"val/ema/srcc": 0.1235, "val/ema/n": 9}}
+    assert headline({"val": {"samples": 12}}) == {"val": {"samples": 12}}  # not metrics: left whole
