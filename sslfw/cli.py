@@ -298,11 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo)
     s.config_cls = "pipeline"
     s = verbs.add_parser("bench", help="throughput against its limit or alternative, as ratios (BENCHMARKS.md)")
-    s.add_argument("what", help="data, augment, step, pseudolabel (comma-separated) or all")
+    s.add_argument("what", help="data, augment, step, speedups, pseudolabel (comma-separated) or all")
     s.add_argument("--config", type=Path, help="training YAML: model, batch, augmentation, algorithm settings")
     s.add_argument("--shards", type=Path, help="packed folder (default: the config's data.shards)")
     s.add_argument("--reps", type=int, default=5, help="repetitions; tables report medians")
-    s.add_argument("--steps", type=int, default=5, help="steps per repetition (augment, step)")
+    s.add_argument("--steps", type=int, default=5, help="steps per repetition (augment, step, speedups)")
+    s.add_argument("--compile", action="store_true", help="speedups: also time torch.compile (compiles first)")
     s.add_argument("--batches", type=int, default=20, help="batches per repetition (data)")
     s.add_argument(
         "--batch", type=int, help="batch size (data: default train.batch_size; pseudolabel: data.eval_batch_size)"

@@ -37,7 +37,7 @@ def test_bench_all_writes_every_table_with_finite_ratios(small_shards, tmp_path)
     )
     report = json.loads((tmp_path / "b" / "bench.json").read_text())
     titles = [t["title"].split(":")[0] for t in report["tables"]]
-    assert titles == ["data", "augment", "step", "pseudolabel"]
+    assert titles == ["data", "augment", "step", "step speed-ups", "pseudolabel"]
     step = report["tables"][2]
     assert [r[0] for r in step["rows"]] == [
         "supervised",
@@ -50,7 +50,10 @@ def test_bench_all_writes_every_table_with_finite_ratios(small_shards, tmp_path)
     ]
     cols = [next(i for i, c in enumerate(t["columns"]) if "ratio" in c or " / " in c) for t in report["tables"]]
     ratios = [r[c] for t, c in zip(report["tables"], cols) for r in t["rows"]]
-    assert len(ratios) == 3 + 2 + 7 + 3
+    assert len(ratios) == 3 + 2 + 7 + 3 + 3
+    speedups = report["tables"][3]["rows"]
+    assert [r[0].split(":")[0] for r in speedups] == ["before", "+ weak view without autograd", "+ fused AdamW"]
+    assert [r[-1] for r in speedups] == ["no", "yes", "yes"]  # the tiny ViT has no BatchNorm: its weak view can
     assert all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in ratios)
     assert "| supervised |" in (tmp_path / "b" / "bench.md").read_text()
     gflop, mfu = (step["columns"].index(c) for c in ("GFLOP/step", "MFU"))

@@ -175,3 +175,35 @@ def bench_step(cfg: Config, shards: str, algorithms: list[str], steps: int, reps
             "sync < 0.05" if world > 1 else "",
         )
     return table
+
+
+def bench_speedups(cfg: Config, shards: str, steps: int, reps: int, compile_model: bool) -> Table:
+    """FixMatch's step before and after each speed-up, the variants timed in turn within every repetition:
+    USB's order (every view through one forward with autograd, per-tensor AdamW), then the weak view without
+    autograd, the fused AdamW kernel and, when asked, torch.compile. Tests check each gives the same losses."""
+    acc, raw = _setup(cfg, shards)
+    base = replace(
+        cfg, train=replace(cfg.train, weak_no_grad=False, compile=False), optim=replace(cfg.optim, fused=False)
+    )
+    variants = {
+        "before: one forward with autograd for all views, per-tensor AdamW": base,
+        "+ weak view without autograd": replace(base, train=replace(base.train, weak_no_grad=True)),
+    }
+    variants["+ fused AdamW"] = replace(variants["+ weak view without autograd"], optim=replace(cfg.optim, fused=True))
+    if compile_model:
+        last = variants["+ fused AdamW"]
+        variants["+ torch.compile"] = replace(last, train=replace(last.train, compile=True))
+    harnesses = {name: Harness(c, "fixmatch", acc, raw) for name, c in variants.items()}
+    for h in harnesses.values():
+        h.steps(max(steps, 3))  # warm-up, and compilation for the compiled variant
+    t = median_seconds({name: (lambda h=h: h.steps(steps)) for name, h in harnesses.items()}, reps, warmup=0)
+    table = Table(
+        f"step speed-ups: fixmatch, {cfg.model.name} at {cfg.model.img_size}px, global labelled batch "
+        f"{cfg.train.batch_size}, uratio {cfg.algorithm.uratio}, {acc.num_processes} process(es) on {acc.device.type}",
+        ["variant", "step ms", "before / this (speed-up)", "weak view apart"],
+    )
+    first = next(iter(t.values()))
+    for name, h in harnesses.items():
+        apart = "yes" if h.run.split_weak else "no" if not h.cfg.train.weak_no_grad else "no (BatchNorm model)"
+        table.add(name, 1e3 * t[name] / steps, first / t[name], apart)
+    return table

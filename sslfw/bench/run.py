@@ -10,7 +10,7 @@ from sslfw.config import load_config
 from sslfw.dist import is_main_process
 from sslfw.errors import ConfigError
 
-ALL = ("data", "augment", "step", "pseudolabel")
+ALL = ("data", "augment", "step", "speedups", "pseudolabel")
 
 
 def run_bench(a: argparse.Namespace) -> dict:
@@ -41,6 +41,10 @@ def run_bench(a: argparse.Namespace) -> dict:
             from sslfw.bench.compute import bench_step
 
             t = bench_step(cfg, shards, a.algorithms.split(","), a.steps, a.reps)
+        elif what == "speedups":
+            from sslfw.bench.compute import bench_speedups
+
+            t = bench_speedups(cfg, shards, a.steps, a.reps, a.compile)
         else:
             from sslfw.bench.infer import bench_pseudolabel
 
