@@ -13,7 +13,7 @@ import webdataset as wds
 
 from sslfw.data.labels import LabelScheme
 from sslfw.data.shards import load_index, pack
-from sslfw.data.stream import EvalStream, ShardSet, TrainStream, make_loader
+from sslfw.data.stream import EvalStream, ShardSet, TrainStream, decode_crop, make_loader, read_image
 from tests.helpers import ROOT, child_env, make_raw, prepare_raw, torchrun, tree_hashes
 
 
@@ -129,7 +129,30 @@ def test_raw_pixel_shards_give_the_same_batches_with_nothing_to_decode(small_man
         )
         for step in range(3):
             assert torch.equal(a.make_batch(step)["image"], b.make_batch(step)["image"])
+    pool = ShardSet(raw, "unlabelled")
+    whole, _ = pool.read(0)
+    reads: list[int] = []
+    pool._file(0)
+    pool._files[0] = _Counting(pool._files[0], reads)  # count the bytes a windowed read takes from the shard
+    img, _ = read_image(pool, 0, (16, 16), np.random.default_rng(0))  # a third of the 48 rows
+    assert np.array_equal(img, decode_crop(whole, (16, 16), np.random.default_rng(0)))  # the same draw and pixels
+    assert sum(reads) < len(whole) / 2  # the header and the crop's rows, not the image
     for crop, crops in (((40, 40), 5), ((200, 200), 1)):  # corners, and a crop larger than the image (padding)
         a = next(iter(EvalStream(ShardSet(small_shards, "test"), 6, crop, 0, 1, crops=crops)))
         b = next(iter(EvalStream(ShardSet(raw, "test"), 6, crop, 0, 1, crops=crops)))
         assert torch.equal(a["image"], b["image"])
+
+
+class _Counting:
+    """A file whose reads add their sizes to `log`."""
+
+    def __init__(self, f, log: list[int]):
+        self.f, self.log = f, log
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.log.append(len(data))
+        return data
+
+    def seek(self, *args) -> int:
+        return self.f.seek(*args)

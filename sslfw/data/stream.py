@@ -106,13 +106,47 @@ class ShardSet:
         f = self._file(shard)
         f.seek(img_off)
         data = f.read(img_size)
-        f.seek(js_off)
+        return data, self._meta(f, shard, i, js_off, js_size)
+
+    def _meta(self, f, shard: int, i: int, offset: int, size: int) -> dict:
+        f.seek(offset)
         try:
-            return data, json.loads(f.read(js_size))
+            return json.loads(f.read(size))
         except ValueError:
             raise DataError(
                 f"{self.shards[shard]}: sample {i} has a damaged metadata member. Re-pack the shards"
             ) from None
+
+    def read_window(
+        self, i: int, crop: tuple[int, int], rng: np.random.Generator | None
+    ) -> tuple[np.ndarray, dict] | None:
+        """A --pixels raw sample's crop, reading only the crop's rows from disk (the .npy header gives the shape),
+        drawn exactly as decode_crop draws it; None for encoded images, for images smaller than the crop (padding)
+        and for arrays that do not parse (the whole-member path then decides)."""
+        shard, img_off, img_size, js_off, js_size = (int(v) for v in self.offsets[i])
+        f = self._file(shard)
+        f.seek(img_off)
+        head = io.BytesIO(f.read(min(img_size, 256)))  # numpy writes headers of 128 bytes for these arrays
+        try:
+            if head.read(6) != NPY_MAGIC:
+                return None
+            head.seek(0)
+            version = np.lib.format.read_magic(head)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(head)
+        except ValueError:
+            return None
+        if fortran or dtype != np.uint8 or len(shape) != 3 or shape[0] < crop[0] or shape[1] < crop[1]:
+            return None
+        row = shape[1] * shape[2]
+        if head.tell() + shape[0] * row != img_size:
+            return None  # truncated or padded member: let the whole-member path report it
+        y, x = _corner(shape[0], shape[1], crop, rng)
+        f.seek(img_off + head.tell() + y * row)
+        rows = np.frombuffer(f.read(crop[0] * row), np.uint8).reshape(crop[0], shape[1], shape[2])
+        return rows[:, x : x + crop[1]], self._meta(f, shard, i, js_off, js_size)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_files": {}, "_pid": -1}
@@ -345,6 +379,9 @@ def eval_batch(shards: ShardSet, ids: range, crop: tuple[int, int] | None, crops
 
 def read_image(shards: ShardSet, i: int, crop: tuple[int, int] | None, rng: np.random.Generator | None):
     """(decoded crop or None when the image bytes no longer decode, metadata) of sample i."""
+    window = shards.read_window(i, crop, rng) if crop is not None else None
+    if window is not None:  # raw pixels: only the crop's rows were read
+        return window
     data, meta = shards.read(i)
     try:
         return decode_crop(data, crop, rng), meta
