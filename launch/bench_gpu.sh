@@ -20,3 +20,8 @@ $PY -m sslfw bench all --config configs/bench_gpu.yaml --shards "$D/shards" --ou
     --reps 5 --steps 10 --batches 10 --workers 0,1,4,8
 $PY -m sslfw bench data,pseudolabel --config configs/bench_gpu.yaml --shards "$D/shards_raw" --out "$OUT/raw" \
     --reps 5 --batches 10 --workers 0,1,4,8
+# The step before/after each speed-up (torch.compile included), and USB's own FixMatch step beside sslfw's. A GPU
+# machine without the package index needs USB's wheels fetched beforehand: SSLFW_USB_WHEELS=DIR (sslfw/bench/usb.py).
+$PY -m sslfw bench speedups --config configs/bench_gpu.yaml --shards "$D/shards" --out "$OUT/speedups" \
+    --reps 5 --steps 10 --compile
+$PY -m sslfw bench usb --config configs/bench_gpu.yaml --shards "$D/shards" --out "$OUT/usb" --reps 5 --steps 10

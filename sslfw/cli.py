@@ -298,7 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo)
     s.config_cls = "pipeline"
     s = verbs.add_parser("bench", help="throughput against its limit or alternative, as ratios (BENCHMARKS.md)")
-    s.add_argument("what", help="data, augment, step, speedups, pseudolabel (comma-separated) or all")
+    s.add_argument(
+        "what", help="data, augment, step, speedups, pseudolabel (comma-separated) or all; usb: sslfw vs USB's step"
+    )
     s.add_argument("--config", type=Path, help="training YAML: model, batch, augmentation, algorithm settings")
     s.add_argument("--shards", type=Path, help="packed folder (default: the config's data.shards)")
     s.add_argument("--reps", type=int, default=5, help="repetitions; tables report medians")

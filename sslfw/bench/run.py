@@ -14,6 +14,10 @@ ALL = ("data", "augment", "step", "speedups", "pseudolabel")
 
 
 def run_bench(a: argparse.Namespace) -> dict:
+    if a.what == "usb":  # in USB's own environment (sslfw/bench/usb.py)
+        from sslfw.bench.usb import run_usb_bench
+
+        return run_usb_bench(a, Path(__file__).resolve().parents[2])
     cfg = load_config(a.config, a.overrides)
     shards = str(a.shards or cfg.data.shards)
     todo = ALL if a.what == "all" else tuple(a.what.split(","))
