@@ -26,14 +26,17 @@ def sync() -> None:
 
 
 def median_seconds(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, float]:
-    """Median wall time of each fn over `reps` rounds; the fns alternate within a round (same machine state).
+    """Median wall time of each fn over `reps` rounds; the fns alternate within a round (same machine state), in an
+    order rotated every round.
     A fn with untimed set-up inside times itself and returns its seconds."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    names = list(fns)
+    for rep in range(reps):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:  # rotated: no path always goes first
+            fn = fns[name]
             sync()
             t0 = time.perf_counter()
             own = fn()
