@@ -125,6 +125,9 @@ class LogConfig:
     job_type: str = "train"  # the pipeline sets ssl / retrain / eval
     tags: list = field(default_factory=list)
     progress: bool = True
+    # Pseudo-label trace (sslfw/trace.py): a row per unlabelled image and step, about 30 bytes each on disk
+    # (0.2 GB for 448 pool images per step over 20k steps); false writes none.
+    pseudo_trace: bool = True
 
 
 @dataclass

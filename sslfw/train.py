@@ -367,7 +367,7 @@ def _train_claimed(cfg: Config, acc: Accelerator, per_rank: int, resume_from: Pa
                 break
         step += 1
         bar.update()
-        for keys, level, used in res.pseudo:
+        for keys, level, used in res.pseudo if cfg.log.pseudo_trace else ():
             trace.add(step, keys, level, used)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             loss = res.loss if res.applied else float("nan")
