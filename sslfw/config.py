@@ -125,8 +125,8 @@ class LogConfig:
     job_type: str = "train"  # the pipeline sets ssl / retrain / eval
     tags: list = field(default_factory=list)
     progress: bool = True
-    # Pseudo-label trace (sslfw/trace.py): a row per unlabelled image and step, about 30 bytes each on disk
-    # (0.2 GB for 448 pool images per step over 20k steps); false writes none.
+    # Pseudo-label trace (sslfw/trace.py): a row per unlabelled image and step, compressed (keys repeat); false
+    # writes none, for runs whose pool batches times steps run into the hundreds of millions.
     pseudo_trace: bool = True
 
 

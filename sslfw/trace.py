@@ -43,7 +43,7 @@ class PseudoTrace:
         labels = torch.cat([lab for _, _, lab, _ in self.rows]).to("cpu", torch.int8).numpy()
         used = torch.cat([u for _, _, _, u in self.rows]).cpu().numpy() > 0
         with fsio.atomic_open(self.dir / f"r{self.rank}-upto-{upto:07d}.npz") as f:
-            np.savez(f, step=steps, key=keys, label=labels, used=used)
+            np.savez_compressed(f, step=steps, key=keys, label=labels, used=used)
         self.rows = []
 
 
