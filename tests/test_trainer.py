@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sslfw import ckpt
+from sslfw import ckpt, trace
 from sslfw.algorithms.base import DataInfo
 from sslfw.config import load_config
 from sslfw.preempt import EXIT_NONFINITE, EXIT_PREEMPTED
@@ -65,12 +65,14 @@ def test_kill_and_resume_gives_identical_weights_and_losses(small_shards, tmp_pa
 
 @pytest.mark.slow  # real processes (DDP, signals, kills)
 def test_two_processes_train_and_evaluate_each_sample_once(small_shards, tmp_path):
-    run = tmp_path / "ddp"
-    proc = run_sslfw(
-        ["train", *tiny_overrides(small_shards, run, **{"data.num_workers": 2, "log.wandb": "offline"})],
-        nproc=2,
-        launcher="accelerate",
-    )
+    run = tmp_path / "ddp"  # FixMatch: the weak view's no-grad forward through DDP, and one trace per rank
+    extra = {
+        "data.num_workers": 2,
+        "log.wandb": "offline",
+        "algorithm.name": "fixmatch",
+        "algorithm.params": "{p_cutoff: 0.5}",
+    }
+    proc = run_sslfw(["train", *tiny_overrides(small_shards, run, **extra)], nproc=2, launcher="accelerate")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout and "= 2 ranks x 4 x 1 accumulation" in proc.stdout
     index = json.loads((small_shards / "index.json").read_text())
@@ -79,6 +81,10 @@ def test_two_processes_train_and_evaluate_each_sample_once(small_shards, tmp_pat
     assert all(r["val/student/n"] == r["val/ema/n"] == index["sets"]["val"]["count"] for r in evals)
     assert all(r["val/student/const_mae"] >= 0 and "val/student/srcc" in r for r in evals)
     assert list((run / "wandb").glob("offline-run-*"))  # W&B offline files for `wandb sync`
+    chunks = sorted(f.name for f in (run / "pseudo_trace").iterdir())
+    assert chunks == [f"r{r}-upto-{s:07d}.npz" for r in (0, 1) for s in (10, 20)]
+    t = trace.load(run)
+    assert len(t["step"]) == 20 * 2 * 4 and sorted(set(t["step"].tolist())) == list(range(1, 21))  # 4 per rank
 
 
 @pytest.mark.slow  # real processes (DDP, signals, kills)
