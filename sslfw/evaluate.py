@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from sslfw.data.labels import NUM_CLASSES
-from sslfw.data.stream import EvalStream, ShardSet, make_loader
+from sslfw.data.reader import ShardSet
+from sslfw.data.stream import EvalStream, make_loader
 from sslfw.dist import gather_objects
 from sslfw.metrics import calibration_error, iqa_metrics
 from sslfw.model import expected_score

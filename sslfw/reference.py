@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage, stats
 
 from sslfw.data.labels import LabelScheme
-from sslfw.data.stream import ShardSet, read_image
+from sslfw.data.reader import ShardSet, read_image
 
 ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 

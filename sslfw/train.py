@@ -36,8 +36,9 @@ from sslfw.algorithms.base import Algorithm, DataInfo, StepBatch, StepContext, V
 from sslfw.augment import Augmenter
 from sslfw.config import Config, save_config, to_dict
 from sslfw.data.pseudo import load_pseudo_labels
+from sslfw.data.reader import ShardSet
 from sslfw.data.shards import load_index
-from sslfw.data.stream import ShardSet, StreamId, TrainStream, make_loader
+from sslfw.data.stream import StreamId, TrainStream, make_loader
 from sslfw.dist import any_across_ranks, autocast_for, barrier, make_accelerator, mean_across_ranks
 from sslfw.ema import EMATeacher
 from sslfw.errors import ConfigError, DataError

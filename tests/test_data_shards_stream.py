@@ -12,8 +12,9 @@ import torch
 import webdataset as wds
 
 from sslfw.data.labels import LabelScheme
+from sslfw.data.reader import ShardSet, decode_crop, read_image
 from sslfw.data.shards import load_index, pack
-from sslfw.data.stream import EvalStream, ShardSet, TrainStream, decode_crop, make_loader, read_image
+from sslfw.data.stream import EvalStream, TrainStream, make_loader
 from tests.helpers import ROOT, child_env, make_raw, prepare_raw, torchrun, tree_hashes
 
 

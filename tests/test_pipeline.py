@@ -253,7 +253,7 @@ def test_eval_with_whole_image_tiles_averages_each_images_tiles(tiny_run, small_
     import torch
 
     from sslfw.commands.evaljob import run_eval
-    from sslfw.data.stream import ShardSet, read_image
+    from sslfw.data.reader import ShardSet, read_image
     from sslfw.inference import load_model
 
     result = run_eval(tiny_run, "test", "ema", 0, out=tmp_path / "e")

@@ -25,8 +25,8 @@ from sslfw import ckpt, fsio
 from sslfw.cli import main
 from sslfw.config import load_config
 from sslfw.data.manifest import prepare
+from sslfw.data.reader import decode_crop
 from sslfw.data.shards import pack
-from sslfw.data.stream import decode_crop
 from sslfw.errors import DataError
 from sslfw.train import train
 from tests.helpers import child_env, make_raw, run_sslfw, tiny_overrides, tree_hashes

@@ -209,7 +209,7 @@ class HostReads(TorchDispatchMode):
 
 @pytest.mark.parametrize("name", ["supervised", "fixmatch", "adamatch", "freematch", "comatch", "simmatch", "crmatch"])
 def test_a_training_step_reads_back_to_the_host_once(name, small_shards, tmp_path):
-    from sslfw.data.stream import ShardSet
+    from sslfw.data.reader import ShardSet
     from sslfw.dist import make_accelerator
     from sslfw.train import build_run, make_batch, open_streams, train_step
 

@@ -10,7 +10,8 @@ import numpy as np
 from PIL import Image
 
 from sslfw.bench import Table, median_seconds
-from sslfw.data.stream import NPY_MAGIC, PREFETCH, ShardSet, TrainStream, make_loader
+from sslfw.data.reader import NPY_MAGIC, ShardSet
+from sslfw.data.stream import PREFETCH, TrainStream, make_loader
 
 
 def bench_data(shards: str, crop: int, batch: int, batches: int, workers: list[int], reps: int) -> Table:

@@ -10,7 +10,8 @@ import torch
 from sslfw.bench import Table, median_seconds
 from sslfw.commands.pseudolabel import predict_chunks
 from sslfw.config import Config
-from sslfw.data.stream import ChunkStream, EvalStream, ShardSet, make_loader
+from sslfw.data.reader import ShardSet
+from sslfw.data.stream import ChunkStream, EvalStream, make_loader
 from sslfw.dist import autocast_for, make_accelerator
 from sslfw.model import IQAModel
 

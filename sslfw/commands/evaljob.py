@@ -8,8 +8,8 @@ import numpy as np
 
 from sslfw import fsio
 from sslfw.data.labels import NUM_CLASSES
+from sslfw.data.reader import ShardSet
 from sslfw.data.shards import load_index
-from sslfw.data.stream import ShardSet
 from sslfw.dist import autocast_for, make_accelerator
 from sslfw.errors import DataError
 from sslfw.evaluate import metrics_from_predictions, predict

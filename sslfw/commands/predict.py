@@ -19,7 +19,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from sslfw import fsio
-from sslfw.data.stream import decode_crop, multi_views
+from sslfw.data.reader import decode_crop
+from sslfw.data.stream import multi_views
 from sslfw.errors import DataError
 from sslfw.inference import load_model
 from sslfw.model import expected_score

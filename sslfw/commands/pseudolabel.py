@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from sslfw import ckpt, faults, fsio
 from sslfw.data.pseudo import COLUMNS
-from sslfw.data.stream import ChunkStream, ShardSet, make_loader
+from sslfw.data.reader import ShardSet
+from sslfw.data.stream import ChunkStream, make_loader
 from sslfw.dist import any_across_ranks, autocast_for, barrier, make_accelerator
 from sslfw.errors import DataError
 from sslfw.evaluate import concat, predict_batch

@@ -17,178 +17,22 @@ native-resolution crop (no resize: resizing changes perceived quality). Output i
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import os
 import signal
 from bisect import bisect_right
 from collections.abc import Iterator
 from enum import IntEnum
 from itertools import count
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from sslfw import fsio
-from sslfw.data.images import to_rgb8
 from sslfw.data.labels import LabelScheme
-from sslfw.data.shards import load_index
+from sslfw.data.reader import ShardSet, decode_pad, read_image
 from sslfw.errors import DataError
 
-NPY_MAGIC = b"\x93NUMPY"  # shards packed with --pixels raw hold .npy arrays
 PREFETCH = 4  # batches each loader worker keeps ready
-
-
-_VERIFIED: set[tuple[str, str]] = set()  # (shard path, sha256) checked by this process
-
-
-def verify_shard(path: Path, sha256: str) -> None:
-    """The shard's sha256 against index.json, once per shard and process (a loader worker reads a shard whole
-    once; at the embedded set's scale this was not measurable next to decoding)."""
-    if (str(path), sha256) in _VERIFIED:
-        return
-    if fsio.sha256_file(path) != sha256:
-        raise DataError(
-            f"{path}: its sha256 does not match index.json (damaged or replaced since packing). Re-pack the shards, "
-            f"or find the others with `sslfw shards verify {path.parent}`"
-        )
-    _VERIFIED.add((str(path), sha256))
-
-
-class ShardSet:
-    """One packed set (train/val/test/unlabelled): random access to sample i via the offsets table."""
-
-    def __init__(self, root: str | Path, name: str):
-        self.root, self.name = Path(root), name
-        index = load_index(self.root)
-        if name not in index["sets"]:
-            raise DataError(f"{self.root}/index.json has no set {name!r}; it has {sorted(index['sets'])}.")
-        info = index["sets"][name]
-        self.shards = [self.root / s["name"] for s in info["shards"]]
-        self.shard_counts = np.array([s["count"] for s in info["shards"]], dtype=np.int64)
-        self.offsets = np.load(self.root / info["offsets"])
-        self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_counts)])
-        self.label_scheme = index["label_scheme"]
-        if len(self.offsets) != info["count"]:
-            raise DataError(
-                f"{self.root / info['offsets']}: {len(self.offsets)} rows, index says {info['count']}. "
-                f"Re-pack the shards."
-            )
-        for s, path in zip(info["shards"], self.shards):
-            size = path.stat().st_size if path.is_file() else None
-            if size != s["bytes"]:
-                raise DataError(
-                    f"{path}: {'missing' if size is None else f'{size} bytes'}, index.json says {s['bytes']} "
-                    f"(truncated or replaced). Re-pack the shards (`sslfw shards verify {self.root}` checks them all)"
-                )
-        self.sha256 = [s["sha256"] for s in info["shards"]]
-        self.fingerprint = hashlib.sha256(json.dumps([name, info], sort_keys=True).encode()).hexdigest()
-        self._files: dict[int, object] = {}
-        self._pid = -1
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def _file(self, shard: int):
-        if self._pid != os.getpid():  # file handles must not be shared across forked DataLoader workers
-            self._files, self._pid = {}, os.getpid()
-        if shard not in self._files:
-            verify_shard(self.shards[shard], self.sha256[shard])
-            self._files[shard] = open(self.shards[shard], "rb")
-        return self._files[shard]
-
-    def read(self, i: int) -> tuple[bytes, dict]:
-        shard, img_off, img_size, js_off, js_size = (int(v) for v in self.offsets[i])
-        f = self._file(shard)
-        f.seek(img_off)
-        data = f.read(img_size)
-        return data, self._meta(f, shard, i, js_off, js_size)
-
-    def _meta(self, f, shard: int, i: int, offset: int, size: int) -> dict:
-        f.seek(offset)
-        try:
-            return json.loads(f.read(size))
-        except ValueError:
-            raise DataError(
-                f"{self.shards[shard]}: sample {i} has a damaged metadata member. Re-pack the shards"
-            ) from None
-
-    def read_window(
-        self, i: int, crop: tuple[int, int], rng: np.random.Generator | None
-    ) -> tuple[np.ndarray, dict] | None:
-        """A --pixels raw sample's crop, reading only the crop's rows from disk (the .npy header gives the shape),
-        drawn exactly as decode_crop draws it; None for encoded images, for images smaller than the crop (padding)
-        and for arrays that do not parse (the whole-member path then decides)."""
-        shard, img_off, img_size, js_off, js_size = (int(v) for v in self.offsets[i])
-        f = self._file(shard)
-        f.seek(img_off)
-        head = io.BytesIO(f.read(min(img_size, 256)))  # numpy writes headers of 128 bytes for these arrays
-        try:
-            if head.read(6) != NPY_MAGIC:
-                return None
-            head.seek(0)
-            version = np.lib.format.read_magic(head)
-            read_header = (
-                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran, dtype = read_header(head)
-        except ValueError:
-            return None
-        if fortran or dtype != np.uint8 or len(shape) != 3 or shape[0] < crop[0] or shape[1] < crop[1]:
-            return None
-        row = shape[1] * shape[2]
-        if head.tell() + shape[0] * row != img_size:
-            return None  # truncated or padded member: let the whole-member path report it
-        y, x = _corner(shape[0], shape[1], crop, rng)
-        f.seek(img_off + head.tell() + y * row)
-        rows = np.frombuffer(f.read(crop[0] * row), np.uint8).reshape(crop[0], shape[1], shape[2])
-        return rows[:, x : x + crop[1]], self._meta(f, shard, i, js_off, js_size)
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_files": {}, "_pid": -1}
-
-
-def decode_crop(data: bytes, crop: tuple[int, int] | None, rng: np.random.Generator | None) -> np.ndarray:
-    """Decode to RGB uint8 HWC and cut a crop of (h, w) at native resolution: random with `rng`, else centred.
-    An image smaller than the crop is reflect-padded rather than resized, which would change its sharpness."""
-    if data[:6] == NPY_MAGIC:  # packed with --pixels raw: already RGB uint8 HWC
-        return _crop_array(np.load(io.BytesIO(data), allow_pickle=False), crop, rng)
-    with Image.open(io.BytesIO(data)) as im:
-        im = to_rgb8(im)
-        w, h = im.size
-        if crop is None or h < crop[0] or w < crop[1]:
-            return _crop_array(np.asarray(im), crop, rng)
-        y, x = _corner(h, w, crop, rng)
-        # Copy out only the window (numpy of the whole image was a quarter of the loader's time).
-        return np.asarray(im.crop((x, y, x + crop[1], y + crop[0])))
-
-
-def _corner(h: int, w: int, crop: tuple[int, int], rng: np.random.Generator | None) -> tuple[int, int]:
-    ch, cw = crop
-    if rng is None:
-        return (h - ch) // 2, (w - cw) // 2
-    return int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
-
-
-def _crop_array(img: np.ndarray, crop: tuple[int, int] | None, rng: np.random.Generator | None) -> np.ndarray:
-    if crop is None:
-        return img
-    img = decode_pad(img, crop)
-    y, x = _corner(*img.shape[:2], crop, rng)
-    return img[y : y + crop[0], x : x + crop[1]]
-
-
-def decode_pad(img: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
-    """Reflect-pad an image smaller than the crop (resizing would change its sharpness)."""
-    ch, cw = crop
-    h, w = img.shape[:2]
-    if h >= ch and w >= cw:
-        return img
-    return np.pad(img, ((0, max(0, ch - h)), (0, max(0, cw - w)), (0, 0)), mode="reflect" if min(h, w) > 1 else "edge")
 
 
 def collate(samples: list[tuple[np.ndarray, dict]]) -> dict[str, torch.Tensor]:
@@ -375,18 +219,6 @@ def eval_batch(shards: ShardSet, ids: range, crop: tuple[int, int] | None, crops
     batch["image"] = torch.from_numpy(np.concatenate([s[0] for s in samples])).movedim(-1, -3)
     batch["tiles"] = torch.tensor([len(s[0]) for s in samples], dtype=torch.int64)
     return batch
-
-
-def read_image(shards: ShardSet, i: int, crop: tuple[int, int] | None, rng: np.random.Generator | None):
-    """(decoded crop or None when the image bytes no longer decode, metadata) of sample i."""
-    window = shards.read_window(i, crop, rng) if crop is not None else None
-    if window is not None:  # raw pixels: only the crop's rows were read
-        return window
-    data, meta = shards.read(i)
-    try:
-        return decode_crop(data, crop, rng), meta
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # Pillow's ways of saying "damaged"
-        return None, meta
 
 
 def fixed_crops(img: np.ndarray, crop: tuple[int, int]) -> np.ndarray:

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sslfw.data.stream import EvalStream, ShardSet, TrainStream, make_loader
+from sslfw.data.reader import ShardSet
+from sslfw.data.stream import EvalStream, TrainStream, make_loader
 
 
 def main(shards: str, out: str, steps: int) -> None:
