@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -264,8 +265,10 @@ def pseudo_label_curves(out: Path, truth: dict[str, int], bin_steps: int = 25) -
         steps = runs[0]["step"][:n]
         for ax, key, ls in ((axes[0][0], "used_acc", None), (axes[0][0], "all_acc", ":"), (axes[0][1], "mask", None)):
             vals = np.array([r[key][:n] for r in runs])
-            std = np.nanstd(vals, 0, ddof=1) if len(runs) > 1 else 0 * vals[0]
-            _band(ax, colours, method, steps, np.nanmean(vals, 0), std, ls=ls, label=key != "all_acc")
+            with warnings.catch_warnings():  # a bin where no seed passed a pseudo-label is NaN: a gap in the line
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, std = np.nanmean(vals, 0), np.nanstd(vals, 0, ddof=1) if len(runs) > 1 else 0 * vals[0]
+            _band(ax, colours, method, steps, mean, std, ls=ls, label=key != "all_acc")
     axes[0][0].set(xlabel="step", ylabel="accuracy against the hidden truth",
                    title="pseudo-labels: passed the threshold (solid), all (dotted)")  # fmt: skip
     axes[0][1].set(xlabel="step", ylabel="share of unlabelled images", title="passed the threshold (mask ratio)")
