@@ -250,4 +250,6 @@ def test_compiled_model_trains_like_the_eager_one(small_shards, tmp_path):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
     a, b = final_model(tmp_path / "true"), final_model(tmp_path / "false")
     assert a.keys() == b.keys()  # compiled in place: checkpoints keep the eager names
-    assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-6) for k in a)
+    # Fused kernels round differently; AdamW turns a near-zero gradient of either sign into a step of up to lr, so
+    # after 4 steps weights may differ by a few lr (5e-4), not more.
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 4 * 5e-4
