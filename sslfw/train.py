@@ -132,7 +132,7 @@ def make_batch(run: Run, lb: dict, ulb: dict | None, gen: torch.Generator) -> St
         x_u = ulb["image"].to(device, non_blocking=True)
         batch.x_ulb_w = [run.augment.weak(x_u, gen) for _ in range(run.views.weak)]
         batch.x_ulb_s = [run.augment.strong(x_u, gen) for _ in range(run.views.strong)]
-        batch.idx_ulb, batch.keys_ulb = ulb["idx"].to(device), ulb.get("key", [])  # the bench's batches have none
+        batch.idx_ulb, batch.keys_ulb = ulb["idx"].to(device), ulb["key"]
     return batch
 
 
@@ -163,7 +163,7 @@ def train_step(
             loss = faults.inject(acc.process_index, step, out.loss / accum)
             acc.backward(loss)
         finite &= torch.isfinite(loss.detach()).all()  # stays on the device: no host sync per micro-step
-        if out.pseudo is not None and batch.keys_ulb:
+        if out.pseudo is not None:
             pseudo.append((batch.keys_ulb, *out.pseudo))
     bad, stop = any_across_ranks([~finite, stop_requested()], acc.device)  # the step's one host sync
     if not bad:  # one rank's NaN already reached everyone's gradients through DDP: then skip on all ranks

@@ -15,7 +15,24 @@ from torch import nn
 from sslfw.algorithms.stats import global_mean
 
 
-class RingQueue(nn.Module):
+class _FillsOnce(nn.Module):
+    """Memory that fills once and stays full: `full` reads the device (a sync) only until it first holds."""
+
+    def _is_full(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def full(self) -> bool:
+        if not getattr(self, "_full", False):
+            self._full = self._is_full()
+        return self._full
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._full = False  # a loaded state is read again
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+class RingQueue(_FillsOnce):
     """The newest `size` (feature, probability) rows; writes wrap around, nothing is truncated or skipped."""
 
     def __init__(self, size: int, dim: int, num_classes: int):
@@ -25,16 +42,8 @@ class RingQueue(nn.Module):
         self.register_buffer("ptr", torch.tensor(0))
         self.register_buffer("count", torch.tensor(0))
 
-    @property
-    def full(self) -> bool:
-        """Read back from the device (a sync) only until it first holds: a queue never empties again."""
-        if not getattr(self, "_full", False):
-            self._full = int(self.count) >= len(self.feats)
-        return self._full
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._full = False  # a loaded state is read again
-        super()._load_from_state_dict(*args, **kwargs)
+    def _is_full(self) -> bool:
+        return int(self.count) >= len(self.feats)
 
     @torch.no_grad()
     def push(self, feats: torch.Tensor, probs: torch.Tensor) -> None:
@@ -48,7 +57,7 @@ class RingQueue(nn.Module):
         self.count.copy_(torch.clamp(self.count + n, max=size))
 
 
-class LabelledBank(nn.Module):
+class LabelledBank(_FillsOnce):
     """One unit-norm feature and label per labelled training sample, indexed by the sample's dense index."""
 
     def __init__(self, num_labelled: int, dim: int):
@@ -59,16 +68,8 @@ class LabelledBank(nn.Module):
         self.register_buffer("labels", torch.zeros(num_labelled, dtype=torch.long))
         self.register_buffer("written", torch.zeros(num_labelled, dtype=torch.bool))
 
-    @property
-    def full(self) -> bool:
-        """Read back from the device (a sync) only until every sample has been written once."""
-        if not getattr(self, "_full", False):
-            self._full = bool(self.written.all())
-        return self._full
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._full = False
-        super()._load_from_state_dict(*args, **kwargs)
+    def _is_full(self) -> bool:
+        return bool(self.written.all())
 
     @torch.no_grad()
     def update(self, idx: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor, usb_compat: bool = False) -> None:

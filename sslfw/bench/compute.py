@@ -90,7 +90,7 @@ def real_batch(cfg: Config, shards: str, per_rank: int, rank: int, device: torch
     ulb = next(
         iter(make_loader(TrainStream(ulb_set, per_rank * cfg.algorithm.uratio, crop, 0, rank, StreamId.UNLABELLED), 0))
     )
-    lb, ulb = ({k: v.to(device) for k, v in b.items() if isinstance(v, torch.Tensor)} for b in (lb, ulb))
+    lb, ulb = ({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in (lb, ulb))
     return {"lb": lb, "ulb": ulb, "num_labelled": len(lb_set), "num_unlabelled": len(ulb_set)}
 
 
