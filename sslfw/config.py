@@ -34,6 +34,9 @@ class DataConfig:
     # Share of each retraining batch drawn from pseudo-labels; 0: in proportion to their count (the paper's union,
     # which with a pool 10x the labels leaves the real labels 1 image in 11).
     pseudo_share: float = 0.0
+    # Decode JPEG crops on the model's device (nvJPEG on a GPU) instead of in the loader workers; PNG, raw pixels
+    # and the several-view eval modes stay in the workers (sslfw/data/jpeg.py).
+    jpeg_on_device: bool = False
 
 
 IMAGENET_NORM = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sslfw.data.jpeg import images_on
 from sslfw.data.labels import NUM_CLASSES
 from sslfw.data.reader import ShardSet
 from sslfw.data.stream import EvalStream, make_loader
@@ -21,7 +22,7 @@ from sslfw.model import expected_score
 @torch.no_grad()
 def predict_batch(model: nn.Module, batch: dict, device: torch.device, autocast) -> dict[str, np.ndarray]:
     """idx, label, mos, key and crop-averaged class probabilities of one loader batch (model in eval mode)."""
-    x = batch["image"].to(device).float() / 255
+    x = images_on(batch, device).float() / 255
     crops = x.shape[1] if x.ndim == 5 else 1
     with autocast():
         logits = model(x.flatten(0, 1) if x.ndim == 5 else x)["logits"]

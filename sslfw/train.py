@@ -35,6 +35,7 @@ from sslfw.algorithms import get_algorithm
 from sslfw.algorithms.base import Algorithm, DataInfo, StepBatch, StepContext, Views
 from sslfw.augment import Augmenter
 from sslfw.config import Config, save_config, to_dict
+from sslfw.data.jpeg import images_on, join_deferred
 from sslfw.data.pseudo import load_pseudo_labels
 from sslfw.data.reader import ShardSet
 from sslfw.data.shards import load_index
@@ -124,12 +125,12 @@ def make_batch(run: Run, lb: dict, ulb: dict | None, gen: torch.Generator) -> St
     """The algorithm's views of one loader batch (uint8 crops), augmented per sample on the device."""
     device = run.acc.device
     batch = StepBatch(
-        run.augment.weak(lb["image"].to(device, non_blocking=True), gen), lb["label"].to(device), lb["idx"].to(device)
+        run.augment.weak(images_on(lb, device, non_blocking=True), gen), lb["label"].to(device), lb["idx"].to(device)
     )
     if run.cfg.algorithm.sup_targets == "votes":
         batch.y_lb_soft = lb["target"].to(device)
     if ulb is not None:
-        x_u = ulb["image"].to(device, non_blocking=True)
+        x_u = images_on(ulb, device, non_blocking=True)
         batch.x_ulb_w = [run.augment.weak(x_u, gen) for _ in range(run.views.weak)]
         batch.x_ulb_s = [run.augment.strong(x_u, gen) for _ in range(run.views.strong)]
         batch.idx_ulb, batch.keys_ulb = ulb["idx"].to(device), ulb["key"]
@@ -195,7 +196,8 @@ class Streams:
         lb = self._next(self.labelled)
         if self.pseudo is not None:
             pl = self._next(self.pseudo)
-            lb = {k: torch.cat([lb[k], pl[k]]) for k in ("image", "label", "idx", "target")}
+            joined = {k: torch.cat([lb[k], pl[k]]) for k in ("image", "label", "idx", "target")}
+            lb = joined | {"key": lb["key"] + pl["key"]} | join_deferred(lb, pl)
         return lb
 
     def next_unlabelled(self) -> dict | None:
@@ -219,14 +221,14 @@ def open_streams(
                 "data.pseudo_labels: retraining on pseudo-labels is supervised, with at least 2 "
                 "images per rank; set algorithm.name=supervised and a larger train.batch_size"
             )
-        pool = ShardSet(cfg.data.shards, "unlabelled")
+        pool = ShardSet(cfg.data.shards, "unlabelled", cfg.data.jpeg_on_device)
         labels, keep = load_pseudo_labels(Path(cfg.data.pseudo_labels), len(pool), cfg.data.pseudo_min_confidence)
         share = cfg.data.pseudo_share or keep.sum() / (keep.sum() + len(lb_set))
         n_pl = min(per_rank - 1, max(1, round(per_rank * share)))
         pseudo = loader(pool, n_pl, StreamId.PSEUDO_LABELLED, keep=keep, labels=labels)
     unlabelled = None
     if uses_unlabelled:
-        pool = ShardSet(cfg.data.shards, "unlabelled")
+        pool = ShardSet(cfg.data.shards, "unlabelled", cfg.data.jpeg_on_device)
         unlabelled = loader(pool, per_rank * cfg.algorithm.uratio, StreamId.UNLABELLED)
     return Streams(loader(lb_set, per_rank - n_pl, StreamId.LABELLED), unlabelled, pseudo, n_pl)
 
@@ -265,7 +267,8 @@ def _train_claimed(cfg: Config, acc: Accelerator, per_rank: int, resume_from: Pa
             return {"exit_code": 0, "step": start, "skipped_steps": int(info.get("skipped_steps", 0)), "val": {},
                     "run_dir": str(run_dir)}  # fmt: skip
         index = load_index(Path(cfg.data.shards))
-        lb_set, eval_set = ShardSet(cfg.data.shards, "train"), ShardSet(cfg.data.shards, cfg.eval.split)
+        jpeg = cfg.data.jpeg_on_device
+        lb_set, eval_set = ShardSet(cfg.data.shards, "train", jpeg), ShardSet(cfg.data.shards, cfg.eval.split, jpeg)
         if len(eval_set) == 0:
             raise DataError(f"{cfg.data.shards}: eval.split {cfg.eval.split!r} has no samples; choose another split")
         data = DataInfo(len(lb_set), index["sets"].get("unlabelled", {}).get("count", 0), cfg.model.proj_dim)

@@ -50,7 +50,8 @@ def test_bench_all_writes_every_table_with_finite_ratios(small_shards, tmp_path)
     ]
     cols = [next(i for i, c in enumerate(t["columns"]) if "ratio" in c or " / " in c) for t in report["tables"]]
     ratios = [r[c] for t, c in zip(report["tables"], cols) for r in t["rows"]]
-    assert len(ratios) == 3 + 2 + 7 + 3 + 3
+    assert len(ratios) == 3 + 3 + 2 + 7 + 3 + 3  # data: + the stream with JPEG left to the device, its decode rate
+    assert report["tables"][0]["rows"][-1][0] == "batched JPEG decode + crop on cpu"
     speedups = report["tables"][3]["rows"]
     assert [r[0].split(":")[0] for r in speedups] == ["before", "+ weak view without autograd", "+ fused AdamW"]
     assert [r[-1] for r in speedups] == ["no", "yes", "yes"]  # the tiny ViT has no BatchNorm: its weak view can

@@ -11,6 +11,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from sslfw.data.jpeg import images_on, join_deferred
 from sslfw.data.labels import LabelScheme
 from sslfw.data.reader import ShardSet, decode_crop, read_image
 from sslfw.data.shards import load_index, pack
@@ -142,6 +143,59 @@ def test_raw_pixel_shards_give_the_same_batches_with_nothing_to_decode(small_man
         a = next(iter(EvalStream(ShardSet(small_shards, "test"), 6, crop, 0, 1, crops=crops)))
         b = next(iter(EvalStream(ShardSet(raw, "test"), 6, crop, 0, 1, crops=crops)))
         assert torch.equal(a["image"], b["image"])
+
+
+def test_loader_workers_write_batches_straight_into_shared_memory(small_shards):
+    """A worker's batch is born in shared memory (sending it then copies nothing) and holds the same pixels as
+    the in-process batch, for training crops and for eval tiles (crops end to end)."""
+    train, test = ShardSet(small_shards, "train"), ShardSet(small_shards, "test")
+    for stream, crops in (
+        (TrainStream(train, 8, (32, 32), seed=3, rank=0), None),
+        (EvalStream(test, 4, (40, 40), 0, 1, crops=0), 0),
+    ):
+        in_process = next(iter(stream))
+        assert not in_process["image"].is_shared()  # no shared segment where nothing is sent
+        from_worker = next(iter(make_loader(_SharedProbe(stream), num_workers=1)))
+        assert bool(from_worker["born_shared"])
+        assert torch.equal(from_worker["image"], in_process["image"])
+        assert from_worker["image"].shape == in_process["image"].shape
+        if crops == 0:
+            assert int(in_process["tiles"].sum()) == len(in_process["image"]) > len(in_process["tiles"])
+
+
+def test_jpeg_crops_left_for_the_device_decode_to_the_workers_pixels(small_shards):
+    """Deferred JPEG crops, decoded by `images_on` (here on the CPU, the same libjpeg-turbo), equal the workers'
+    crops: the same random corners, through a worker too; PNG, padding and corner views stay in the workers."""
+    cpu = torch.device("cpu")
+    for name in ("train", "unlabelled"):  # KonIQ-like JPEGs, KADIS-like PNGs
+        plain = TrainStream(ShardSet(small_shards, name), 8, (32, 32), 3, 0)
+        deferred = TrainStream(ShardSet(small_shards, name, jpeg_on_device=True), 8, (32, 32), 3, 0, start_step=2)
+        batch = next(iter(make_loader(deferred, num_workers=1)))
+        assert ("jpeg" in batch) == (name == "train")
+        assert torch.equal(images_on(batch, cpu), plain.make_batch(2)["image"])
+    test, test_deferred = ShardSet(small_shards, "test"), ShardSet(small_shards, "test", jpeg_on_device=True)
+    for crop, crops in (((40, 40), 1), ((40, 40), 5), ((200, 200), 1)):
+        a = next(iter(EvalStream(test, 6, crop, 0, 1, crops=crops)))
+        b = next(iter(EvalStream(test_deferred, 6, crop, 0, 1, crops=crops)))
+        assert ("jpeg" in b) == (crops == 1 and crop == (40, 40))
+        assert torch.equal(images_on(b, cpu), a["image"])
+    # A pseudo-labelled batch appended to a labelled one (retraining): slots and byte offsets follow.
+    train = TrainStream(ShardSet(small_shards, "train", jpeg_on_device=True), 4, (32, 32), 3, 0)
+    first, second = train.make_batch(0), train.make_batch(1)
+    joined = {"image": torch.cat([first["image"], second["image"]])} | join_deferred(first, second)
+    expected = torch.cat([images_on(first, cpu), images_on(second, cpu)])
+    assert torch.equal(images_on(joined, cpu), expected) and expected.float().std() > 0
+
+
+class _SharedProbe(torch.utils.data.IterableDataset):
+    """Reports whether each batch was already in shared memory inside the worker that made it."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __iter__(self):
+        for batch in self.inner:
+            yield batch | {"born_shared": torch.tensor(batch["image"].is_shared())}
 
 
 class _Counting:

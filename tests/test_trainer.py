@@ -239,6 +239,20 @@ def test_fused_optimizer_trains_like_the_default_path(small_shards, tmp_path):
     assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-5) for k in a)
 
 
+def test_jpeg_decoded_on_the_device_trains_and_evaluates_like_the_workers(small_shards, tmp_path):
+    """KonIQ-like JPEG labels decoded by `images_on` (the PNG pool stays in the workers): the same pixels, so the
+    same losses and val metrics, bit for bit on a CPU."""
+    extra = {"algorithm.name": "fixmatch", "train.steps": 6, "eval.every": 6, "ckpt.every": 6, "data.num_workers": 1}
+    results = {}
+    for flag in ("true", "false"):
+        results[flag] = train(
+            load_config(None, tiny_overrides(small_shards, tmp_path / flag, **extra, **{"data.jpeg_on_device": flag}))
+        )
+    assert len(losses(tmp_path / "true")) == 6 and losses(tmp_path / "true") == losses(tmp_path / "false")
+    a, b = (json.dumps(results[f]["val"], sort_keys=True) for f in ("true", "false"))  # NaN-safe equality
+    assert a == b and "val/ema/srcc" in results["true"]["val"]
+
+
 @pytest.mark.slow  # torch.compile takes about a minute on 2 cores
 def test_compiled_model_trains_like_the_eager_one(small_shards, tmp_path):
     extra = {"algorithm.name": "fixmatch", "train.steps": 4, "eval.every": 0, "ckpt.every": 4}

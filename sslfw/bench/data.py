@@ -1,5 +1,6 @@
 """Data: the shard stream against plain decode + crop of the same images held in memory (the per-core limit;
-the images must be at least as large as the crop)."""
+the images must be at least as large as the crop). For JPEG sets also the stream with the decoding left to the
+device (`data.jpeg_on_device`) and that device's batched decode + crop rate."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import io
 import time
 
 import numpy as np
+import torch
 from PIL import Image
 
-from sslfw.bench import Table, median_seconds
+from sslfw.bench import Table, median_seconds, sync
+from sslfw.data.jpeg import JPEG_MAGIC, images_on
 from sslfw.data.reader import NPY_MAGIC, ShardSet
 from sslfw.data.stream import PREFETCH, TrainStream, make_loader
 
@@ -35,11 +38,11 @@ def bench_data(shards: str, crop: int, batch: int, batches: int, workers: list[i
                 y, x = int(rng.integers(h - crop + 1)), int(rng.integers(w - crop + 1))
                 np.asarray(im.crop((x, y, x + crop, y + crop)))
 
-    def stream_fn(nw: int):
+    def stream_fn(nw: int, shard_set: ShardSet):
         def run() -> float:
             # A fresh loader per round (no idle workers decoding in the background while other paths are timed);
             # its start-up and first queued batches are not timed, then nw x `batches` batches are.
-            it = iter(make_loader(TrainStream(lb, batch, (crop, crop), seed=0, rank=0), nw))
+            it = iter(make_loader(TrainStream(shard_set, batch, (crop, crop), seed=0, rank=0), nw))
             for _ in range(max(nw, 1) * PREFETCH):
                 next(it)
             t0 = time.perf_counter()
@@ -51,7 +54,20 @@ def bench_data(shards: str, crop: int, batch: int, batches: int, workers: list[i
 
         return run
 
-    fns = {"limit": limit} | {f"stream{nw}": stream_fn(nw) for nw in workers}
+    fns = {"limit": limit} | {f"stream{nw}": stream_fn(nw, lb) for nw in workers}
+    jpeg = sum(b[:3] == JPEG_MAGIC for b in blobs) / len(blobs)  # KonIQ's part; the extras are PNG
+    if jpeg:
+        deferred = ShardSet(shards, "train", jpeg_on_device=True)
+        fns |= {f"deferred{nw}": stream_fn(nw, deferred) for nw in workers}
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        encoded = [TrainStream(deferred, batch, (crop, crop), seed=0, rank=0).make_batch(s) for s in range(batches)]
+
+        def device_decode() -> None:
+            for b in encoded:
+                images_on(b, device)
+            sync()
+
+        fns["device"] = device_decode
     t = median_seconds(fns, reps)
     n = len(ids)
     table = Table(
@@ -71,4 +87,12 @@ def bench_data(shards: str, crop: int, batch: int, batches: int, workers: list[i
             per_worker / per_core,
             ">= 0.85",
         )
+    if jpeg:
+        for nw in workers:
+            rate = n * max(nw, 1) / t[f"deferred{nw}"]
+            per_worker = rate / max(nw, 1)  # above 1: the workers' share costs less than decoding
+            label = f"stream, JPEG ({jpeg:.0%} of images) left to the device"
+            table.add(label, nw or "0 (in process)", rate, per_worker, per_worker / per_core, "")
+        rate = n / t["device"]
+        table.add(f"batched JPEG decode + crop on {device.type}", 1, rate, "", rate / per_core, "")
     return table

@@ -49,7 +49,7 @@ def run_eval(
     model.to(acc.device)
     root = Path(shards or cfg.data.shards)
     index = load_index(root)
-    data = ShardSet(root, split)
+    data = ShardSet(root, split, cfg.data.jpeg_on_device)
     if len(data) == 0:
         raise DataError(f"{root}: split {split!r} has no samples; choose another --split")
     lock = lock_on_main(Path(out), f"sslfw eval (--out {out})", acc.is_main_process, acc.device) if out else None

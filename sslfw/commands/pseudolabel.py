@@ -50,7 +50,7 @@ def pseudolabel(
     rank, world, device = acc.process_index, acc.num_processes, acc.device
     model, cfg, ckpt_dir = load_model(checkpoint, weights)
     model.to(device)
-    pool = ShardSet(shards or cfg.data.shards, "unlabelled")
+    pool = ShardSet(shards or cfg.data.shards, "unlabelled", cfg.data.jpeg_on_device)
     n = len(pool)
     if n == 0:
         raise DataError(f"{pool.root}: the unlabelled set is empty: nothing to pseudo-label (pack a pool with --kadis)")

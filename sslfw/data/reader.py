@@ -20,6 +20,7 @@ from PIL import Image
 
 from sslfw import fsio
 from sslfw.data.images import to_rgb8
+from sslfw.data.jpeg import DeferredJpeg, header_size
 from sslfw.data.shards import load_index
 from sslfw.errors import DataError
 
@@ -44,8 +45,9 @@ def verify_shard(path: Path, sha256: str) -> None:
 class ShardSet:
     """One packed set (train/val/test/unlabelled): random access to sample i via the offsets table."""
 
-    def __init__(self, root: str | Path, name: str):
-        self.root, self.name = Path(root), name
+    def __init__(self, root: str | Path, name: str, jpeg_on_device: bool = False):
+        """`jpeg_on_device`: single crops of JPEGs are left encoded for the model's device (sslfw/data/jpeg.py)."""
+        self.root, self.name, self.jpeg_on_device = Path(root), name, jpeg_on_device
         index = load_index(self.root)
         if name not in index["sets"]:
             raise DataError(f"{self.root}/index.json has no set {name!r}; it has {sorted(index['sets'])}.")
@@ -174,11 +176,15 @@ def decode_pad(img: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
 
 
 def read_image(shards: ShardSet, i: int, crop: tuple[int, int] | None, rng: np.random.Generator | None):
-    """(decoded crop or None when the image bytes no longer decode, metadata) of sample i."""
+    """(decoded crop, or a DeferredJpeg for the device to decode, or None when the image bytes no longer decode;
+    metadata) of sample i."""
     window = shards.read_window(i, crop, rng) if crop is not None else None
     if window is not None:  # raw pixels: only the crop's rows were read
         return window
     data, meta = shards.read(i)
+    size = header_size(data) if shards.jpeg_on_device and crop is not None else None
+    if size is not None and size[0] >= crop[0] and size[1] >= crop[1]:  # the same draw as decode_crop's
+        return DeferredJpeg(data, *_corner(*size, crop, rng), *crop), meta
     try:
         return decode_crop(data, crop, rng), meta
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # Pillow's ways of saying "damaged"

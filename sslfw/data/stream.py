@@ -17,6 +17,7 @@ native-resolution crop (no resize: resizing changes perceived quality). Output i
 
 from __future__ import annotations
 
+import math
 import signal
 from bisect import bisect_right
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from sslfw.data.jpeg import split_deferred
 from sslfw.data.labels import LabelScheme
 from sslfw.data.reader import ShardSet, decode_pad, read_image
 from sslfw.errors import DataError
@@ -35,13 +37,29 @@ from sslfw.errors import DataError
 PREFETCH = 4  # batches each loader worker keeps ready
 
 
+def stack_images(parts: list[np.ndarray], join: bool = False) -> torch.Tensor:
+    """HWC crops (or, with `join`, (n, H, W, C) groups end to end) as one uint8 NCHW tensor, written once.
+
+    In a loader worker the tensor is allocated in shared memory, so the crops are copied straight into the pages
+    the main process maps: np.stack into private memory made the loader copy every batch a second time when it
+    sent it (BENCHMARKS.md, "shared memory"). NCHW is a view of NHWC memory: the transposing copy is left to the
+    device (consumers index or .float() it)."""
+    shape = (sum(len(p) for p in parts), *parts[0].shape[1:]) if join else (len(parts), *parts[0].shape)
+    if get_worker_info() is None:
+        out = torch.empty(shape, dtype=torch.uint8)
+    else:
+        out = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(math.prod(shape))).view(shape)
+    (np.concatenate if join else np.stack)(parts, out=out.numpy())
+    return out.movedim(-1, -3)
+
+
 def collate(samples: list[tuple[np.ndarray, dict]]) -> dict[str, torch.Tensor]:
-    """Images to one uint8 NCHW tensor; labels, indices and MOS (NaN where unknown) to vectors."""
-    # NCHW view of NHWC memory: the transposing copy is left to the device (consumers index or .float() it).
-    images = torch.from_numpy(np.stack([s[0] for s in samples])).movedim(-1, -3)
+    """Images to one uint8 NCHW tensor (crops left for the device to decode are blank there, their files in
+    "jpeg"); labels, indices and MOS (NaN where unknown) to vectors."""
     metas = [s[1] for s in samples]
-    return {
-        "image": images,
+    pixels, deferred = split_deferred([s[0] for s in samples])
+    return deferred | {
+        "image": stack_images(pixels),
         "key": [m["key"] for m in metas],
         "label": torch.tensor([m["label"] for m in metas], dtype=torch.int64),
         "idx": torch.tensor([m["idx"] for m in metas], dtype=torch.int64),
@@ -216,7 +234,7 @@ def eval_batch(shards: ShardSet, ids: range, crop: tuple[int, int] | None, crops
     if crops != 0:
         return collate(samples)
     batch = collate([(views[0], meta) for views, meta in samples])  # labels, keys, indices as for the other modes
-    batch["image"] = torch.from_numpy(np.concatenate([s[0] for s in samples])).movedim(-1, -3)
+    batch["image"] = stack_images([s[0] for s in samples], join=True)
     batch["tiles"] = torch.tensor([len(s[0]) for s in samples], dtype=torch.int64)
     return batch
 
