@@ -5,7 +5,8 @@ the encoded bytes (a tenth of the pixels' size for KonIQ's JPEGs); `images_on` d
 on the device and cuts the crops there. On a CPU the pixels are the workers' own (both are libjpeg-turbo: a test
 checks equality); nvJPEG's IDCT may differ by a level or two. What cannot be decoded there stays in the workers: PNG
 and raw-pixel shards (KADIS's pool is PNG), CMYK JPEGs, images smaller than the crop (reflect padding), and the
-several-view eval modes, which need the whole image.
+several-view eval modes, which need the whole image. torchvision's decoders are deprecated since 0.29 in favour of
+TorchCodec; they are used here because they ship with the pinned torch stack.
 """
 
 from __future__ import annotations
