@@ -145,7 +145,7 @@ def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, small_raw,
             "seeds": [0, 1],
             "ssl": {"train.steps": 6, "ckpt.every": 6},
             "retrain": {"train.steps": 4},
-            "params": {"fixmatch": {"p_cutoff": 0.5}},
+            "params": {"fixmatch": {"p_cutoff": 0.5}, "crmatch": {"p_cutoff": 0.9}},  # crmatch's: kept, unused
             "truth": str(small_raw / "synth_truth.csv"),
         },
         cls=PipelineConfig,
@@ -153,6 +153,8 @@ def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, small_raw,
     for bad, message in [
         ({"algorithms": ["supervised", "fixmatch", "freematchh"]}, "'freematchh' is not one of"),
         ({"params": {"fixmatch": {"p_cutof": 0.5}}}, "algorithm.params.p_cutof: fixmatch has no"),
+        ({"params": {"crmatch": {"p_cutof": 0.5}}}, "algorithm.params.p_cutof: crmatch has no"),  # not run: checked
+        ({"params": {"fixmatch": {}, "fixmach": {}}}, "params.fixmach: no algorithm 'fixmach'"),
         ({"policies": ["iqa_safe", "autoaugment"]}, "aug.strong: 'autoaugment' is not one of"),
         ({"ssl": {"algorithm.params.p_cutoff": 0.5}}, "ssl.algorithm.params.p_cutoff: set algori"),
     ]:

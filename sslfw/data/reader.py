@@ -110,30 +110,46 @@ class ShardSet:
         shard, img_off, img_size, js_off, js_size = (int(v) for v in self.offsets[i])
         f = self._file(shard)
         f.seek(img_off)
-        head = io.BytesIO(f.read(min(img_size, 256)))  # numpy writes headers of 128 bytes for these arrays
-        try:
-            if head.read(6) != NPY_MAGIC:
-                return None
-            head.seek(0)
-            version = np.lib.format.read_magic(head)
-            read_header = (
-                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran, dtype = read_header(head)
-        except ValueError:
+        parsed = _npy_header(f.read(min(img_size, 256)))  # numpy writes headers of 128 bytes for these arrays
+        if parsed is None:
             return None
+        shape, fortran, dtype, header_len = parsed
         if fortran or dtype != np.uint8 or len(shape) != 3 or shape[0] < crop[0] or shape[1] < crop[1]:
             return None
         row = shape[1] * shape[2]
-        if head.tell() + shape[0] * row != img_size:
+        if header_len + shape[0] * row != img_size:
             return None  # truncated or padded member: let the whole-member path report it
         y, x = _corner(shape[0], shape[1], crop, rng)
-        f.seek(img_off + head.tell() + y * row)
+        f.seek(img_off + header_len + y * row)
         rows = np.frombuffer(f.read(crop[0] * row), np.uint8).reshape(crop[0], shape[1], shape[2])
         return rows[:, x : x + crop[1]], self._meta(f, shard, i, js_off, js_size)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_files": {}, "_pid": -1}
+
+
+_HEADERS: dict[bytes, tuple | None] = {}  # .npy header bytes -> parsed; a pool's images share a few shapes
+
+
+def _npy_header(head: bytes) -> tuple[tuple, bool, np.dtype, int] | None:
+    """(shape, fortran order, dtype, header length) of the .npy member starting with `head`, or None. Parsed once
+    per distinct header: numpy's parser (a literal_eval) was a tenth of a raw crop's read time."""
+    if head[:6] != NPY_MAGIC or len(head) < 12:
+        return None
+    size_bytes = 2 if head[6] == 1 else 4  # format 1.0: 2-byte header length; 2.0 and 3.0: 4 bytes
+    end = 8 + size_bytes + int.from_bytes(head[8 : 8 + size_bytes], "little")
+    key = head[:end]
+    if key not in _HEADERS:
+        if len(_HEADERS) >= 4096:  # images of many sizes: bound the cache
+            _HEADERS.clear()
+        stream = io.BytesIO(key)
+        try:
+            version = np.lib.format.read_magic(stream)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            _HEADERS[key] = (*read(stream), end) if len(key) == end else None
+        except ValueError:
+            _HEADERS[key] = None
+    return _HEADERS[key]
 
 
 def decode_crop(data: bytes, crop: tuple[int, int] | None, rng: np.random.Generator | None) -> np.ndarray:
