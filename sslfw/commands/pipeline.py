@@ -124,13 +124,13 @@ def check(p: PipelineConfig) -> None:
                     f"{section}.{key}: set algorithms with `algorithms:` and their settings with "
                     f"`params: {{ALGORITHM: {{KEY: VALUE}}}}`"
                 )
+    if not (p.algorithms and p.policies and p.seeds):
+        raise ConfigError("algorithms, policies and seeds must each name at least one entry")
     for name in p.params:  # settings of algorithms this run does not select are checked, then left unused
         if name not in MODULES:
             raise ConfigError(f"params.{name}: no algorithm {name!r}; the algorithms are {list(MODULES)}")
-        if name not in p.algorithms and p.policies and p.seeds:
+        if name not in p.algorithms:
             load_config(p.base, nested(ssl_overrides(p, name, p.policies[0], p.seeds[0])))
-    if not (p.algorithms and p.policies and p.seeds):
-        raise ConfigError("algorithms, policies and seeds must each name at least one entry")
     for algorithm, policy, seed in runs(p):
         load_config(p.base, nested(ssl_overrides(p, algorithm, policy, seed)))
         if algorithm != "supervised" and p.retrain_stage:

@@ -49,15 +49,15 @@ def header_size(data: bytes) -> tuple[int, int] | None:
 
 def split_deferred(images: list) -> tuple[list[np.ndarray], dict[str, torch.Tensor]]:
     """Blank placeholders for the deferred crops (filled in by `images_on`) and the batch entries that carry them:
-    their bytes end to end in one tensor (one shared-memory segment per batch, not one per image) and a (k, 7)
-    table of slot, corner, crop size, start and length."""
+    their bytes end to end in one tensor (one shared-memory segment per batch, not one per image) and a (k, 5)
+    table of slot, corner, start and length (the crop size is the batch's)."""
     deferred = [(slot, d) for slot, d in enumerate(images) if isinstance(d, DeferredJpeg)]
     if not deferred:
         return images, {}
     pixels = [np.zeros((d.h, d.w, 3), np.uint8) if isinstance(d, DeferredJpeg) else d for d in images]
     lengths = [len(d.data) for _, d in deferred]
     starts = np.cumsum([0, *lengths[:-1]])
-    table = [[slot, d.y, d.x, d.h, d.w, int(s), n] for (slot, d), s, n in zip(deferred, starts, lengths)]
+    table = [[slot, d.y, d.x, int(s), n] for (slot, d), s, n in zip(deferred, starts, lengths)]
     return pixels, {
         "jpeg": torch.frombuffer(bytearray(b"".join(d.data for _, d in deferred)), dtype=torch.uint8),
         "jpeg_at": torch.tensor(table, dtype=torch.int64),
@@ -72,7 +72,7 @@ def join_deferred(first: dict, second: dict) -> dict[str, torch.Tensor]:
     tables = [b["jpeg_at"].clone() for b in parts]
     if "jpeg" in second:  # second's slots and byte offsets move past first's
         tables[-1][:, 0] += len(first["image"])
-        tables[-1][:, 5] += len(first["jpeg"]) if "jpeg" in first else 0
+        tables[-1][:, 3] += len(first["jpeg"]) if "jpeg" in first else 0
     return {"jpeg": torch.cat([b["jpeg"] for b in parts]), "jpeg_at": torch.cat(tables)}
 
 
@@ -88,6 +88,7 @@ def images_on(batch: dict, device: torch.device, non_blocking: bool = False) -> 
     except RuntimeError as e:
         keys = [batch["key"][row[0]] for row in table]
         raise DataError(f"JPEG decoding on {device} failed for one of {keys}: {e}; re-pack the shards") from None
-    for (slot, y, x, h, w, _, _), img in zip(table, decoded):
+    h, w = images.shape[-2:]
+    for (slot, y, x, _, _), img in zip(table, decoded):
         images[slot] = img[:, y : y + h, x : x + w]
     return images

@@ -57,6 +57,7 @@ class ShardSet:
         self.offsets = np.load(self.root / info["offsets"])
         self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_counts)])
         self.label_scheme = index["label_scheme"]
+        self.raw = index.get("pixels", "raw") == "raw"  # only raw shards have rows to read alone
         if len(self.offsets) != info["count"]:
             raise DataError(
                 f"{self.root / info['offsets']}: {len(self.offsets)} rows, index says {info['count']}. "
@@ -194,7 +195,7 @@ def decode_pad(img: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
 def read_image(shards: ShardSet, i: int, crop: tuple[int, int] | None, rng: np.random.Generator | None):
     """(decoded crop, or a DeferredJpeg for the device to decode, or None when the image bytes no longer decode;
     metadata) of sample i."""
-    window = shards.read_window(i, crop, rng) if crop is not None else None
+    window = shards.read_window(i, crop, rng) if crop is not None and shards.raw else None
     if window is not None:  # raw pixels: only the crop's rows were read
         return window
     data, meta = shards.read(i)

@@ -53,13 +53,13 @@ def stack_images(parts: list[np.ndarray], join: bool = False) -> torch.Tensor:
     return out.movedim(-1, -3)
 
 
-def collate(samples: list[tuple[np.ndarray, dict]]) -> dict[str, torch.Tensor]:
+def collate(samples: list[tuple[np.ndarray, dict]], join: bool = False) -> dict[str, torch.Tensor]:
     """Images to one uint8 NCHW tensor (crops left for the device to decode are blank there, their files in
     "jpeg"); labels, indices and MOS (NaN where unknown) to vectors."""
     metas = [s[1] for s in samples]
     pixels, deferred = split_deferred([s[0] for s in samples])
     return deferred | {
-        "image": stack_images(pixels),
+        "image": stack_images(pixels, join),
         "key": [m["key"] for m in metas],
         "label": torch.tensor([m["label"] for m in metas], dtype=torch.int64),
         "idx": torch.tensor([m["idx"] for m in metas], dtype=torch.int64),
@@ -231,11 +231,9 @@ def eval_batch(shards: ShardSet, ids: range, crop: tuple[int, int] | None, crops
                 f"shards (pack skips and lists images that do not decode)"
             )
         samples.append((img if crops == 1 else multi_views(img, crop, crops), meta))
-    if crops != 0:
-        return collate(samples)
-    batch = collate([(views[0], meta) for views, meta in samples])  # labels, keys, indices as for the other modes
-    batch["image"] = stack_images([s[0] for s in samples], join=True)
-    batch["tiles"] = torch.tensor([len(s[0]) for s in samples], dtype=torch.int64)
+    batch = collate(samples, join=crops == 0)  # tiles: every image's views end to end
+    if crops == 0:
+        batch["tiles"] = torch.tensor([len(s[0]) for s in samples], dtype=torch.int64)
     return batch
 
 
