@@ -8,14 +8,8 @@ OUT=${1:-runs/bench_gpu}
 PY=${PYTHON:-python3}
 D=$OUT/data
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-# Images large enough for 256 px crops; 3,600 of them keep generation under a minute on 16 cores.
-[[ -f $D/shards/index.json ]] || {
-    $PY -m sslfw data synth --out "$D/raw" --koniq-count 1200 --kadis-count 2400 --width 384 --height 288
-    $PY -m sslfw data prepare --koniq "$D/raw/koniq10k" --kadis "$D/raw/kadis700k" --out "$D/manifest"
-    $PY -m sslfw shards pack --manifest "$D/manifest" --out "$D/shards" --quiet
-}
-[[ -f $D/shards_raw/index.json ]] || $PY -m sslfw shards pack --manifest "$D/manifest" --out "$D/shards_raw" \
-    --pixels raw --quiet
+# 3,600 images keep generation under a minute on 16 cores.
+bash "$(dirname "$0")/bench_images.sh" "$D" 1200 2400
 $PY -m sslfw bench all --config configs/bench_gpu.yaml --shards "$D/shards" --out "$OUT" \
     --reps 5 --steps 10 --batches 10 --workers 0,1,4,8
 $PY -m sslfw bench data,pseudolabel --config configs/bench_gpu.yaml --shards "$D/shards_raw" --out "$OUT/raw" \

@@ -299,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.config_cls = "pipeline"
     s = verbs.add_parser("bench", help="throughput against its limit or alternative, as ratios (BENCHMARKS.md)")
     s.add_argument(
-        "what", help="data, augment, step, speedups, pseudolabel (comma-separated) or all; usb: sslfw vs USB's step"
+        "what",
+        help="data, augment, step, speedups, pseudolabel (comma-separated) or all; usb: sslfw vs USB's step; "
+        "compare: --before/--after bench.json folders",
     )
     s.add_argument("--config", type=Path, help="training YAML: model, batch, augmentation, algorithm settings")
     s.add_argument("--shards", type=Path, help="packed folder (default: the config's data.shards)")
@@ -314,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--algorithms", default="supervised,fixmatch,adamatch,freematch,comatch,simmatch,crmatch")
     s.add_argument("--chunk", type=int, default=1024, help="pseudolabel chunk size, as in `sslfw pseudolabel`")
     s.add_argument("--limit", type=int, default=0, help="pseudolabel at most this many pool images (0: all)")
+    s.add_argument("--before", help="compare: comma-separated --out folders of the earlier version")
+    s.add_argument("--after", help="compare: comma-separated --out folders of this version")
     s.add_argument("--out", type=Path, help="folder for bench.json and bench.md")
     s.set_defaults(func=cmd_bench)
     return p

@@ -64,6 +64,30 @@ def test_bench_all_writes_every_table_with_finite_ratios(small_shards, tmp_path)
     assert "MFU: counted model FLOPs" in step["notes"][0]
     assert main(["bench", "data,nonsense", *overrides]) == 2  # a typo is a clear error, not a crash
 
+    # compare: an earlier version's run (no MFU columns, no speed-ups table, FixMatch's step twice as slow) vs this one
+    before = json.loads((tmp_path / "b" / "bench.json").read_text())
+    old = before["tables"][2]
+    keep = [i for i, c in enumerate(old["columns"]) if c not in ("GFLOP/step", "TFLOP/s", "MFU")]
+    ms = old["columns"].index("step ms")
+    old["rows"] = [[2 * c if (i, r[0]) == (ms, "fixmatch") else c for i, c in enumerate(r)] for r in old["rows"]]
+    old["rows"], old["columns"] = [[r[i] for i in keep] for r in old["rows"]], [old["columns"][i] for i in keep]
+    del before["tables"][3]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "bench.json").write_text(json.dumps(before))
+    b = str(tmp_path / "b")
+    assert main(["bench", "compare", "--before", str(tmp_path / "a"), "--after", f"{b},{b}", "--out", b + "c"]) == 0
+    cmp = {t["title"].split(":")[0]: t for t in json.loads((tmp_path / "bc" / "bench.json").read_text())["tables"]}
+    assert list(cmp) == titles
+    cells = {(r[0], r[1]): r[2:] for r in cmp["step"]["rows"]}
+    now = step["rows"][1][ms]
+    assert cells[("fixmatch", "step ms")] == [2 * now, now, 0.5]  # median of two identical runs
+    assert cells[("supervised", "step ms")][2] == 1
+    assert cells[("fixmatch", "MFU")][0] == "-" and cells[("fixmatch", "MFU")][1] == step["rows"][1][mfu]
+    assert ("comatch", "bank+stats sync ms") not in cells  # zero on both sides (one process)
+    assert [r[4] for r in cmp["data"]["rows"] if r[0] == "shard stream -> uint8 batches / 0 (in process)"] == [1] * 3
+    assert cmp["step speed-ups"]["notes"] == ["the earlier version has no such benchmark"]
+    assert main(["bench", "compare", "--before", str(tmp_path / "none"), "--after", b]) == 2  # names the file
+
 
 def test_bench_step_runs_the_trainers_own_step(small_shards, tmp_path):
     """Whatever the trainer's step does (here: gradient clipping) is what the benchmark times."""

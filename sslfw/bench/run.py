@@ -18,6 +18,12 @@ def run_bench(a: argparse.Namespace) -> dict:
         from sslfw.bench.usb import run_usb_bench
 
         return run_usb_bench(a, Path(__file__).resolve().parents[2])
+    if a.what == "compare":  # bench.json folders of two code versions (launch/bench_before_after.sh)
+        from sslfw.bench.compare import compare
+
+        if not (a.before and a.after):
+            raise ConfigError("sslfw bench compare: give --before DIR[,DIR...] and --after DIR[,DIR...]")
+        return _report(compare([Path(d) for d in a.before.split(",")], [Path(d) for d in a.after.split(",")]), a, {})
     cfg = load_config(a.config, a.overrides)
     shards = str(a.shards or cfg.data.shards)
     todo = ALL if a.what == "all" else tuple(a.what.split(","))
@@ -56,8 +62,13 @@ def run_bench(a: argparse.Namespace) -> dict:
                 cfg, shards, a.batch or cfg.data.eval_batch_size, cfg.data.num_workers, a.chunk, a.limit, a.reps
             )
         tables.append(t)
-        if is_main_process():
+    return _report(tables, a, {"config": str(a.config), "overrides": a.overrides, "shards": shards})
+
+
+def _report(tables: list[Table], a: argparse.Namespace, meta: dict) -> dict:
+    if is_main_process():
+        for t in tables:
             print(t.markdown() + "\n", flush=True)
-    if a.out and is_main_process():
-        save(Path(a.out), tables, {"config": str(a.config), "overrides": a.overrides, "shards": shards})
+        if a.out:
+            save(Path(a.out), tables, meta)
     return {"tables": [t.title for t in tables], "out": str(a.out) if a.out else None}
