@@ -207,6 +207,14 @@ def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, small_raw,
         "fixmatch (iqa_safe)",
     ]
     assert not (tmp_path / "out" / "comatch-iqa_safe-s0").exists()
+    plots = lambda: (tmp_path / "out" / "report.md").read_text().rsplit("(seeds per method): ", 1)[1]  # noqa: E731
+    assert plots() == "learning_curves.png: fixmatch-iqa_safe (2), supervised (2).\n"
+    # The plots show the report's runs only, not every run in the folder, and say which
+    run_pipeline(replace(partial, algorithms=["fixmatch"], seeds=[1], truth=cfg.truth))
+    assert plots() == "learning_curves.png: fixmatch-iqa_safe (1); pseudo_labels.png: fixmatch-iqa_safe (1).\n"
+    run_pipeline(replace(partial, algorithms=["supervised"], seeds=[0]))  # no truth: no pseudo-label plot left over
+    assert plots() == "learning_curves.png: supervised (1).\n"
+    assert not (tmp_path / "out" / "pseudo_labels.png").exists()
 
 
 def test_demo_builds_the_few_label_benchmark_per_data_seed_and_resumes(small_shards, tmp_path, monkeypatch):

@@ -143,7 +143,7 @@ def bench_step(cfg: Config, shards: str, algorithms: list[str], steps: int, reps
     )
     peak, source = peak_flops(acc.device)
     table.notes.append(
-        f"MFU: counted model FLOPs (torch.utils.flop_counter) per second / {peak / 1e12:.1f} TFLOP/s ({source})"
+        f"MFU: counted model FLOPs (torch.utils.flop_counter) per second / {peak / 1e12:.3g} TFLOP/s ({source})"
     )
     base = None
     for name in ["supervised"] + [a for a in algorithms if a != "supervised"]:

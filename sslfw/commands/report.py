@@ -166,6 +166,12 @@ def write_report(
         else "SSL rows: the SSL model itself, this pipeline ran no retraining"
     )
     table = "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows])
+    runs = {Path(r["dir"]).name for done in results.values() for r in done}  # the report's runs, not all in `out`
+    drawn = {"learning_curves.png": learning_curves(out, runs, val_refs)}
+    (out / "pseudo_labels.png").unlink(missing_ok=True)  # an earlier report's, of other runs or another truth
+    if levels:
+        drawn["pseudo_labels.png"] = pseudo_label_curves(out, runs, levels)
+    plots = "; ".join(f"{png}: {', '.join(f'{m} ({n})' for m, n in d.items())}" for png, d in drawn.items() if d)
     fsio.write_text(
         out / "report.md",
         f"# sslfw pipeline report ({split} split, {setting})\n\n"
@@ -177,11 +183,9 @@ def write_report(
         f"stage; used_acc: pseudo-labels that passed the threshold during the SSL stage, against the hidden truth "
         f"(pseudo_labels.png shows both over training); pseudo_acc: the pool's pseudo-labels after the SSL stage "
         f"against the hidden truth"
-        f"{' (' + truth + ')' if truth else ' (no truth file given)'}.\n\n{table}\n",
+        f"{' (' + truth + ')' if truth else ' (no truth file given)'}.\n\n{table}\n\n"
+        f"Plots of this report's runs (seeds per method): {plots or 'none (no run logged a curve)'}.\n",
     )
-    learning_curves(out, val_refs)
-    if levels:
-        pseudo_label_curves(out, levels)
 
 
 def report_to_wandb(out: Path, log: LogConfig, pipeline: dict) -> None:
@@ -201,11 +205,16 @@ def report_to_wandb(out: Path, log: LogConfig, pipeline: dict) -> None:
     logger.close()
 
 
-def _curves(out: Path, stage: str, key: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """method -> (steps, mean, std over seeds) of `key` in each run's `stage`/metrics.jsonl, on the steps every seed
-    logged."""
+Curve = tuple[np.ndarray, np.ndarray, np.ndarray, int]
+
+
+def _curves(out: Path, runs: set[str], stage: str, key: str) -> dict[str, Curve]:
+    """method -> (steps, mean, std over seeds, seeds) of `key` in each run's `stage`/metrics.jsonl, on the steps every
+    seed logged."""
     by_method: dict[str, list[dict[int, float]]] = {}
-    for log in sorted(out.glob(f"*/{stage}/metrics.jsonl")):
+    for log in sorted(out / r / stage / "metrics.jsonl" for r in runs):
+        if not log.is_file():
+            continue
         rows = [json.loads(line) for line in log.read_text().splitlines()]
         pts = {r["step"]: r[key] for r in rows if key in r}
         if pts:
@@ -214,7 +223,8 @@ def _curves(out: Path, stage: str, key: str) -> dict[str, tuple[np.ndarray, np.n
     for method, seeds in by_method.items():
         steps = sorted(set.intersection(*(set(p) for p in seeds)))
         vals = np.array([[p[s] for s in steps] for p in seeds])
-        curves[method] = (np.array(steps), vals.mean(0), vals.std(0, ddof=1) if len(seeds) > 1 else 0 * vals[0])
+        std = vals.std(0, ddof=1) if len(seeds) > 1 else 0 * vals[0]
+        curves[method] = (np.array(steps), vals.mean(0), std, len(seeds))
     return curves
 
 
@@ -243,21 +253,22 @@ def _figure_end(fig, axes, out_png: Path, title: str, ncol_max: int) -> None:
     plt.close(fig)
 
 
-def pseudo_label_curves(out: Path, truth: dict[str, int], bin_steps: int = 25) -> None:
+def pseudo_label_curves(out: Path, runs: set[str], truth: dict[str, int], bin_steps: int = 25) -> dict[str, int]:
     """Pseudo-labels over the SSL stage, from each run's trace against the hidden truth: accuracy of those that
-    passed the threshold (solid) and of all (dotted), and the share that passed; mean ± std over seeds."""
+    passed the threshold (solid) and of all (dotted), and the share that passed; mean ± std over seeds. Returns the
+    seeds drawn per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     series: dict[str, list[dict]] = {}
-    for run in sorted(p.parent for p in out.glob(f"*/ssl/{trace.DIR}")):
+    for run in sorted(out / r / "ssl" for r in runs if (out / r / "ssl" / trace.DIR).is_dir()):
         s = trace.accuracy_series(run, truth, bin_steps)
         if s is not None:
             series.setdefault(run.parent.name.rsplit("-s", 1)[0], []).append(s)
     if not series:
-        return
+        return {}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), squeeze=False)
     colours: dict[str, int] = {}
     for method, runs in series.items():
@@ -276,11 +287,13 @@ def pseudo_label_curves(out: Path, truth: dict[str, int], bin_steps: int = 25) -
         ax.grid(alpha=0.3)
     _figure_end(fig, axes, out / "pseudo_labels.png", f"Pseudo-labels over training ({bin_steps}-step bins, "
                 "mean ± std over seeds)", 4)  # fmt: skip
+    return {m: len(r) for m, r in series.items()}
 
 
-def learning_curves(out: Path, refs: dict[str, dict] | None = None) -> None:
-    """Validation SRCC and MAE of the EMA weights over training, SSL stage and retraining side by side: mean over
-    seeds with a +-1 std band; the reference rows (measured on val) as horizontal lines."""
+def learning_curves(out: Path, runs: set[str], refs: dict[str, dict] | None = None) -> dict[str, int]:
+    """Validation SRCC and MAE of the EMA weights over training of the named runs (folders in `out`), SSL stage and
+    retraining side by side: mean over seeds with a +-1 std band; the reference rows (measured on val) as lines.
+    Returns the seeds drawn per method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -288,18 +301,20 @@ def learning_curves(out: Path, refs: dict[str, dict] | None = None) -> None:
 
     refs = refs or {}
     stages = [("ssl", "SSL stage (supervised: its only stage)"), ("retrain", "retraining on pseudo-labels")]
-    if not _curves(out, "retrain", "val/ema/srcc"):  # SSL stages only: no empty retraining panel
+    if not _curves(out, runs, "retrain", "val/ema/srcc"):  # SSL stages only: no empty retraining panel
         stages = stages[:1]
     fig, axes = plt.subplots(2, len(stages), figsize=(5.5 * len(stages) + 0.5, 7), sharex="col", squeeze=False)
     colours: dict[str, int] = {}
+    drawn: dict[str, int] = {}
     for col, (stage, title) in enumerate(stages):
         for row, (metric, label) in enumerate((("srcc", "val SRCC (higher is better)"), ("mae", "val MAE"))):
             ax = axes[row][col]
-            curves = _curves(out, stage, f"val/ema/{metric}")
+            curves = _curves(out, runs, stage, f"val/ema/{metric}")
             if stage == "retrain":  # the baseline beside the retrained models: its one stage is their competitor
-                curves |= {m: c for m, c in _curves(out, "ssl", f"val/ema/{metric}").items() if m == BASELINE}
-            for method, curve in curves.items():
-                _band(ax, colours, method, *curve)
+                curves |= {m: c for m, c in _curves(out, runs, "ssl", f"val/ema/{metric}").items() if m == BASELINE}
+            for method, (steps, mean, std, seeds) in curves.items():
+                _band(ax, colours, method, steps, mean, std)
+                drawn[method] = max(drawn.get(method, 0), seeds)
             for (name, m), style in zip(refs.items(), (":", "--")):
                 if metric in m and np.isfinite(m[metric]):
                     ax.axhline(m[metric], color="grey", ls=style, lw=1, label=f"{name} (val)")
@@ -309,3 +324,4 @@ def learning_curves(out: Path, refs: dict[str, dict] | None = None) -> None:
                 ax.set_xlabel("step")
     _figure_end(fig, axes, out / "learning_curves.png", "Learning curves: mean ± std over seeds",
                 5 if len(stages) > 1 else 2)  # fmt: skip
+    return drawn
