@@ -8,11 +8,11 @@
 #        PYTHON (python3; both versions run in its environment, so BEFORE must work with today's packages)
 set -euo pipefail
 BEFORE=${1:-ad7518a}
-OUT=${2:-runs/bench_before_after}
+OUT=$(realpath -m "${2:-runs/bench_before_after}")  # absolute: the sides run from their own folders
 CONFIG=${CONFIG:-configs/embedded_supervised.yaml}
 ROUNDS=${ROUNDS:-3}
 REPS=${REPS:-5}
-PY=$(realpath -s "$(command -v "${PYTHON:-python3}")")  # absolute: the sides run from their own folders
+PY=$(realpath -s "$(command -v "${PYTHON:-python3}")")
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 D=$OUT/data
 # 800 images: under two minutes to make on 2 cores; the pool's 400 PNGs are what pseudolabel reads.
@@ -23,22 +23,22 @@ CONFIG=$(realpath "$CONFIG")
 side() {  # side NAME ROOT ROUND: the shared benchmarks from the sslfw package under ROOT
     local o=$OUT/$1-r$3
     # Loader paths at 224 px crops, batch 64, on files and on raw pixels; the step at the config's own sizes.
-    (cd "$2" && PYTHONPATH=$2 $PY -m sslfw bench augment,step --config "$CONFIG" --shards "$(realpath "$D/shards")" \
-        --reps "$REPS" --steps 3 --out "$(realpath -m "$o/compute")" >/dev/null)
+    (cd "$2" && PYTHONPATH=$2 $PY -m sslfw bench augment,step --config "$CONFIG" --shards "$D/shards" \
+        --reps "$REPS" --steps 3 --out "$o/compute" >/dev/null)
     if ! command -v nvidia-smi >/dev/null; then  # on a CPU: the step in 2 gloo processes, for the sync share
         (cd "$2" && ACCELERATE_USE_CPU=true PYTHONPATH=$2 $PY -m accelerate.commands.launch --config_file \
-            "$HERE/launch/cpu_2proc.yaml" -m sslfw bench step --config "$CONFIG" --shards "$(realpath "$D/shards")" \
-            --reps "$REPS" --steps 3 --out "$(realpath -m "$o/two_process")" >/dev/null 2>&1)
+            "$HERE/launch/cpu_2proc.yaml" -m sslfw bench step --config "$CONFIG" --shards "$D/shards" \
+            --reps "$REPS" --steps 3 --out "$o/two_process" >/dev/null 2>&1)
     fi
     for s in shards shards_raw; do
         (cd "$2" && PYTHONPATH=$2 $PY -m sslfw bench data,pseudolabel --config "$CONFIG" --data.load_crop=224 \
-            --shards "$(realpath "$D/$s")" --batch 64 --batches 8 --workers 0,1,2 --reps "$REPS" \
-            --out "$(realpath -m "$o/$s")" >/dev/null)
+            --shards "$D/$s" --batch 64 --batches 8 --workers 0,1,2 --reps "$REPS" \
+            --out "$o/$s" >/dev/null)
     done
 }
 for r in $(seq 1 "$ROUNDS"); do  # the order flips every round, so neither version always runs first
-    if (( r % 2 )); then side before "$(realpath "$SRC")" "$r"; side after "$HERE" "$r"
-    else side after "$HERE" "$r"; side before "$(realpath "$SRC")" "$r"; fi
+    if (( r % 2 )); then side before "$SRC" "$r"; side after "$HERE" "$r"
+    else side after "$HERE" "$r"; side before "$SRC" "$r"; fi
     echo "[before/after] round $r of $ROUNDS done"
 done
 for part in compute two_process shards shards_raw; do

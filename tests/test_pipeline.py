@@ -207,7 +207,10 @@ def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, small_raw,
         "fixmatch (iqa_safe)",
     ]
     assert not (tmp_path / "out" / "comatch-iqa_safe-s0").exists()
-    plots = lambda: (tmp_path / "out" / "report.md").read_text().rsplit("(seeds per method): ", 1)[1]  # noqa: E731
+
+    def plots() -> str:  # the report's last line: which runs its plots draw
+        return (tmp_path / "out" / "report.md").read_text().rsplit("(seeds per method): ", 1)[1]
+
     assert plots() == "learning_curves.png: fixmatch-iqa_safe (2), supervised (2).\n"
     # The plots show the report's runs only, not every run in the folder, and say which
     run_pipeline(replace(partial, algorithms=["fixmatch"], seeds=[1], truth=cfg.truth))
