@@ -24,6 +24,7 @@ from sslfw import faults, fsio
 from sslfw.errors import DataError
 
 MARKER = "COMPLETE"
+BEST = "best"  # RUN/best names the kept checkpoint with the best validation score
 STATE, INFO = "state.pt", "trainer_state.json"
 _STEP = re.compile(r"^step-(\d+)(\.tmp|\.old)?$")
 
@@ -103,9 +104,28 @@ def tidy(run_dir: Path) -> None:
             shutil.rmtree(final.with_name(final.name + ".old"), ignore_errors=True)
 
 
+def best(run_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest validation score recorded at its step (ckpt.keep_best), if any."""
+    scored = []
+    for step, p in valid_checkpoints(run_dir):
+        score = json.loads((p / INFO).read_text()).get("val_score")
+        if score is not None:
+            scored.append((score["value"], step, p))
+    return max(scored)[2] if scored else None
+
+
 def resolve(path: Path, option: str) -> Path:
-    """A step-N checkpoint as given, or a run folder's newest intact one; `option` names the flag in errors."""
+    """A step-N checkpoint as given, RUN/best (the best validation score kept), or a run folder's newest intact one;
+    `option` names the flag in errors."""
     path = Path(path)
+    if path.name == BEST and not path.exists() and path.parent.is_dir():
+        found = best(path.parent)
+        if found is None:
+            raise DataError(
+                f"{option}: {path.parent} has no checkpoint with a validation score; they are recorded where "
+                f"an evaluation on val falls on a checkpoint step (eval.every, ckpt.every, ckpt.keep_best)"
+            )
+        return found
     if not path.exists():
         raise DataError(f"{option}: {path} does not exist; give a step-N checkpoint or a run folder")
     if (path / MARKER).is_file():
@@ -125,8 +145,9 @@ def _write(tmp: Path, step: int, state: dict, info: dict) -> None:
     fsio.write_text(tmp / MARKER, json.dumps({"step": step, "files": files}) + "\n")
 
 
-def save(run_dir: Path, step: int, state: dict, info: dict, keep: int) -> Path:
-    """Write one checkpoint (main process only), then prune to the newest `keep` valid ones.
+def save(run_dir: Path, step: int, state: dict, info: dict, keep: int, keep_best: bool = False) -> Path:
+    """Write one checkpoint (main process only), then prune to the newest `keep` valid ones, and with `keep_best`
+    the one with the best `val_score` in its info beside them.
 
     Order: the new one complete under step-N.tmp; an existing step-N renamed to step-N.old; step-N.tmp renamed to
     step-N; the old one deleted. Pruning renames before deleting, too. Disk full: the partial .tmp is removed and
@@ -155,7 +176,10 @@ def save(run_dir: Path, step: int, state: dict, info: dict, keep: int) -> Path:
         faults.inject(0, step, where="RESAVE")  # tests: a kill between the two renames
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+    spare = best(run_dir) if keep_best else None
     for _, stale in valid_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        if stale == spare:
+            continue
         doomed = stale.with_name(stale.name.split(".")[0] + ".pruned")
         os.replace(stale, doomed)  # never a step-N name on a half-deleted folder
         shutil.rmtree(doomed, ignore_errors=True)

@@ -159,7 +159,8 @@ def cmd_bench(a: argparse.Namespace) -> dict:
 
 
 def _inference_args(s: argparse.ArgumentParser, whole: bool = False) -> None:
-    s.add_argument("--checkpoint", type=Path, required=True, help="a step-N directory or a run directory (newest)")
+    s.add_argument("--checkpoint", type=Path, required=True,
+                   help="a step-N directory, a run directory (newest), or RUN/best (best val SRCC kept)")  # fmt: skip
     s.add_argument("--weights", default="ema", choices=("ema", "student"), help="the EMA teacher or the student")
     if whole:  # predict: whole photos by default
         s.add_argument("--crops", default="all", choices=("all", "0", "1", "5"),

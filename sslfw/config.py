@@ -114,6 +114,10 @@ class EvalConfig:
 class CkptConfig:
     every: int = 100
     keep: int = 3  # newest valid checkpoints kept
+    # Also keep the checkpoint whose step had the best val SRCC (EMA weights when there are EMA weights): RUN/best.
+    # Scored only where an evaluation on the val split falls on a checkpoint step; never on test (selecting on test
+    # would make its numbers optimistic).
+    keep_best: bool = True
     resume: str = "auto"  # auto (newest intact in run_dir, else start) | none | a step-N or run directory
     overwrite: bool = False  # a start over another run's folder moves that run aside (RUN_DIR.replaced-TIME)
 

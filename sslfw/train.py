@@ -16,6 +16,7 @@ Semantics worth knowing:
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 import time
@@ -299,7 +300,7 @@ def _train_claimed(cfg: Config, acc: Accelerator, per_rank: int, resume_from: Pa
     bar = tqdm(
         total=cfg.train.steps, initial=start, disable=not (main and cfg.log.progress), unit="step", dynamic_ncols=True
     )
-    t_last, exit_code, step, val = time.perf_counter(), 0, start, {}
+    t_last, exit_code, step, val, val_step = time.perf_counter(), 0, start, {}, -1
 
     def evaluate_now() -> dict:
         out = {}
@@ -341,7 +342,10 @@ def _train_claimed(cfg: Config, acc: Accelerator, per_rank: int, resume_from: Pa
                 "lr_schedule": "warmup+cosine, a function of step (optim config)",
                 "config": to_dict(cfg),
             }
-            ckpt.save(run_dir, step, payload, meta, cfg.ckpt.keep)
+            score = next((k for k in ("val/ema/srcc", "val/student/srcc") if k in val), None)  # on val only
+            if val_step == step and score and math.isfinite(val[score]):  # this step's evaluation
+                meta["val_score"] = {"key": score, "value": val[score]}
+            ckpt.save(run_dir, step, payload, meta, cfg.ckpt.keep, cfg.ckpt.keep_best)
         barrier()
 
     run.model.train()
@@ -384,7 +388,7 @@ def _train_claimed(cfg: Config, acc: Accelerator, per_rank: int, resume_from: Pa
             logger.log(step, {f"train/{k}": v for k, v in logs.items()})
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps:
-            val = evaluate_now()
+            val, val_step = evaluate_now(), step
             trace.flush(step)
             logger.log(step, val)
             if main and val:

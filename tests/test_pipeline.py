@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
+from sslfw import ckpt
 from sslfw.cli import main
 from sslfw.commands.pipeline import PipelineConfig, run_pipeline
 from sslfw.config import load_config
@@ -218,6 +219,30 @@ def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, small_raw,
     run_pipeline(replace(partial, algorithms=["supervised"], seeds=[0]))  # no truth: no pseudo-label plot left over
     assert plots() == "learning_curves.png: supervised (1).\n"
     assert not (tmp_path / "out" / "pseudo_labels.png").exists()
+
+
+def test_pipeline_with_the_best_val_checkpoint_pseudo_labels_and_evaluates_that_step(small_shards, tmp_path):
+    """checkpoint: best: each stage's kept best-val step (RUN/best) pseudo-labels and is evaluated; its files sit beside
+    those of the last checkpoint, so one folder holds both choices."""
+    every = {"eval.every": 2, "ckpt.every": 2, "ckpt.keep": 1}
+    cfg = load_config(
+        None,
+        {"out_dir": str(tmp_path / "out"), "base": str(base_yaml(small_shards, tmp_path)), "checkpoint": "best",
+         "algorithms": ["supervised", "fixmatch"], "ssl": {"train.steps": 8, **every},
+         "retrain": {"train.steps": 6, **every}},
+        cls=PipelineConfig,
+    )  # fmt: skip
+    run_pipeline(cfg)
+    d = tmp_path / "out" / "fixmatch-iqa_safe-s0"
+    for run, evaluated in ((d / "ssl", d / "eval_ssl-best"), (d / "retrain-best", d / "eval-best")):
+        best = ckpt.best(run)
+        assert best is not None and json.loads((evaluated / "eval.json").read_text())["checkpoint"] == str(best)
+    assert (d / "pseudo-best.csv").is_file() and not (d / "pseudo.csv").exists()
+    assert not (d / "eval").exists() and not (d / "retrain").exists()
+    assert "ema weights, 1 crop(s), best checkpoint" in (tmp_path / "out" / "report.md").read_text()
+    run_pipeline(replace(cfg, checkpoint="last"))  # the last step's files beside: nothing is retrained for SSL
+    assert (d / "eval" / "eval.json").is_file() and (d / "retrain" / "config.yaml").is_file()
+    assert json.loads((d / "eval_ssl" / "eval.json").read_text())["checkpoint"] == str(d / "ssl" / "step-8")
 
 
 def test_demo_builds_the_few_label_benchmark_per_data_seed_and_resumes(small_shards, tmp_path, monkeypatch):

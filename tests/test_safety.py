@@ -237,6 +237,36 @@ def test_truncated_newest_checkpoint_and_a_kill_during_its_resave_still_resume_e
     assert sorted(p.name for p in run.glob("step-*")) == ["step-12", "step-14", "step-8"]
 
 
+def test_the_best_val_checkpoint_is_kept_beside_the_newest_and_named_run_best(small_shards, tmp_path):
+    """ckpt.keep_best: pruning keeps the newest `ckpt.keep` checkpoints and the one whose step had the best val SRCC;
+    RUN/best names it (eval, pseudolabel, predict, the pipeline); a run with no score says how to get one."""
+    d = tmp_path / "pruned"
+    for step, score in enumerate([0.1, 0.9, None, 0.2, 0.4], start=1):
+        info = {"step": step} | ({} if score is None else {"val_score": {"key": "val/ema/srcc", "value": score}})
+        ckpt.save(d, step, {"w": torch.full((2,), float(step))}, info, keep=2, keep_best=True)
+    assert [s for s, _ in ckpt.valid_checkpoints(d)] == [2, 4, 5]
+    assert ckpt.resolve(d / "best", "--checkpoint") == d / "step-2"
+    ckpt.save(d, 6, {"w": torch.zeros(2)}, {"step": 6, "val_score": {"key": "val/ema/srcc", "value": 0.95}}, 2, True)
+    assert [s for s, _ in ckpt.valid_checkpoints(d)] == [5, 6]  # the best is among the newest: step-2 goes
+    ckpt.save(d, 7, {"w": torch.zeros(2)}, {"step": 7}, keep=2)  # keep_best off: the newest two only
+    assert [s for s, _ in ckpt.valid_checkpoints(d)] == [6, 7]
+
+    run = tmp_path / "run"  # the trainer records the val score of the checkpoints whose step it evaluated
+    args = {"train.steps": 8, "eval.every": 2, "ckpt.every": 2, "ckpt.keep": 1}
+    train(load_config(None, tiny(small_shards, run, **args)))
+    scores = {r["step"]: r["val/ema/srcc"] for r in rows(run) if np.isfinite(r.get("val/ema/srcc", np.nan))}
+    kept = {s: json.loads((p / ckpt.INFO).read_text()).get("val_score") for s, p in ckpt.valid_checkpoints(run)}
+    best = max((v, s) for s, v in scores.items())[1] if scores else None  # every step evaluated is checkpointed
+    assert set(kept) == {8} | ({best} if best else set())
+    assert all(v == ({"key": "val/ema/srcc", "value": scores[s]} if s in scores else None) for s, v in kept.items())
+    if best:
+        assert ckpt.resolve(run / "best", "--checkpoint") == run / f"step-{best}"
+    no_val = tmp_path / "no_val"
+    train(load_config(None, tiny(small_shards, no_val, **{**args, "eval.every": 0, "eval.split": "test"})))
+    with pytest.raises(DataError, match="has no checkpoint with a validation score"):
+        ckpt.resolve(no_val / "best", "--checkpoint")
+
+
 def test_disk_full_names_the_room_a_checkpoint_needs_and_keeps_the_old_ones(small_shards, tmp_path):
     """10: ENOSPC during a save."""
     mnt = tmp_path / "small"

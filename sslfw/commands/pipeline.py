@@ -42,6 +42,10 @@ class PipelineConfig:
     eval_split: str = "test"
     weights: str = "ema"  # ema | student: the weights that pseudo-label the pool and are evaluated
     crops: int = 1  # 1 (centre), 5 (centre + corners) or 0 (tiles covering the whole image) for pseudo-labels and eval
+    # last | best: the checkpoint that pseudo-labels and is evaluated, of each stage: its last step, or the step with
+    # the best val SRCC (kept by ckpt.keep_best). `best` writes its own pseudo-labels, retraining and evaluations
+    # (`*-best`) beside last's, so one folder holds both.
+    checkpoint: str = "last"
     report_only: bool = False  # run nothing: report the runs that have finished so far
     truth: str = ""  # an embedded dataset's synth_truth.csv: the report scores pseudo-labels with it (training never)
 
@@ -84,15 +88,24 @@ def ssl_overrides(p: PipelineConfig, algorithm: str, policy: str, seed: int) -> 
     }
 
 
+def _sfx(p: PipelineConfig) -> str:
+    """Suffix of what depends on the chosen checkpoint (evaluations, pseudo-labels, retraining)."""
+    return "" if p.checkpoint == "last" else f"-{p.checkpoint}"
+
+
+def _pick(p: PipelineConfig, run_dir: Path) -> Path:
+    return run_dir / ckpt.BEST if p.checkpoint == "best" else run_dir
+
+
 def retrain_overrides(p: PipelineConfig, algorithm: str, policy: str, seed: int) -> dict:
     d = Path(p.out_dir) / run_name(algorithm, policy, seed)
     return {
-        **_wandb_names(p, algorithm, policy, seed, "retrain"),
+        **_wandb_names(p, algorithm, policy, seed, "retrain" + _sfx(p)),
         **p.retrain,
-        "run_dir": str(d / "retrain"),
+        "run_dir": str(d / ("retrain" + _sfx(p))),
         "algorithm.name": "supervised",
         "train.seed": seed,
-        "data.pseudo_labels": str(d / "pseudo.csv"),
+        "data.pseudo_labels": str(d / f"pseudo{_sfx(p)}.csv"),
         "data.pseudo_min_confidence": p.min_confidence,
     }
 
@@ -113,6 +126,7 @@ def check(p: PipelineConfig) -> None:
         "weights": (p.weights, ("ema", "student")),
         "eval_split": (p.eval_split, ("train", "val", "test")),
         "crops": (p.crops, (1, 5, 0)),
+        "checkpoint": (p.checkpoint, ("last", "best")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -142,13 +156,13 @@ def run_one(p: PipelineConfig, algorithm: str, policy: str, seed: int) -> dict:
     ssl = _train_stage(p.base, ssl_overrides(p, algorithm, policy, seed))
     final, stages = ssl, {}
     if algorithm != "supervised" and p.retrain_stage:
-        stages["ssl"] = _evaluate(p, ssl, d / "eval_ssl")
-        csv = d / "pseudo.csv"
+        stages["ssl"] = _evaluate(p, _pick(p, ssl), d / f"eval_ssl{_sfx(p)}")
+        csv = d / f"pseudo{_sfx(p)}.csv"
         if not csv.is_file():
-            if pseudolabel(ssl, csv, weights=p.weights, crops=p.crops, progress=False)["exit_code"]:
+            if pseudolabel(_pick(p, ssl), csv, weights=p.weights, crops=p.crops, progress=False)["exit_code"]:
                 raise SystemExit(EXIT_PREEMPTED)  # stopped by a signal: rerun the pipeline to resume
         final = _train_stage(p.base, retrain_overrides(p, algorithm, policy, seed))
-    stages["final"] = _evaluate(p, final, d / "eval")
+    stages["final"] = _evaluate(p, _pick(p, final), d / f"eval{_sfx(p)}")
     return stages | {"dir": str(d), "seed": seed}
 
 
@@ -159,9 +173,9 @@ def _evaluate(p: PipelineConfig, run_dir: Path, out: Path) -> dict:
     return json.loads((out / "eval.json").read_text())["metrics"]
 
 
-def _finished_run(d: Path) -> dict | None:
+def _finished_run(d: Path, sfx: str) -> dict | None:
     """The stages' metrics of a run whose final evaluation exists, else None."""
-    read = {name: d / sub / "eval.json" for name, sub in (("final", "eval"), ("ssl", "eval_ssl"))}
+    read = {name: d / (sub + sfx) / "eval.json" for name, sub in (("final", "eval"), ("ssl", "eval_ssl"))}
     if not read["final"].is_file():
         return None
     return {name: json.loads(f.read_text())["metrics"] for name, f in read.items() if f.is_file()} | {"dir": str(d)}
@@ -173,7 +187,7 @@ def run_pipeline(p: PipelineConfig) -> dict:
     for algorithm, policy, seed in runs(p):
         label = "supervised" if algorithm == "supervised" else f"{algorithm} ({policy})"
         if p.report_only:
-            done = _finished_run(Path(p.out_dir) / run_name(algorithm, policy, seed))
+            done = _finished_run(Path(p.out_dir) / run_name(algorithm, policy, seed), _sfx(p))
             if done:
                 results.setdefault(label, []).append(done | {"seed": seed})
             continue
@@ -181,8 +195,9 @@ def run_pipeline(p: PipelineConfig) -> dict:
     out = {"report": str(Path(p.out_dir) / "report.md"), "rows": len(results)}
     if is_main_process():
         shards = load_config(p.base, nested(p.ssl)).data.shards  # the shards the runs used
-        setting = f"{p.weights} weights, {p.crops} crop(s)"
-        write_report(Path(p.out_dir), shards, p.eval_split, setting, results, p.truth, p.retrain_stage)
+        setting = f"{p.weights} weights, {p.crops} crop(s), {p.checkpoint} checkpoint"
+        write_report(Path(p.out_dir), shards, p.eval_split, setting, results, p.truth, p.retrain_stage,
+                     "retrain" + _sfx(p))  # fmt: skip
         out["report_text"] = (Path(p.out_dir) / "report.md").read_text()
         log = load_config(p.base, nested(p.ssl)).log
         if log.wandb != "disabled":

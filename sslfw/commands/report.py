@@ -136,6 +136,7 @@ def write_report(
     results: dict[str, list[dict]],
     truth: str = "",
     retrained: bool = True,
+    retrain_dir: str = "retrain",
 ) -> None:
     cache, val_cache = out / "reference.json", out / "reference_val.json"  # the eval split's and val's
     if not (cache.is_file() and val_cache.is_file()):
@@ -167,7 +168,7 @@ def write_report(
     )
     table = "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows])
     runs = {Path(r["dir"]).name for done in results.values() for r in done}  # the report's runs, not all in `out`
-    drawn = {"learning_curves.png": learning_curves(out, runs, val_refs)}
+    drawn = {"learning_curves.png": learning_curves(out, runs, val_refs, retrain_dir)}
     (out / "pseudo_labels.png").unlink(missing_ok=True)  # an earlier report's, of other runs or another truth
     if levels:
         drawn["pseudo_labels.png"] = pseudo_label_curves(out, runs, levels)
@@ -290,7 +291,9 @@ def pseudo_label_curves(out: Path, runs: set[str], truth: dict[str, int], bin_st
     return {m: len(r) for m, r in series.items()}
 
 
-def learning_curves(out: Path, runs: set[str], refs: dict[str, dict] | None = None) -> dict[str, int]:
+def learning_curves(
+    out: Path, runs: set[str], refs: dict[str, dict] | None = None, retrain_dir: str = "retrain"
+) -> dict[str, int]:
     """Validation SRCC and MAE of the EMA weights over training of the named runs (folders in `out`), SSL stage and
     retraining side by side: mean over seeds with a +-1 std band; the reference rows (measured on val) as lines.
     Returns the seeds drawn per method."""
@@ -300,8 +303,8 @@ def learning_curves(out: Path, runs: set[str], refs: dict[str, dict] | None = No
     import matplotlib.pyplot as plt
 
     refs = refs or {}
-    stages = [("ssl", "SSL stage (supervised: its only stage)"), ("retrain", "retraining on pseudo-labels")]
-    if not _curves(out, runs, "retrain", "val/ema/srcc"):  # SSL stages only: no empty retraining panel
+    stages = [("ssl", "SSL stage (supervised: its only stage)"), (retrain_dir, "retraining on pseudo-labels")]
+    if not _curves(out, runs, retrain_dir, "val/ema/srcc"):  # SSL stages only: no empty retraining panel
         stages = stages[:1]
     fig, axes = plt.subplots(2, len(stages), figsize=(5.5 * len(stages) + 0.5, 7), sharex="col", squeeze=False)
     colours: dict[str, int] = {}
@@ -310,7 +313,7 @@ def learning_curves(out: Path, runs: set[str], refs: dict[str, dict] | None = No
         for row, (metric, label) in enumerate((("srcc", "val SRCC (higher is better)"), ("mae", "val MAE"))):
             ax = axes[row][col]
             curves = _curves(out, runs, stage, f"val/ema/{metric}")
-            if stage == "retrain":  # the baseline beside the retrained models: its one stage is their competitor
+            if stage == retrain_dir:  # the baseline beside the retrained models: its one stage is their competitor
                 curves |= {m: c for m, c in _curves(out, runs, "ssl", f"val/ema/{metric}").items() if m == BASELINE}
             for method, (steps, mean, std, seeds) in curves.items():
                 _band(ax, colours, method, steps, mean, std)
