@@ -201,6 +201,7 @@ def run_pipeline(p: PipelineConfig) -> dict:
         out["report_text"] = (Path(p.out_dir) / "report.md").read_text()
         log = load_config(p.base, nested(p.ssl)).log
         if log.wandb != "disabled":
-            report_to_wandb(Path(p.out_dir), log, asdict(p))
+            pngs = [Path(r["dir"]) / f"eval{_sfx(p)}" / "confusion.png" for done in results.values() for r in done]
+            report_to_wandb(Path(p.out_dir), log, asdict(p), pngs)
     barrier()
     return out

@@ -189,8 +189,8 @@ def write_report(
     )
 
 
-def report_to_wandb(out: Path, log: LogConfig, pipeline: dict) -> None:
-    """The report as a W&B table, with the learning curves and each run's test confusion matrix as images, in a
+def report_to_wandb(out: Path, log: LogConfig, pipeline: dict, confusions: list[Path]) -> None:
+    """The report as a W&B table, with the learning curves and its runs' test confusion matrices as images, in a
     "report" run of the pipeline's group (out/wandb_report)."""
     from sslfw.logger import RunLogger
 
@@ -201,7 +201,7 @@ def report_to_wandb(out: Path, log: LogConfig, pipeline: dict) -> None:
         rows = list(csv.reader(f))
     logger.log_table("report", rows[0], rows[1:])
     logger.log_image("learning_curves", out / "learning_curves.png")
-    for png in sorted(out.glob("*/eval/confusion.png")):
+    for png in sorted(p for p in confusions if p.is_file()):
         logger.log_image(f"confusion/{png.parent.parent.name}", png)
     logger.close()
 
