@@ -240,6 +240,8 @@ def test_pipeline_with_the_best_val_checkpoint_pseudo_labels_and_evaluates_that_
     assert (d / "pseudo-best.csv").is_file() and not (d / "pseudo.csv").exists()
     assert not (d / "eval").exists() and not (d / "retrain").exists()
     assert "ema weights, 1 crop(s), best checkpoint" in (tmp_path / "out" / "report.md").read_text()
+    row = read_csv(tmp_path / "out" / "report.csv")[-1]  # the paired interval from eval-best's predictions
+    assert row["method"] == "fixmatch (iqa_safe)" and row["Δsrcc vs supervised [95% CI]"].startswith(("+", "-0"))
     run_pipeline(replace(cfg, checkpoint="last"))  # the last step's files beside: nothing is retrained for SSL
     assert (d / "eval" / "eval.json").is_file() and (d / "retrain" / "config.yaml").is_file()
     assert json.loads((d / "eval_ssl" / "eval.json").read_text())["checkpoint"] == str(d / "ssl" / "step-8")

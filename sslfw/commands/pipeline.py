@@ -93,6 +93,11 @@ def _sfx(p: PipelineConfig) -> str:
     return "" if p.checkpoint == "last" else f"-{p.checkpoint}"
 
 
+def _files(p: PipelineConfig, d: Path) -> dict:
+    """Where a run's report inputs are, for the chosen checkpoint: its final evaluation and its pseudo-labels."""
+    return {"dir": str(d), "eval": str(d / f"eval{_sfx(p)}"), "pseudo": str(d / f"pseudo{_sfx(p)}.csv")}
+
+
 def _pick(p: PipelineConfig, run_dir: Path) -> Path:
     return run_dir / ckpt.BEST if p.checkpoint == "best" else run_dir
 
@@ -163,7 +168,7 @@ def run_one(p: PipelineConfig, algorithm: str, policy: str, seed: int) -> dict:
                 raise SystemExit(EXIT_PREEMPTED)  # stopped by a signal: rerun the pipeline to resume
         final = _train_stage(p.base, retrain_overrides(p, algorithm, policy, seed))
     stages["final"] = _evaluate(p, _pick(p, final), d / f"eval{_sfx(p)}")
-    return stages | {"dir": str(d), "seed": seed}
+    return stages | _files(p, d) | {"seed": seed}
 
 
 def _evaluate(p: PipelineConfig, run_dir: Path, out: Path) -> dict:
@@ -173,12 +178,12 @@ def _evaluate(p: PipelineConfig, run_dir: Path, out: Path) -> dict:
     return json.loads((out / "eval.json").read_text())["metrics"]
 
 
-def _finished_run(d: Path, sfx: str) -> dict | None:
+def _finished_run(p: PipelineConfig, d: Path) -> dict | None:
     """The stages' metrics of a run whose final evaluation exists, else None."""
-    read = {name: d / (sub + sfx) / "eval.json" for name, sub in (("final", "eval"), ("ssl", "eval_ssl"))}
+    read = {name: d / (sub + _sfx(p)) / "eval.json" for name, sub in (("final", "eval"), ("ssl", "eval_ssl"))}
     if not read["final"].is_file():
         return None
-    return {name: json.loads(f.read_text())["metrics"] for name, f in read.items() if f.is_file()} | {"dir": str(d)}
+    return {name: json.loads(f.read_text())["metrics"] for name, f in read.items() if f.is_file()} | _files(p, d)
 
 
 def run_pipeline(p: PipelineConfig) -> dict:
@@ -187,7 +192,7 @@ def run_pipeline(p: PipelineConfig) -> dict:
     for algorithm, policy, seed in runs(p):
         label = "supervised" if algorithm == "supervised" else f"{algorithm} ({policy})"
         if p.report_only:
-            done = _finished_run(Path(p.out_dir) / run_name(algorithm, policy, seed), _sfx(p))
+            done = _finished_run(p, Path(p.out_dir) / run_name(algorithm, policy, seed))
             if done:
                 results.setdefault(label, []).append(done | {"seed": seed})
             continue
@@ -201,7 +206,7 @@ def run_pipeline(p: PipelineConfig) -> dict:
         out["report_text"] = (Path(p.out_dir) / "report.md").read_text()
         log = load_config(p.base, nested(p.ssl)).log
         if log.wandb != "disabled":
-            pngs = [Path(r["dir"]) / f"eval{_sfx(p)}" / "confusion.png" for done in results.values() for r in done]
+            pngs = [Path(r["eval"]) / "confusion.png" for done in results.values() for r in done]
             report_to_wandb(Path(p.out_dir), log, asdict(p), pngs)
     barrier()
     return out

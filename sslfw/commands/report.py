@@ -42,7 +42,7 @@ def _recall(metrics: list[dict]) -> str:
 def _level_recall(run: dict) -> dict:
     """recall_class{c} of a finished run, from its saved test predictions (eval.json files older than the recall
     columns have none)."""
-    path = Path(run["dir"]) / "eval" / "predictions.npz"
+    path = Path(run["eval"]) / "predictions.npz"
     if not path.is_file():
         return {}
     with np.load(path) as z:
@@ -69,7 +69,7 @@ def reference_rows(shards: str, splits: tuple[str, ...]) -> dict[str, dict[str, 
 
 def _scores(run: dict) -> tuple[np.ndarray, np.ndarray] | None:
     """(MOS, expected level) per test image of a finished run, from its saved predictions."""
-    path = Path(run["dir"]) / "eval" / "predictions.npz"
+    path = Path(run["eval"]) / "predictions.npz"
     if not path.is_file():
         return None
     with np.load(path) as z:
@@ -119,7 +119,7 @@ def _diagnostics(done: list[dict], truth: dict[str, int] | None) -> tuple[str, s
         vals = [x["train/mask_ratio"] for x in rows if "train/mask_ratio" in x]
         if vals:
             masks.append(float(np.mean(vals)))
-        pseudo = Path(r["dir"]) / "pseudo.csv"
+        pseudo = Path(r["pseudo"])
         if truth and pseudo.is_file():
             with open(pseudo, newline="") as f:
                 pairs = [(int(x["label"]), truth[x["key"]]) for x in csv.DictReader(f) if x["key"] in truth]
