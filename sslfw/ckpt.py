@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -102,6 +103,13 @@ def tidy(run_dir: Path) -> None:
             os.replace(tmp, final)
         if problem(final) is None:
             shutil.rmtree(final.with_name(final.name + ".old"), ignore_errors=True)
+
+
+def val_score(val: dict) -> dict | None:
+    """What ranks a checkpoint for `best`: the val SRCC of the EMA weights (else the student's) from that step's
+    evaluation; None for an evaluation on another split (choosing on test would flatter its numbers) or a NaN."""
+    key = next((k for k in ("val/ema/srcc", "val/student/srcc") if k in val), None)
+    return {"key": key, "value": val[key]} if key and math.isfinite(val[key]) else None
 
 
 def best(run_dir: Path) -> Path | None:

@@ -16,7 +16,6 @@ Semantics worth knowing:
 
 from __future__ import annotations
 
-import math
 import shutil
 import sys
 import time
@@ -342,9 +341,8 @@ def _train_claimed(cfg: Config, acc: Accelerator, per_rank: int, resume_from: Pa
                 "lr_schedule": "warmup+cosine, a function of step (optim config)",
                 "config": to_dict(cfg),
             }
-            score = next((k for k in ("val/ema/srcc", "val/student/srcc") if k in val), None)  # on val only
-            if val_step == step and score and math.isfinite(val[score]):  # this step's evaluation
-                meta["val_score"] = {"key": score, "value": val[score]}
+            if val_step == step and (score := ckpt.val_score(val)):  # this step's evaluation ranks it (RUN/best)
+                meta["val_score"] = score
             ckpt.save(run_dir, step, payload, meta, cfg.ckpt.keep, cfg.ckpt.keep_best)
         barrier()
 

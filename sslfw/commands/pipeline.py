@@ -88,14 +88,17 @@ def ssl_overrides(p: PipelineConfig, algorithm: str, policy: str, seed: int) -> 
     }
 
 
-def _sfx(p: PipelineConfig) -> str:
-    """Suffix of what depends on the chosen checkpoint (evaluations, pseudo-labels, retraining)."""
-    return "" if p.checkpoint == "last" else f"-{p.checkpoint}"
+def _paths(p: PipelineConfig, d: Path) -> dict[str, Path]:
+    """What depends on the chosen checkpoint in run folder `d`: evaluations, pseudo-labels, retraining (`*-best`
+    beside the last checkpoint's)."""
+    s = "" if p.checkpoint == "last" else f"-{p.checkpoint}"
+    return {"eval_ssl": d / f"eval_ssl{s}", "pseudo": d / f"pseudo{s}.csv", "retrain": d / f"retrain{s}",
+            "eval": d / f"eval{s}"}  # fmt: skip
 
 
 def _files(p: PipelineConfig, d: Path) -> dict:
-    """Where a run's report inputs are, for the chosen checkpoint: its final evaluation and its pseudo-labels."""
-    return {"dir": str(d), "eval": str(d / f"eval{_sfx(p)}"), "pseudo": str(d / f"pseudo{_sfx(p)}.csv")}
+    """A run's report inputs: its folder, final evaluation and pseudo-labels."""
+    return {"dir": str(d)} | {k: str(_paths(p, d)[k]) for k in ("eval", "pseudo")}
 
 
 def _pick(p: PipelineConfig, run_dir: Path) -> Path:
@@ -103,14 +106,14 @@ def _pick(p: PipelineConfig, run_dir: Path) -> Path:
 
 
 def retrain_overrides(p: PipelineConfig, algorithm: str, policy: str, seed: int) -> dict:
-    d = Path(p.out_dir) / run_name(algorithm, policy, seed)
+    paths = _paths(p, Path(p.out_dir) / run_name(algorithm, policy, seed))
     return {
-        **_wandb_names(p, algorithm, policy, seed, "retrain" + _sfx(p)),
+        **_wandb_names(p, algorithm, policy, seed, paths["retrain"].name),
         **p.retrain,
-        "run_dir": str(d / ("retrain" + _sfx(p))),
+        "run_dir": str(paths["retrain"]),
         "algorithm.name": "supervised",
         "train.seed": seed,
-        "data.pseudo_labels": str(d / f"pseudo{_sfx(p)}.csv"),
+        "data.pseudo_labels": str(paths["pseudo"]),
         "data.pseudo_min_confidence": p.min_confidence,
     }
 
@@ -158,16 +161,17 @@ def check(p: PipelineConfig) -> None:
 
 def run_one(p: PipelineConfig, algorithm: str, policy: str, seed: int) -> dict:
     d = Path(p.out_dir) / run_name(algorithm, policy, seed)
+    paths = _paths(p, d)
     ssl = _train_stage(p.base, ssl_overrides(p, algorithm, policy, seed))
     final, stages = ssl, {}
     if algorithm != "supervised" and p.retrain_stage:
-        stages["ssl"] = _evaluate(p, _pick(p, ssl), d / f"eval_ssl{_sfx(p)}")
-        csv = d / f"pseudo{_sfx(p)}.csv"
-        if not csv.is_file():
-            if pseudolabel(_pick(p, ssl), csv, weights=p.weights, crops=p.crops, progress=False)["exit_code"]:
+        stages["ssl"] = _evaluate(p, _pick(p, ssl), paths["eval_ssl"])
+        if not paths["pseudo"].is_file():
+            done = pseudolabel(_pick(p, ssl), paths["pseudo"], weights=p.weights, crops=p.crops, progress=False)
+            if done["exit_code"]:
                 raise SystemExit(EXIT_PREEMPTED)  # stopped by a signal: rerun the pipeline to resume
         final = _train_stage(p.base, retrain_overrides(p, algorithm, policy, seed))
-    stages["final"] = _evaluate(p, _pick(p, final), d / f"eval{_sfx(p)}")
+    stages["final"] = _evaluate(p, _pick(p, final), paths["eval"])
     return stages | _files(p, d) | {"seed": seed}
 
 
@@ -180,7 +184,7 @@ def _evaluate(p: PipelineConfig, run_dir: Path, out: Path) -> dict:
 
 def _finished_run(p: PipelineConfig, d: Path) -> dict | None:
     """The stages' metrics of a run whose final evaluation exists, else None."""
-    read = {name: d / (sub + _sfx(p)) / "eval.json" for name, sub in (("final", "eval"), ("ssl", "eval_ssl"))}
+    read = {name: _paths(p, d)[sub] / "eval.json" for name, sub in (("final", "eval"), ("ssl", "eval_ssl"))}
     if not read["final"].is_file():
         return None
     return {name: json.loads(f.read_text())["metrics"] for name, f in read.items() if f.is_file()} | _files(p, d)
@@ -202,7 +206,7 @@ def run_pipeline(p: PipelineConfig) -> dict:
         shards = load_config(p.base, nested(p.ssl)).data.shards  # the shards the runs used
         setting = f"{p.weights} weights, {p.crops} crop(s), {p.checkpoint} checkpoint"
         write_report(Path(p.out_dir), shards, p.eval_split, setting, results, p.truth, p.retrain_stage,
-                     "retrain" + _sfx(p))  # fmt: skip
+                     _paths(p, Path(p.out_dir))["retrain"].name)  # fmt: skip
         out["report_text"] = (Path(p.out_dir) / "report.md").read_text()
         log = load_config(p.base, nested(p.ssl)).log
         if log.wandb != "disabled":
