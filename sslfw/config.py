@@ -47,7 +47,12 @@ class ModelConfig:
     name: str = "vit_tiny_patch16_224"  # any timm model name
     img_size: int = 64  # model input side; views are native-resolution crops of this size
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments (patch_size, depth, ...)
-    pretrained: str = ""  # local weights file; nothing is ever downloaded
+    # Weights to start from: a local state-dict file, or `package:NAME` for ImageNet weights a PyPI package ships
+    # (sslfw/weights.py: package:efficientnet_lite0, with model.name tf_efficientnet_lite0). Nothing downloads.
+    pretrained: str = ""
+    # sha256 of the weights file, filled when the config loads (so config.yaml and every checkpoint record which
+    # weights a run started from); a value given in a config must match the file.
+    pretrained_sha256: str = ""
     drop_path: float = 0.0
     proj_dim: int = 64  # size of the projection head, when an algorithm asks for one
     # Input normalisation (RGB). Empty: taken from the weights' own timm config (config.json beside
@@ -298,7 +303,7 @@ def validate(cfg: Config) -> None:
     if cfg.run_dir == "" or Path(cfg.run_dir).is_file():
         raise ConfigError(f"run_dir: {cfg.run_dir!r} is {'empty' if not cfg.run_dir else 'a file'}; give a folder")
     _check_model_name(cfg.model.name)
-    _resolve_normalisation(cfg.model)
+    _resolve_weights(cfg.model)
     if cfg.log.wandb == "online" and not _wandb_key():
         raise ConfigError(
             "log.wandb: online needs a W&B API key (run `wandb login` or set WANDB_API_KEY); "
@@ -332,11 +337,28 @@ def _check_range(key: str, value: float, interval: str) -> None:
         raise ConfigError(f"{key} must be {bound}, got {value}")
 
 
-def _resolve_normalisation(m: ModelConfig) -> None:
-    """Fill model.mean/std where unset (see ModelConfig) and check both are 3 numbers, std > 0."""
+def _resolve_weights(m: ModelConfig) -> None:
+    """Fill model.pretrained_sha256 and model.mean/std where unset (see ModelConfig); check both are 3 numbers,
+    std > 0, and that a stated sha256 is the file's."""
+    from sslfw import weights
+
+    entry = weights.packaged(m.pretrained)
+    # A file not there yet (a recipe config read before its weights are exported) fails where the model is built
+    try:
+        path = weights.resolve_file(m.pretrained) if m.pretrained else None
+    except ConfigError:
+        path = None
+    if path is not None:
+        digest = weights.sha256(path)
+        if m.pretrained_sha256 and m.pretrained_sha256 != digest:
+            raise ConfigError(
+                f"model.pretrained_sha256: {m.pretrained} ({path}) has sha256 {digest[:12]}..., the config says "
+                f"{m.pretrained_sha256[:12]}...; other weights than the run recorded (empty the key to accept them)"
+            )
+        m.pretrained_sha256 = digest
     if not (m.mean and m.std):
-        found = None
-        beside = Path(m.pretrained).parent / "config.json" if m.pretrained else None
+        found = (entry.mean, entry.std) if entry is not None else None
+        beside = Path(m.pretrained).parent / "config.json" if m.pretrained and entry is None else None
         if beside is not None and beside.is_file():
             try:
                 pre = json.loads(beside.read_text()).get("pretrained_cfg", {})

@@ -6,7 +6,6 @@ config file to keep in sync; `weights` picks the EMA teacher or the student weig
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -32,9 +31,10 @@ def load_model(path: str | Path, weights: str = "ema") -> tuple[IQAModel, Config
     saved = info["config"] if "config" in info else _read_yaml(path.parent / "config.yaml")
     if "mean" not in saved.get("model", {}):  # trained before sslfw recorded it: ImageNet's, then hard-coded
         saved = {**saved, "model": {**saved.get("model", {}), "mean": IMAGENET_NORM[0], "std": IMAGENET_NORM[1]}}
-    cfg = load_config(None, saved)
+    # The checkpoint holds every weight: the starting weights' file need not exist here (its sha256 stays recorded)
+    cfg = load_config(None, {**saved, "model": {**saved.get("model", {}), "pretrained": ""}})
     algo = get_algorithm(cfg.algorithm.name)
-    model = IQAModel(replace(cfg.model, pretrained=""), algo.extra_heads, algo.projection)
+    model = IQAModel(cfg.model, algo.extra_heads, algo.projection)
     if weights == "ema":
         if not state.get("ema"):
             raise ValueError(f"{path} has no EMA teacher (trained with ema.enabled=false); use the student")

@@ -1,13 +1,11 @@
 """A timm backbone by name plus the heads sslfw needs: 5-level classifier, optional projection and extra heads.
 
 The continuous quality prediction is the expected level sum_k k * p_k, which keeps the class view (for the SSL
-algorithms) and a score view (for SRCC/PLCC against MOS) in one head. Pretrained weights come only from a local
-file named in the config: nothing downloads.
+algorithms) and a score view (for SRCC/PLCC against MOS) in one head. Pretrained weights come from a local file
+or an installed package named in the config (sslfw/weights.py): nothing downloads.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import timm
 import torch
@@ -16,6 +14,7 @@ from torch import nn
 from sslfw.config import IMAGENET_NORM, ModelConfig
 from sslfw.data.labels import NUM_CLASSES
 from sslfw.errors import ConfigError
+from sslfw.weights import load_into
 
 
 def mlp(dim_in: int, dim_out: int, hidden: int | None = None) -> nn.Sequential:
@@ -46,7 +45,7 @@ class IQAModel(nn.Module):
         self.register_buffer("mean", torch.tensor(cfg.mean or IMAGENET_NORM[0]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std or IMAGENET_NORM[1]).view(1, 3, 1, 1), persistent=False)
         if cfg.pretrained:
-            load_pretrained(self.backbone, Path(cfg.pretrained))
+            load_into(self.backbone, cfg.pretrained, cfg.name)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """`x`: float images in [0, 1], NCHW; normalisation happens here so callers never forget it."""
@@ -62,26 +61,3 @@ class IQAModel(nn.Module):
 def expected_score(probs: torch.Tensor) -> torch.Tensor:
     """sum_k k * p_k: a continuous quality level in [0, 4], from class probabilities."""
     return probs.float() @ torch.arange(probs.shape[-1], device=probs.device, dtype=torch.float32)
-
-
-def load_pretrained(backbone: nn.Module, path: Path) -> None:
-    """Load backbone weights from a local file; classifier keys are dropped, position embeddings resampled."""
-    if not path.is_file():
-        raise FileNotFoundError(f"model.pretrained: {path} does not exist (sslfw never downloads weights)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("model", state.get("state_dict", state))
-    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc.", "classifier."))}
-    if "pos_embed" in state and hasattr(backbone, "pos_embed") and state["pos_embed"].shape != backbone.pos_embed.shape:
-        from timm.layers import resample_abs_pos_embed
-
-        prefix = 0 if getattr(backbone, "no_embed_class", False) else getattr(backbone, "num_prefix_tokens", 1)
-        state["pos_embed"] = resample_abs_pos_embed(
-            state["pos_embed"], backbone.patch_embed.grid_size, num_prefix_tokens=prefix
-        )
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"model.pretrained {path}: does not fit {type(backbone).__name__}: missing {missing[:5]}..., "
-            f"unexpected {unexpected[:5]}..."
-        )
