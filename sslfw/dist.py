@@ -97,6 +97,10 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
 def rank_offset(n: int) -> int:
     """Where this rank's n rows start in a rank-ordered gather of equal-sized batches."""
     return dist.get_rank() * n if is_dist() else 0

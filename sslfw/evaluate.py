@@ -21,23 +21,38 @@ from sslfw.model import expected_score
 
 @torch.no_grad()
 def predict_batch(model: nn.Module, batch: dict, device: torch.device, autocast) -> dict[str, np.ndarray]:
-    """idx, label, mos, key and crop-averaged class probabilities of one loader batch (model in eval mode)."""
+    """idx, label, mos, key, crop-averaged class probabilities and the continuous `score` of one loader batch (model
+    in eval mode). The score is the expected level for a classifier and the predicted MOS for a model with a score
+    head, whose levels (one-hot `probs`) are that MOS read through the edges it was trained with."""
     x = images_on(batch, device).float() / 255
     crops = x.shape[1] if x.ndim == 5 else 1
     with autocast():
-        logits = model(x.flatten(0, 1) if x.ndim == 5 else x)["logits"]
+        out = model(x.flatten(0, 1) if x.ndim == 5 else x)
+    per_view = out["mos"].float()[:, None] if "mos" in out else out["logits"].float().softmax(-1)
     if "tiles" in batch:  # whole-image tiles: a variable number per image, averaged per image
         counts = batch["tiles"].to(device)
         owner = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
-        probs = torch.zeros(len(counts), logits.shape[-1], device=device)
-        probs = probs.index_add_(0, owner, logits.float().softmax(-1)) / counts[:, None]
+        per_image = torch.zeros(len(counts), per_view.shape[-1], device=device)
+        per_image = per_image.index_add_(0, owner, per_view) / counts[:, None]
     else:
-        probs = logits.float().softmax(-1).view(len(x), crops, -1).mean(1)
+        per_image = per_view.view(len(x), crops, -1).mean(1)
+    if "mos" in out:
+        score = per_image[:, 0]
+        probs = nn.functional.one_hot(model.levels(score), NUM_CLASSES).float()
+    else:
+        probs, score = per_image, expected_score(per_image)
     return {
         "probs": probs.cpu().numpy(),
+        "score": score.cpu().numpy(),
         "key": np.array(batch["key"]),
         **{k: batch[k].numpy() for k in ("idx", "label", "mos")},
     }
+
+
+def score_of(pred) -> np.ndarray:
+    """The continuous prediction of saved predictions; files written before sslfw saved it hold only the class
+    probabilities, whose expected level it was."""
+    return pred["score"] if "score" in pred else expected_score(torch.from_numpy(pred["probs"])).numpy()
 
 
 def concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -47,6 +62,7 @@ def concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
             "label": np.zeros(0, dtype=np.int64),
             "mos": np.zeros(0),
             "probs": np.zeros((0, NUM_CLASSES)),
+            "score": np.zeros(0),
             "key": np.zeros(0, dtype=str),
         }
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -91,11 +107,12 @@ def predict(
 
 
 def metrics_from_predictions(pred: dict[str, np.ndarray], constant: int) -> dict:
-    probs = torch.from_numpy(pred["probs"])
-    out = iqa_metrics(pred["label"], probs.argmax(-1).numpy(), expected_score(probs).numpy(), pred["mos"], constant)
+    """IQA metrics of gathered predictions; a score head's one-hot levels carry no confidence (NaN)."""
+    out = iqa_metrics(pred["label"], pred["probs"].argmax(-1), pred["score"], pred["mos"], constant)
     conf = pred["probs"].max(-1)
-    return out | {"confidence": float(conf.mean()) if len(conf) else float("nan"),
-                  "ece": calibration_error(pred["probs"], pred["label"])}  # fmt: skip
+    graded = len(conf) and not np.all(conf == 1.0)
+    return out | {"confidence": float(conf.mean()) if graded else float("nan"),
+                  "ece": calibration_error(pred["probs"], pred["label"]) if graded else float("nan")}  # fmt: skip
 
 
 def eval_line(step: int, split: str, val: dict) -> str:

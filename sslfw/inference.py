@@ -34,7 +34,7 @@ def load_model(path: str | Path, weights: str = "ema") -> tuple[IQAModel, Config
     # The checkpoint holds every weight: the starting weights' file need not exist here (its sha256 stays recorded)
     cfg = load_config(None, {**saved, "model": {**saved.get("model", {}), "pretrained": ""}})
     algo = get_algorithm(cfg.algorithm.name)
-    model = IQAModel(cfg.model, algo.extra_heads, algo.projection)
+    model = IQAModel(cfg.model, algo.extra_heads, algo.projection, algo.score_head)  # edges: in the weights
     if weights == "ema":
         if not state.get("ema"):
             raise ValueError(f"{path} has no EMA teacher (trained with ema.enabled=false); use the student")

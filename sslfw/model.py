@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sslfw.config import IMAGENET_NORM, ModelConfig
-from sslfw.data.labels import NUM_CLASSES
+from sslfw.data.labels import DEFAULT_EDGES, NUM_CLASSES
 from sslfw.errors import ConfigError
 from sslfw.weights import load_into
 
@@ -22,10 +22,24 @@ def mlp(dim_in: int, dim_out: int, hidden: int | None = None) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim_out))
 
 
-class IQAModel(nn.Module):
-    """backbone -> pooled feature -> {"logits", "feat", "proj"?, extra heads...}."""
+MOS_CENTRE = 3.0  # the score head predicts MOS - 3 on KonIQ's 1..5 scale: a fresh head starts mid-scale
 
-    def __init__(self, cfg: ModelConfig, extra_heads: dict[str, int] | None = None, projection: bool = False):
+
+class IQAModel(nn.Module):
+    """backbone -> pooled feature -> {"logits", "feat", "proj"?, "mos"?, extra heads...}.
+
+    With `score` (algorithms that regress MOS) a linear score head adds "mos", the predicted MOS, and "level", that
+    MOS read through the label scheme's edges: a buffer saved with the weights, so a checkpoint grades images into
+    the levels it was trained with wherever it is loaded."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        extra_heads: dict[str, int] | None = None,
+        projection: bool = False,
+        score: bool = False,
+        edges: tuple[float, ...] = DEFAULT_EDGES,
+    ):
         super().__init__()
         kwargs = {"img_size": cfg.img_size, **cfg.kwargs} if "vit" in cfg.name or "deit" in cfg.name else cfg.kwargs
         try:
@@ -41,6 +55,9 @@ class IQAModel(nn.Module):
         self.head = nn.Linear(dim, NUM_CLASSES)
         self.proj = mlp(dim, cfg.proj_dim) if projection else None
         self.extra = nn.ModuleDict({name: mlp(dim, out or dim) for name, out in (extra_heads or {}).items()})
+        self.score = nn.Linear(dim, 1) if score else None
+        if score:
+            self.register_buffer("edges", torch.tensor(edges, dtype=torch.float32))
         # config.py resolved them from the weights' timm config (or the config file, which wins)
         self.register_buffer("mean", torch.tensor(cfg.mean or IMAGENET_NORM[0]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std or IMAGENET_NORM[1]).view(1, 3, 1, 1), persistent=False)
@@ -55,7 +72,14 @@ class IQAModel(nn.Module):
             out["proj"] = nn.functional.normalize(self.proj(feat), dim=1)
         for name, head in self.extra.items():
             out[name] = head(feat)
+        if self.score is not None:
+            out["mos"] = MOS_CENTRE + self.score(feat).float().squeeze(-1)
+            out["level"] = self.levels(out["mos"])
         return out
+
+    def levels(self, mos: torch.Tensor) -> torch.Tensor:
+        """Levels of predicted MOS values: the number of edges each reaches (as LabelScheme.label)."""
+        return torch.bucketize(mos.float().contiguous(), self.edges, right=True)
 
 
 def expected_score(probs: torch.Tensor) -> torch.Tensor:

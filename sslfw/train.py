@@ -91,7 +91,7 @@ def build_run(cfg: Config, acc: Accelerator, data: DataInfo, state: dict | None 
     """Model, algorithm, optimizer and EMA on the device, from `state` (a checkpoint payload) when resuming."""
     algo_cls = get_algorithm(cfg.algorithm.name)
     torch.manual_seed(cfg.train.seed)  # the same init on every rank; DDP then keeps the replicas equal
-    model = IQAModel(cfg.model, algo_cls.extra_heads, algo_cls.projection)
+    model = IQAModel(cfg.model, algo_cls.extra_heads, algo_cls.projection, algo_cls.score_head, data.edges)
     algorithm = algo_cls(cfg.algorithm, data).to(acc.device)
     optimizer = build_optimizer(model, cfg.optim)
     ema = EMATeacher(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
@@ -129,6 +129,8 @@ def make_batch(run: Run, lb: dict, ulb: dict | None, gen: torch.Generator) -> St
     )
     if run.cfg.algorithm.sup_targets == "votes":
         batch.y_lb_soft = lb["target"].to(device)
+    if run.algorithm.score_head:
+        batch.mos_lb = lb["mos"].to(device)
     if ulb is not None:
         x_u = images_on(ulb, device, non_blocking=True)
         batch.x_ulb_w = [run.augment.weak(x_u, gen) for _ in range(run.views.weak)]
@@ -271,7 +273,12 @@ def _train_claimed(cfg: Config, acc: Accelerator, per_rank: int, resume_from: Pa
         lb_set, eval_set = ShardSet(cfg.data.shards, "train", jpeg), ShardSet(cfg.data.shards, cfg.eval.split, jpeg)
         if len(eval_set) == 0:
             raise DataError(f"{cfg.data.shards}: eval.split {cfg.eval.split!r} has no samples; choose another split")
-        data = DataInfo(len(lb_set), index["sets"].get("unlabelled", {}).get("count", 0), cfg.model.proj_dim)
+        data = DataInfo(
+            len(lb_set),
+            index["sets"].get("unlabelled", {}).get("count", 0),
+            cfg.model.proj_dim,
+            tuple(index["label_scheme"]["edges"]),
+        )
         run = build_run(cfg, acc, data, state)
         streams = open_streams(cfg, lb_set, per_rank, rank, start, device.type == "cuda", run.algorithm.uses_unlabelled)
     except Exception:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +89,9 @@ def sha256(path: Path) -> str:
 def read_state(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a weights file (data only: weights_only), unwrapped and without DDP/sslfw prefixes."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # the packaged files use pickle protocol 4, which weights_only reads fine
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged or foreign file: one line, not a traceback
         raise ConfigError(f"model.pretrained: {path} is not a readable weights file ({type(e).__name__})") from None
     if isinstance(state, dict):

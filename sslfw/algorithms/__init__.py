@@ -6,14 +6,24 @@ import importlib
 
 from sslfw.errors import ConfigError
 
-MODULES = ("supervised", "fixmatch", "adamatch", "freematch", "comatch", "simmatch", "crmatch")
+MODULES = (
+    "supervised", "fixmatch", "adamatch", "freematch", "comatch", "simmatch", "crmatch",  # the paper's (classifiers)
+    "regression", "meanteacher", "rankup",  # made for scores and ranks (rankup.py also registers rankup_rda)
+)  # fmt: skip
+
+
+def names() -> list[str]:
+    """Every registered algorithm name (a module may register several: rankup and rankup_rda)."""
+    from sslfw.algorithms.base import REGISTRY
+
+    for module in MODULES:
+        importlib.import_module(f"sslfw.algorithms.{module}")
+    return sorted(REGISTRY)
 
 
 def get_algorithm(name: str) -> type:
     from sslfw.algorithms.base import REGISTRY
 
-    for module in MODULES:
-        importlib.import_module(f"sslfw.algorithms.{module}")
-    if name not in REGISTRY:
-        raise ConfigError(f"algorithm.name: {name!r} is not one of {sorted(REGISTRY)}")
+    if name not in names():
+        raise ConfigError(f"algorithm.name: {name!r} is not one of {names()}")
     return REGISTRY[name]

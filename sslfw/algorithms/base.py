@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from sslfw.config import AlgorithmConfig, AugConfig
+from sslfw.data.labels import DEFAULT_EDGES
 
 REGISTRY: dict[str, type[Algorithm]] = {}
 
@@ -33,6 +34,7 @@ class DataInfo:
     num_labelled: int  # labelled training samples (dense idx 0..n-1)
     num_unlabelled: int  # unlabelled pool samples (dense idx 0..n-1)
     proj_dim: int  # width of the model's projection head, when the algorithm asks for one
+    edges: tuple[float, ...] = DEFAULT_EDGES  # the label scheme's MOS edges (a score head grades through them)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class StepBatch:
     idx_ulb: torch.Tensor | None = None
     keys_ulb: list[str] = field(default_factory=list)  # sample keys of the unlabelled batch (the pseudo-label trace)
     y_lb_soft: torch.Tensor | None = None  # level probabilities from the votes (algorithm.sup_targets: votes)
+    mos_lb: torch.Tensor | None = None  # MOS of the labelled batch (NaN where a hand label has none)
 
 
 @dataclass
@@ -81,6 +84,7 @@ class Algorithm(nn.Module):
     min_views: ClassVar[Views] = Views(weak=1, strong=1)  # aug.num_strong may raise the strong count
     projection: ClassVar[bool] = False  # needs model output "proj" (L2-normalised)
     extra_heads: ClassVar[dict[str, int]] = {}  # name -> output size (0: the feature width), e.g. {"rot": 4}
+    score_head: ClassVar[bool] = False  # regresses MOS: the model gets a score head and predicts with it
 
     @dataclass
     class Params:

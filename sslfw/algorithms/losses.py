@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from sslfw.algorithms.base import StepBatch
+from sslfw.algorithms.stats import global_sum
+from sslfw.dist import world_size
 
 
 def supervised_ce(logits: torch.Tensor, batch: StepBatch) -> torch.Tensor:
@@ -40,3 +42,18 @@ def masked_consistency(
     else:
         per_sample = -(target * F.log_softmax(logits_s.float(), dim=-1)).sum(-1)
     return (per_sample * mask).mean()
+
+
+def score_mse(pred: torch.Tensor, mos: torch.Tensor) -> torch.Tensor:
+    """Squared error of predicted against true MOS over the labelled images that have a MOS (a hand label may have
+    none), divided by the GLOBAL count of such images times the world size, so DDP's gradient average is the
+    one-process mean whatever the ranks' counts."""
+    known = torch.isfinite(mos)
+    err = torch.where(known, pred.float() - torch.nan_to_num(mos.float()), torch.zeros_like(pred, dtype=torch.float32))
+    count = global_sum(known.sum().float()).clamp_min(1)
+    return (err**2).sum() * world_size() / count
+
+
+def bce_pairs(diff: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum over pairs of weight * BCE(sigmoid(diff), target): a Bradley-Terry "j is better than i" loss."""
+    return (F.binary_cross_entropy_with_logits(diff.float(), target.float(), reduction="none") * weight).sum()

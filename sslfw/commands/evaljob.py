@@ -78,7 +78,7 @@ def run_eval(
     if out is not None and acc.is_main_process:
         out = Path(out)
         with fsio.atomic_open(out / "predictions.npz") as f:  # per image: paired comparisons between runs
-            np.savez(f, **{k: pred[k] for k in ("idx", "label", "mos", "probs")})
+            np.savez(f, **{k: pred[k] for k in ("idx", "label", "mos", "probs", "score")})
         fsio.write_json(out / "eval.json", result)
         fsio.write_text(out / "eval.md", markdown(result))
         title = f"{'/'.join(Path(ckpt_dir).resolve().parts[-3:])}, {split}, {weights} weights"  # run / stage / step-N

@@ -15,7 +15,7 @@ from itertools import product
 from pathlib import Path
 
 from sslfw import ckpt
-from sslfw.algorithms import MODULES
+from sslfw.algorithms import names
 from sslfw.commands.evaljob import run_eval
 from sslfw.commands.pseudolabel import pseudolabel
 from sslfw.commands.report import report_to_wandb, write_report
@@ -149,8 +149,8 @@ def check(p: PipelineConfig) -> None:
     if not (p.algorithms and p.policies and p.seeds):
         raise ConfigError("algorithms, policies and seeds must each name at least one entry")
     for name in p.params:  # settings of algorithms this run does not select are checked, then left unused
-        if name not in MODULES:
-            raise ConfigError(f"params.{name}: no algorithm {name!r}; the algorithms are {list(MODULES)}")
+        if name not in names():
+            raise ConfigError(f"params.{name}: no algorithm {name!r}; the algorithms are {names()}")
         if name not in p.algorithms:
             load_config(p.base, nested(ssl_overrides(p, name, p.policies[0], p.seeds[0])))
     for algorithm, policy, seed in runs(p):

@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from sslfw import fsio
+from sslfw.data.labels import NUM_CLASSES
 from sslfw.data.reader import decode_crop
 from sslfw.data.stream import multi_views
 from sslfw.errors import DataError
@@ -93,10 +94,15 @@ def predict_files(
             skipped.append(str(e))
             continue
         x = views.movedim(-1, -3).float() / 255  # an image's views in batches of batch_size: big photos fit memory
-        probs = torch.cat([model(part.to(dev))["logits"].float().softmax(-1).cpu() for part in x.split(batch_size)])
-        pr = probs.mean(0)
-        rows.append([str(f), int(pr.argmax()), f"{float(expected_score(pr[None])):.4f}",
-                     *(f"{float(p):.4f}" for p in pr), len(views)])  # fmt: skip
+        outs = [model(part.to(dev)) for part in x.split(batch_size)]
+        if "mos" in outs[0]:  # a score head: the views' mean MOS, graded through the edges it was trained with
+            mos = torch.cat([o["mos"].float().cpu() for o in outs]).mean()
+            level, score = model.levels(mos[None])[0], mos
+            pr = torch.nn.functional.one_hot(level, NUM_CLASSES).float()
+        else:
+            pr = torch.cat([o["logits"].float().softmax(-1).cpu() for o in outs]).mean(0)
+            level, score = pr.argmax(), expected_score(pr[None])[0]
+        rows.append([str(f), int(level), f"{float(score):.4f}", *(f"{float(p):.4f}" for p in pr), len(views)])
     if not rows and len(files) == 1:
         raise DataError(skipped[0])  # one file given, one reason: the usual one-line error
     for line in skipped:

@@ -28,9 +28,8 @@ from sslfw.data.reader import ShardSet
 from sslfw.data.stream import ChunkStream, make_loader
 from sslfw.dist import any_across_ranks, autocast_for, barrier, make_accelerator
 from sslfw.errors import DataError
-from sslfw.evaluate import concat, predict_batch
+from sslfw.evaluate import concat, predict_batch, score_of
 from sslfw.inference import load_model
-from sslfw.model import expected_score
 from sslfw.preempt import EXIT_PREEMPTED, StopFlag, write_exit_file
 from sslfw.rundir import lock_on_main
 
@@ -171,7 +170,7 @@ def merge(parts: Path, out: Path, n: int) -> dict:
     order = np.argsort(idx)
     keys = np.concatenate([c["key"] for c in chunks])[order]
     probs = np.concatenate([c["probs"] for c in chunks])[order]
-    score = expected_score(torch.from_numpy(probs)).numpy()
+    score = np.concatenate([score_of(c) for c in chunks])[order]
     label, conf = probs.argmax(1), probs.max(1)
     rows = [
         [k, i, *(f"{p:.6f}" for p in pr), int(lb), f"{cf:.6f}", f"{sc:.6f}"]

@@ -11,14 +11,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from sslfw import fsio, trace
 from sslfw.config import LogConfig
 from sslfw.data.labels import NUM_CLASSES
 from sslfw.data.shards import load_index
+from sslfw.evaluate import score_of
 from sslfw.metrics import constant_guess, iqa_metrics, level_recall, paired_bootstrap_srcc
-from sslfw.model import expected_score
 
 COLUMNS = ("srcc", "mae", "plcc", "mae_class3", "mae_class4", "mae_class34", "macro_mae", "accuracy", "qwk")
 BASELINE = "supervised"
@@ -68,12 +67,12 @@ def reference_rows(shards: str, splits: tuple[str, ...]) -> dict[str, dict[str, 
 
 
 def _scores(run: dict) -> tuple[np.ndarray, np.ndarray] | None:
-    """(MOS, expected level) per test image of a finished run, from its saved predictions."""
+    """(MOS, predicted score) per test image of a finished run, from its saved predictions."""
     path = Path(run["eval"]) / "predictions.npz"
     if not path.is_file():
         return None
     with np.load(path) as z:
-        return z["mos"], expected_score(torch.from_numpy(z["probs"])).numpy()
+        return z["mos"], score_of(z)
 
 
 def _delta(done: list[dict], base: list[dict]) -> str:

@@ -22,11 +22,11 @@ def main(name: str, out: str, steps: int) -> None:
     torch.manual_seed(0)
     cls = get_algorithm(name)
     model = IQAModel(ModelConfig(img_size=16, proj_dim=8, kwargs={"patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2}),
-                     cls.extra_heads, cls.projection)
+                     cls.extra_heads, cls.projection, cls.score_head)
     params = {"adamatch": {"ema_p": 0.7, "p_cutoff": 0.7}, "freematch": {"ema_p": 0.7},
               "comatch": {"queue_size": 40, "da_len": 3, "p_cutoff": 0.2, "contrast_p_cutoff": 0.05},
               "simmatch": {"da_len": 3, "p_cutoff": 0.2}, "crmatch": {"p_cutoff": 0.22},
-              "fixmatch": {"p_cutoff": 0.22}}.get(name, {})
+              "fixmatch": {"p_cutoff": 0.22}, "rankup": {"p_cutoff": 0.5005}, "rankup_rda": {"p_cutoff": 0.5005}}.get(name, {})
     cfg = AlgorithmConfig(name=name, params=params)
     resolve_params(cfg)
     algo = cls(cfg, DataInfo(num_labelled=16, num_unlabelled=64, proj_dim=8))
@@ -37,10 +37,11 @@ def main(name: str, out: str, steps: int) -> None:
         full = {"x_lb": torch.rand(16, 3, 16, 16, generator=g), "y_lb": torch.randint(0, 5, (16,), generator=g),
                 "idx_lb": torch.randperm(16, generator=g) if step == 0 else torch.randint(0, 16, (16,), generator=g), "x_w": torch.rand(16, 3, 16, 16, generator=g),
                 "x_s": [torch.rand(16, 3, 16, 16, generator=g) for _ in range(max(cls.views(AugConfig()).strong, 1))],
-                "idx_ulb": torch.randperm(64, generator=g)[:16]}
+                "idx_ulb": torch.randperm(64, generator=g)[:16],
+                "mos": torch.where(torch.arange(16) == 3, float("nan"), 1 + 4 * torch.rand(16, generator=g))}
         sl = slice(rank * B, (rank + 1) * B)
         batch = StepBatch(full["x_lb"][sl], full["y_lb"][sl], full["idx_lb"][sl], [full["x_w"][sl]],
-                          [x[sl] for x in full["x_s"]], full["idx_ulb"][sl])
+                          [x[sl] for x in full["x_s"]], full["idx_ulb"][sl], mos_lb=full["mos"][sl])
         model.zero_grad()
         out_ = algo.step(model, batch, StepContext(step, 10, None))
         out_.loss.backward()
