@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# docs/RESULTS.md "Pretrained": the SSL question on the package-shipped ImageNet backbone. Screens every row on val
+# with one seed at 15 %, 5 % and 1.5 % of the train split labelled (demo data seed 0), then the paper's other five
+# algorithms at 15 %. Finished runs are kept, so a rerun resumes. Usage: bash launch/pretrained_grid.sh [STAGE...]
+# (stages: fl15 fl15-p08 fl05 fl0015 paper15; default all, in that order).
+set -euo pipefail
+SSLFW=${SSLFW:-sslfw}
+DATA=data/demo/seed0
+fraction() {  # share, name: the demo's data seed 0 with that share of its train split labelled
+    [ -f "shards/$2/index.json" ] && return
+    $SSLFW data prepare --koniq $DATA/koniq10k --kadis $DATA/kadis700k --extra-labels $DATA/kadis_extra_labels.csv \
+        --split 0.6,0.1,0.3 --labelled-fraction "$1" --seed 0 --out "data/$2/manifest"
+    $SSLFW shards pack --manifest "data/$2/manifest" --out "shards/$2"
+}
+grid() {  # out_dir, shards, extra pipeline overrides...
+    local out=$1 shards=$2; shift 2
+    $SSLFW pipeline --config configs/pipeline_pretrained.yaml --out_dir="runs/pretrained/$out" \
+        --ssl.data.shards="shards/$shards" "$@"
+}
+[ -f shards/demo-seed0/index.json ] || { echo "shards/demo-seed0: run sslfw demo first (it builds them)" >&2; exit 2; }
+fraction 0.05 fl005-seed0
+fraction 0.015 fl0015-seed0
+for stage in ${*:-fl15 fl15-p08 fl05 fl0015 paper15}; do
+    case $stage in
+        fl15) grid fl15 demo-seed0 ;;
+        fl15-p08) grid fl15-p08 demo-seed0 --algorithms='[fixmatch]' --params='{fixmatch: {p_cutoff: 0.8}}' ;;
+        fl05) grid fl05 fl005-seed0 ;;
+        fl0015) grid fl0015 fl0015-seed0 ;;
+        paper15) grid paper15 demo-seed0 --algorithms='[adamatch, freematch, comatch, simmatch, crmatch]' ;;
+    esac
+done
