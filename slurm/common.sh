@@ -37,6 +37,11 @@ if [[ "${SSLFW_CPU:-0}" == 1 ]]; then
 fi
 : "${SSLFW_ACCELERATE_CONFIG:=$SSLFW_ROOT/launch/multi_gpu.yaml}"
 : "${SSLFW_PROCS_PER_NODE:=${SLURM_GPUS_ON_NODE:-1}}"
+# A CPU node reports SLURM_GPUS_ON_NODE=0: it still runs one process (and 0 would divide by zero below).
+case $SSLFW_PROCS_PER_NODE in
+    ''|*[!0-9]*) echo "sslfw: SSLFW_PROCS_PER_NODE=$SSLFW_PROCS_PER_NODE: give a whole number of processes per node" >&2; exit 2 ;;
+    0) SSLFW_PROCS_PER_NODE=1 ;;
+esac
 : "${SSLFW_MASTER_ADDR:=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
 : "${SSLFW_PORT:=$((20000 + SLURM_JOB_ID % 20000))}"
 export SSLFW_ACCELERATE_CONFIG SSLFW_PROCS_PER_NODE SSLFW_MASTER_ADDR SSLFW_PORT

@@ -124,7 +124,8 @@ def best(run_dir: Path) -> Path | None:
 
 def resolve(path: Path, option: str) -> Path:
     """A step-N checkpoint as given, RUN/best (the best validation score kept), or a run folder's newest intact one;
-    `option` names the flag in errors."""
+    `option` names the flag in errors. Whichever way it is named, its files are checked against their sha256
+    before it is used (a damaged checkpoint given by name is refused, never read)."""
     path = Path(path)
     if path.name == BEST and not path.exists() and path.parent.is_dir():
         found = best(path.parent)
@@ -133,14 +134,18 @@ def resolve(path: Path, option: str) -> Path:
                 f"{option}: {path.parent} has no checkpoint with a validation score; they are recorded where "
                 f"an evaluation on val falls on a checkpoint step (eval.every, ckpt.every, ckpt.keep_best)"
             )
-        return found
-    if not path.exists():
+    elif not path.exists():
         raise DataError(f"{option}: {path} does not exist; give a step-N checkpoint or a run folder")
-    if (path / MARKER).is_file():
-        return path
-    found = latest(path)
-    if found is None:
-        raise DataError(f"{option}: {path} holds no complete checkpoint (step-N folder with {MARKER})")
+    elif (path / MARKER).is_file():
+        found = path
+    else:
+        found = latest(path)  # checks sha256 itself, skipping damaged newer ones
+        if found is None:
+            raise DataError(f"{option}: {path} holds no complete checkpoint (step-N folder with {MARKER})")
+        return found
+    why = problem(found, deep=True)
+    if why is not None:
+        raise DataError(f"{option}: {found}: {why}; name an intact checkpoint (or the run folder: its newest intact)")
     return found
 
 

@@ -191,11 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     data = verbs.add_parser("data", help="make or import datasets").add_subparsers(dest="action", required=True)
     s = data.add_parser("synth", help="write the embedded dataset in KonIQ/KADIS layouts (no download)")
     s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--koniq-count", type=int, default=1200, help="labelled images (KonIQ layout)")
-    s.add_argument("--kadis-count", type=int, default=2400, help="unlabelled pool images (KADIS layout)")
-    s.add_argument("--extra-count", type=int, default=48, help="hand-labelled pool images (like the paper's 359)")
-    s.add_argument("--width", type=int, default=128)
-    s.add_argument("--height", type=int, default=96)
+    s.add_argument("--koniq-count", type=positive, default=1200, help="labelled images (KonIQ layout)")
+    s.add_argument("--kadis-count", type=positive, default=2400, help="unlabelled pool images (KADIS layout)")
+    s.add_argument("--extra-count", type=at_least_0, default=48, help="hand-labelled pool images (the paper had 359)")
+    s.add_argument("--width", type=positive, default=128)
+    s.add_argument("--height", type=positive, default=96)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=0, help="processes; 0 = one per core (output does not change)")
     s.add_argument(
@@ -260,9 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     _inference_args(s)
     s.add_argument("--out", type=Path, required=True, help="csv to write (chunks go to OUT.parts/)")
     s.add_argument("--shards", type=Path, help="packed folder (default: the checkpoint's data.shards)")
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--num-workers", type=int, default=2)
-    s.add_argument("--chunk", type=int, default=1024, help="samples per resumable unit")
+    s.add_argument("--batch-size", type=positive, default=64)
+    s.add_argument("--num-workers", type=at_least_0, default=2)
+    s.add_argument("--chunk", type=positive, default=1024, help="samples per resumable unit")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_pseudolabel)
 
@@ -271,15 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="test", choices=("train", "val", "test"))
     s.add_argument("--out", type=Path, help="folder for eval.json, eval.md, confusion.png")
     s.add_argument("--shards", type=Path)
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--num-workers", type=int, default=2)
+    s.add_argument("--batch-size", type=positive, default=64)
+    s.add_argument("--num-workers", type=at_least_0, default=2)
     s.set_defaults(func=cmd_eval)
 
     s = verbs.add_parser("predict", help="quality level and score per image, as CSV")
     _inference_args(s, whole=True)
     s.add_argument("inputs", type=Path, nargs="+", help="image files and/or folders")
     s.add_argument("--out", type=Path, help="csv file (default: stdout)")
-    s.add_argument("--batch-size", type=int, default=32, help="views per forward pass")
+    s.add_argument("--batch-size", type=positive, default=32, help="views per forward pass")
     s.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_predict)
@@ -322,6 +322,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, help="folder for bench.json and bench.md")
     s.set_defaults(func=cmd_bench)
     return p
+
+
+def _whole(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+    return value
+
+
+def positive(text: str) -> int:
+    """argparse type: a whole number >= 1 (a count of images, a batch, a chunk)."""
+    return _whole(text, 1)
+
+
+def at_least_0(text: str) -> int:
+    """argparse type: a whole number >= 0 (loader workers: 0 loads in the main process)."""
+    return _whole(text, 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -349,7 +349,7 @@ def _resolve_weights(m: ModelConfig) -> None:
     except ConfigError:
         path = None
     if path is not None:
-        digest = weights.sha256(path)
+        digest = fsio.sha256_file(path)
         if m.pretrained_sha256 and m.pretrained_sha256 != digest:
             raise ConfigError(
                 f"model.pretrained_sha256: {m.pretrained} ({path}) has sha256 {digest[:12]}..., the config says "

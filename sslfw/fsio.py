@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import hashlib
 import json
 import os
@@ -16,12 +17,25 @@ from typing import Any
 from sslfw.errors import DataError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def shared_mode(path: str | Path, folder: bool = False) -> None:
+    """The permissions a plain open()/mkdir() would have given: mkstemp and mkdtemp create 0600/0700, which would
+    hide a shared pack or checkpoint from lab-mates whatever their umask allows."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[Any]:
     """Open a temporary file next to `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    shared_mode(tmp)
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
             yield f
@@ -48,7 +62,12 @@ def staged_dir(final: str | Path, owns: Callable[[str], bool]) -> Iterator[Path]
         if others:
             raise DataError(f"{final}: holds files this command did not write ({others[:3]}); choose a new folder")
     final.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".staged", dir=final.parent))
+    for left in final.parent.glob(f".{glob.escape(final.name)}.*.staged"):  # from a run that was killed
+        pid = left.name.removeprefix(f".{final.name}.").split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".staged", dir=final.parent))
+    shared_mode(stage, folder=True)
     try:
         yield stage
     except BaseException:
@@ -59,6 +78,16 @@ def staged_dir(final: str | Path, owns: Callable[[str], bool]) -> Iterator[Path]
         os.replace(final, old)
     os.replace(stage, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

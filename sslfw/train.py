@@ -224,7 +224,7 @@ def open_streams(
                 "images per rank; set algorithm.name=supervised and a larger train.batch_size"
             )
         pool = ShardSet(cfg.data.shards, "unlabelled", cfg.data.jpeg_on_device)
-        labels, keep = load_pseudo_labels(Path(cfg.data.pseudo_labels), len(pool), cfg.data.pseudo_min_confidence)
+        labels, keep = load_pseudo_labels(Path(cfg.data.pseudo_labels), pool, cfg.data.pseudo_min_confidence)
         share = cfg.data.pseudo_share or keep.sum() / (keep.sum() + len(lb_set))
         n_pl = min(per_rank - 1, max(1, round(per_rank * share)))
         pseudo = loader(pool, n_pl, StreamId.PSEUDO_LABELLED, keep=keep, labels=labels)

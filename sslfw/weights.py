@@ -9,7 +9,6 @@ file order, each of the same shape. Any mismatch is one error naming the tensor,
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import warnings
 from dataclasses import dataclass
@@ -76,14 +75,6 @@ def resolve_file(spec: str) -> Path:
     if len(files) != 1:
         raise ConfigError(f"model.pretrained: {spec}: expected one {entry.file} in {entry.dist}, found {len(files)}")
     return files[0]
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_state(path: Path) -> dict[str, torch.Tensor]:

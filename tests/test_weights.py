@@ -12,6 +12,7 @@ from skimage import data
 from sslfw import weights
 from sslfw.config import load_config
 from sslfw.errors import ConfigError
+from sslfw.fsio import sha256_file
 from sslfw.model import IQAModel
 
 SPEC = "package:efficientnet_lite0"
@@ -39,7 +40,7 @@ def test_the_backbone_gets_the_files_tensors_and_the_run_records_them():
     cfg = load_config(None, ["--model.name=tf_efficientnet_lite0", f"--model.pretrained={SPEC}", "--model.img_size=32",
                              "--data.load_crop=32"])  # fmt: skip
     path = weights.resolve_file(SPEC)
-    assert cfg.model.pretrained_sha256 == weights.sha256(path) and len(cfg.model.pretrained_sha256) == 64
+    assert cfg.model.pretrained_sha256 == sha256_file(path) and len(cfg.model.pretrained_sha256) == 64
     assert cfg.model.mean == [0.5, 0.5, 0.5] and cfg.model.std == [0.5, 0.5, 0.5]  # what the TF-trained file expects
     model = IQAModel(cfg.model)
     raw = torch.load(path, map_location="cpu", weights_only=True)

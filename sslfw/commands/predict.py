@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -60,6 +61,24 @@ def load_views(path: Path, size: int, crops: int) -> np.ndarray:
     return multi_views(decode_crop(data, None, None), (size, size), crops)
 
 
+def check_out(out: Path, inputs: list[Path]) -> None:
+    """Before any scoring: --out must be a csv that can be written and must not replace a user's file (an image,
+    one of the inputs: `--out photos/*.jpg` hands --out the first photo)."""
+    if out.is_dir():
+        raise DataError(f"--out {out}: is a folder; give the csv file to write")
+    if out.suffix.lower() != ".csv":
+        raise DataError(f"--out {out}: give a path ending in .csv (it would replace {out.name}'s contents)")
+    if out.exists() and any(out.resolve() == f.resolve() for f in inputs):
+        raise DataError(f"--out {out}: is one of the inputs; give a new .csv path")
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot create {parent} ({e.strerror})") from None
+    if not os.access(parent, os.W_OK):
+        raise DataError(f"--out {out}: {parent} is not writable; give another path")
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -80,12 +99,12 @@ def predict_files(
     progress: bool = True,
 ) -> dict:
     """Score every readable image; a summary (scored, skipped files, where the csv went)."""
-    if out is not None and Path(out).is_dir():
-        raise DataError(f"--out {out}: is a folder; give the csv file to write")
+    files = list_images(inputs)
+    if out is not None:
+        check_out(Path(out), files)
     dev = pick_device(device)
     model, cfg, _ = load_model(checkpoint, weights)
     model.to(dev)
-    files = list_images(inputs)
     rows, skipped = [], []
     for f in tqdm(files, desc="predict", unit="img", disable=not progress or len(files) == 1, file=sys.stderr):
         try:

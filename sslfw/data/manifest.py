@@ -99,12 +99,22 @@ def _number(path: Path, lineno: int, column: str, text: str, lo: float, hi: floa
         value = float(text)
     except ValueError:
         raise DataError(f"{path}, line {lineno}: {column}={text!r} is not a number. Fix or delete this row.") from None
-    if not lo <= value <= hi or math.isnan(value):
+    if not lo <= value <= hi or not math.isfinite(value):
         raise DataError(
             f"{path}, line {lineno}: {column}={value} is outside {lo}..{hi}. "
             f"Check that the file uses the documented scale, or fix this row."
         )
     return value
+
+
+def _plain_name(path: Path, lineno: int, column: str, name: str) -> str:
+    """An image name must stay inside the dataset's folder: no absolute path, no `..` (one file could otherwise be
+    read from anywhere, or land in a labelled split and the pool at once)."""
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise DataError(
+            f"{path}, line {lineno}: {column}={name!r} leaves the dataset folder; give the file's name inside it."
+        )
+    return name
 
 
 def _check_unique(path: Path, seen: dict[str, int], key: str, lineno: int, what: str) -> None:
@@ -129,7 +139,7 @@ def read_koniq(root: Path, image_dir: str | None = None) -> list[LabelledRow]:
     out: list[LabelledRow] = []
     seen: dict[str, int] = {}
     for lineno, r in _read_csv(scores, ["image_name", "MOS"]):
-        name = r["image_name"]
+        name = _plain_name(scores, lineno, "image_name", r["image_name"])
         _check_unique(scores, seen, name, lineno, "image_name")
         path = images / name
         if not path.is_file():
@@ -163,6 +173,7 @@ def read_kadis(root: Path) -> list[tuple[str, str]]:
         entries = [(0, p.name) for p in sorted(ref.glob("*.png"))]
     out, seen = [], {}
     for lineno, name in entries:
+        _plain_name(listing, lineno, "ref_im", name)
         _check_unique(listing, seen, name, lineno, "ref_im")
         path = ref / name
         if not path.is_file():
@@ -176,7 +187,7 @@ def read_extra(csv_path: Path, kadis_root: Path | None) -> list[LabelledRow]:
     csv_path = Path(csv_path)
     out, seen = [], {}
     for lineno, r in _read_csv(csv_path, ["image_name", "label"]):
-        name = r["image_name"]
+        name = _plain_name(csv_path, lineno, "image_name", r["image_name"])
         _check_unique(csv_path, seen, name, lineno, "image_name")
         candidates = ([Path(kadis_root) / "ref_imgs" / name] if kadis_root else []) + [csv_path.parent / name]
         path = next((p for p in candidates if p.is_file()), None)

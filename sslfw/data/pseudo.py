@@ -7,21 +7,51 @@ from pathlib import Path
 
 import numpy as np
 
+from sslfw.data.labels import NUM_CLASSES
+from sslfw.data.reader import ShardSet
 from sslfw.errors import DataError
 
 COLUMNS = ["key", "idx", "p0", "p1", "p2", "p3", "p4", "label", "confidence", "score"]
 
 
-def load_pseudo_labels(path: Path, n: int, min_confidence: float) -> tuple[np.ndarray, np.ndarray]:
-    """(labels by idx, mask of rows with confidence >= min_confidence) from a pseudolabel csv for a pool of n."""
+def _parse(path: Path, lineno: int, r: dict, n: int) -> tuple[str, int, int, float]:
+    """(key, idx, label, confidence) of one csv row, each checked; a bad row is one DataError naming its line."""
+    missing = [c for c in ("key", "idx", "label", "confidence") if r.get(c) in (None, "")]
+    if missing:
+        raise DataError(f"{path}, line {lineno}: no {missing[0]}; use a csv written by sslfw pseudolabel")
+    try:
+        i, label, conf = int(r["idx"]), int(r["label"]), float(r["confidence"])
+    except ValueError:
+        raise DataError(
+            f"{path}, line {lineno}: idx and label must be whole numbers and confidence a number; "
+            f"use a csv written by sslfw pseudolabel"
+        ) from None
+    if not 0 <= i < n:
+        raise DataError(f"{path}: idx {i} is outside this pool of {n} samples; was it made for other shards?")
+    if not 0 <= label < NUM_CLASSES:
+        raise DataError(f"{path}, line {lineno}: label {label} is not a level 0..{NUM_CLASSES - 1}")
+    return r["key"], i, label, conf
+
+
+def load_pseudo_labels(path: Path, pool: ShardSet, min_confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """(labels by idx, mask of rows with confidence >= min_confidence) from a pseudolabel csv for `pool`. Rows are
+    matched by idx, and every row's key must be the pool's key at that idx: a csv made before a re-pack names
+    other images at the same indices, and would silently teach them the wrong labels."""
+    n = len(pool)
     labels, keep = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=bool)
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            i = int(r["idx"])
-            if not 0 <= i < n:
-                raise DataError(f"{path}: idx {i} is outside this pool of {n} samples; was it made for other shards?")
-            labels[i] = int(r["label"])
-            keep[i] = float(r["confidence"]) >= min_confidence
+    try:
+        with open(path, newline="") as f:
+            rows = list(enumerate(csv.DictReader(f), start=2))
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read this pseudo-label csv ({e})") from None
+    for lineno, r in rows:
+        key, i, label, conf = _parse(path, lineno, r, n)
+        if key != pool.meta(i)["key"]:
+            raise DataError(
+                f"{path}, line {lineno}: idx {i} is {key!r} there but {pool.meta(i)['key']!r} in {pool.root}: "
+                f"the csv was made for another pack of the pool; rerun sslfw pseudolabel on these shards"
+            )
+        labels[i], keep[i] = label, conf >= min_confidence
     if (labels < 0).any():
         raise DataError(f"{path}: no pseudo-label for {(labels < 0).sum()} of {n} pool samples; rerun pseudolabel")
     return labels, keep

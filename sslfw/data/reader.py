@@ -93,6 +93,11 @@ class ShardSet:
         data = f.read(img_size)
         return data, self._meta(f, shard, i, js_off, js_size)
 
+    def meta(self, i: int) -> dict:
+        """Sample i's metadata (key, label, MOS...) without reading its pixels."""
+        shard, _, _, js_off, js_size = (int(v) for v in self.offsets[i])
+        return self._meta(self._file(shard), shard, i, js_off, js_size)
+
     def _meta(self, f, shard: int, i: int, offset: int, size: int) -> dict:
         f.seek(offset)
         try:

@@ -175,7 +175,7 @@ def pack(
         "skipped": [],
     }
     # Written into a staged folder that replaces OUT only when complete: a failed pack leaves the old one intact.
-    with fsio.staged_dir(out, _is_pack_file) as out:
+    with fsio.staged_dir(out, _pack_files(Path(out)).__contains__) as out:
         total = sum(len(v) for v in members.values())
         bar = tqdm(total=total, desc="packing", unit="img", disable=not progress)
         n_workers = workers or os.cpu_count() or 1
@@ -219,8 +219,15 @@ def pack(
     return index
 
 
-def _is_pack_file(name: str) -> bool:
-    return name == INDEX or name.endswith((".offsets.npy", ".tar"))
+def _pack_files(root: Path) -> set[str]:
+    """The names an earlier pack wrote into `root`, as its index.json lists them: a tar the index does not name
+    is a user's file, and a folder holding one is refused rather than replaced."""
+    try:
+        index = json.loads((root / INDEX).read_text())
+        sets = index["sets"].values()
+        return {INDEX} | {s["offsets"] for s in sets} | {shard["name"] for s in sets for shard in s["shards"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()  # no (readable) pack here: nothing in the folder is ours
 
 
 def load_index(root: Path) -> dict:

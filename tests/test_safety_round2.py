@@ -1,0 +1,169 @@
+"""The second adversarial round (issue 24): silent wrong data, a user's files lost, bad arguments as tracebacks,
+files a lab cannot share. Each test reproduces cases that failed on the code before the fix, with real files."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from sslfw import ckpt
+from sslfw.cli import main
+from sslfw.data.manifest import prepare
+from sslfw.data.shards import pack
+from sslfw.errors import DataError
+from tests.helpers import ROOT, child_env
+
+
+def _refused(capsys, args: list[str], message: str) -> None:
+    assert main(args) == 2, args
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message in err, err
+
+
+def test_bad_counts_and_sizes_are_refused_before_any_work(tiny_run, tmp_path, capsys):
+    pl = ["pseudolabel", "--checkpoint", str(tiny_run), "--out", str(tmp_path / "p.csv")]
+    for flag, value, message in [("--chunk", "0", "--chunk: 0 must be >= 1"), ("--chunk", "-5", "-5 must be >= 1"),
+                                 ("--batch-size", "0", "--batch-size: 0 must be >= 1"),
+                                 ("--num-workers", "-1", "--num-workers: -1 must be >= 0")]:  # fmt: skip
+        _refused(capsys, [*pl, flag, value], message)
+    _refused(capsys, ["data", "synth", "--out", str(tmp_path / "d"), "--koniq-count", "0"], "--koniq-count: 0 must")
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "d").exists()
+
+
+def test_image_names_that_leave_the_dataset_folder_and_infinite_votes_are_refused(small_raw, tmp_path):
+    for bad, message in [("../secret.jpg", "leaves the dataset folder"), ("/etc/hosts", "leaves the dataset folder")]:
+        koniq = tmp_path / f"k{len(message)}{bad.count('/')}"
+        shutil.copytree(small_raw / "koniq10k", koniq)
+        scores = koniq / "koniq10k_scores_and_distributions.csv"
+        lines = scores.read_text().splitlines()
+        first = lines[1].split(",")
+        (koniq / "secret.jpg").write_bytes((koniq / "1024x768" / first[0]).read_bytes())
+        lines[1] = ",".join([bad, *first[1:]])
+        scores.write_text("\n".join(lines) + "\n")
+        with pytest.raises(DataError, match=f"line 2: image_name={bad!r} leaves the dataset folder"):
+            prepare(koniq, None, tmp_path / "m")
+    koniq = tmp_path / "inf"
+    shutil.copytree(small_raw / "koniq10k", koniq)
+    scores = koniq / "koniq10k_scores_and_distributions.csv"
+    rows = list(csv.DictReader(scores.open()))
+    rows[0]["c1"] = "inf"
+    with scores.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader(), w.writerows(rows)
+    with pytest.raises(DataError, match="line 2: c1=inf is outside"):
+        prepare(koniq, None, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_pack_keeps_a_users_tars_and_clears_what_a_killed_pack_left(small_manifest, tmp_path):
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / "my-backup.tar").write_bytes(b"the user's own archive")
+    with pytest.raises(DataError, match="holds files this command did not write"):
+        pack(small_manifest, out, samples_per_shard=50, workers=1, progress=False)
+    assert (out / "my-backup.tar").read_bytes() == b"the user's own archive"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = tmp_path / f".fresh.{dead.pid}.abc.staged"  # what a pack killed by SIGKILL leaves beside its output
+    left.mkdir()
+    (left / "train-000000.tar").write_bytes(b"x" * 1000)
+    live = tmp_path / f".fresh.{os.getpid()}.def.staged"  # a pack still running in this process: left alone
+    live.mkdir()
+    old = os.umask(0o022)
+    try:
+        pack(small_manifest, tmp_path / "fresh", samples_per_shard=50, workers=1, progress=False)
+    finally:
+        os.umask(old)
+    assert not left.exists() and live.exists()
+    for path in [tmp_path / "fresh", *(tmp_path / "fresh").iterdir()]:  # a lab-mate can read a shared pack
+        want = 0o755 if path.is_dir() else 0o644
+        assert stat.S_IMODE(path.stat().st_mode) == want, path
+
+
+def test_predict_never_writes_over_a_photo_and_checks_its_output_before_scoring(tiny_run, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (48, 40), (120, 60, 30)).save(photos / name)
+    before = (photos / "a.jpg").read_bytes()
+    # `sslfw predict --checkpoint run --out photos/*.jpg`: the shell hands --out the first photo
+    _refused(capsys, ["predict", "--checkpoint", str(tiny_run), "--out", str(photos / "a.jpg"), str(photos / "b.jpg")],
+             "give a path ending in .csv")  # fmt: skip
+    assert (photos / "a.jpg").read_bytes() == before
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions: a path under a file cannot be made either way
+            target = tmp_path / "afile" / "x.csv"
+            (tmp_path / "afile").write_text("")
+        else:
+            target = locked / "x.csv"
+        _refused(capsys, ["predict", "--checkpoint", str(tiny_run), "--out", str(target), str(photos)], "--out")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_a_pseudo_label_csv_made_before_a_repack_is_refused(tiny_run, small_manifest, tmp_path):
+    from sslfw.commands.pseudolabel import pseudolabel
+    from sslfw.data.pseudo import load_pseudo_labels
+    from sslfw.data.reader import ShardSet
+
+    shards, out = tmp_path / "shards", tmp_path / "pseudo.csv"
+    pack(small_manifest, shards, samples_per_shard=15, workers=1, progress=False, seed=0)
+    assert pseudolabel(tiny_run, out, shards=shards, num_workers=0, progress=False)["exit_code"] == 0
+    labels, _ = load_pseudo_labels(out, ShardSet(shards, "unlabelled"), 0.0)  # the same pack: accepted
+    assert (labels >= 0).all()
+    pack(small_manifest, shards, samples_per_shard=15, workers=1, progress=False, seed=1)  # same pool, another order
+    with pytest.raises(DataError, match="the csv was made for another pack of the pool"):
+        load_pseudo_labels(out, ShardSet(shards, "unlabelled"), 0.0)
+    rows = out.read_text().splitlines()
+    broken = tmp_path / "broken.csv"
+    first = rows[1].split(",")
+    broken.write_text("\n".join([rows[0], ",".join([first[0], "x1", *first[2:]]), *rows[2:]]) + "\n")
+    with pytest.raises(DataError, match="line 2: idx and label must be whole numbers"):
+        load_pseudo_labels(broken, ShardSet(shards, "unlabelled"), 0.0)
+    broken.write_text("key,idx\n" + "\n".join(",".join(r.split(",")[:2]) for r in rows[1:]) + "\n")
+    with pytest.raises(DataError, match="line 2: no label"):
+        load_pseudo_labels(broken, ShardSet(shards, "unlabelled"), 0.0)
+
+
+def test_a_checkpoint_named_directly_is_checked_against_its_sha256(tiny_run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    step = ckpt.latest(copy)
+    state = step / ckpt.STATE
+    raw = bytearray(state.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte
+    state.write_bytes(bytes(raw))
+    for args in (["eval", "--checkpoint", str(step), "--split", "val"],
+                 ["predict", "--checkpoint", str(step), str(ROOT / "docs")]):  # fmt: skip
+        _refused(capsys, args, "does not match its sha256 (damaged)")
+
+
+def test_slurm_on_a_cpu_node_with_zero_gpus_runs_one_process():
+    env = child_env(
+        SSLFW_VENV=sys.prefix,
+        SLURM_GPUS_ON_NODE="0",
+        SLURM_JOB_NODELIST="n1",
+        SLURM_JOB_ID="7",
+        SLURM_CPUS_PER_TASK="4",
+    )
+    env.pop("SSLFW_PROCS_PER_NODE", None)
+    script = (
+        f'scontrol() {{ echo n1; }}; source "{ROOT}/slurm/common.sh"; echo "$SSLFW_PROCS_PER_NODE $OMP_NUM_THREADS"'
+    )
+    out = subprocess.run(["bash", "-c", script], env={**env, "OMP_NUM_THREADS": ""}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-2:] == ["1", "4"]
+    bad = subprocess.run(
+        ["bash", "-c", script], env={**env, "SSLFW_PROCS_PER_NODE": "two"}, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "SSLFW_PROCS_PER_NODE=two" in bad.stderr
