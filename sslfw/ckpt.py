@@ -219,4 +219,4 @@ def load(path: Path) -> tuple[dict, dict]:
         raise DataError(
             f"{path / STATE}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); use an older checkpoint"
         ) from None
-    return state, json.loads((path / INFO).read_text())
+    return state, fsio.read_json(path / INFO, "name another checkpoint")

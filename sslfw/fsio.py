@@ -112,6 +112,15 @@ def write_csv(path: str | Path, header: list[str], rows: list[list]) -> None:
         w.writerows(rows)
 
 
+def read_json(path: str | Path, fix: str) -> Any:
+    """A JSON file sslfw wrote, or one DataError naming it and saying how to `fix` it (half-written by a crash in
+    an older version, edited by hand, truncated by a full disk): never a traceback."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path}: not readable JSON ({type(e).__name__}: {str(e)[:80]}); {fix}") from None
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

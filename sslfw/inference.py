@@ -13,7 +13,7 @@ import yaml
 from sslfw import ckpt
 from sslfw.algorithms import get_algorithm
 from sslfw.config import IMAGENET_NORM, Config, load_config
-from sslfw.errors import ConfigError
+from sslfw.errors import ConfigError, DataError
 from sslfw.model import IQAModel
 
 
@@ -37,7 +37,7 @@ def load_model(path: str | Path, weights: str = "ema") -> tuple[IQAModel, Config
     model = IQAModel(cfg.model, algo.extra_heads, algo.projection, algo.score_head)  # edges: in the weights
     if weights == "ema":
         if not state.get("ema"):
-            raise ValueError(f"{path} has no EMA teacher (trained with ema.enabled=false); use the student")
+            raise DataError(f"{path} has no EMA teacher (trained with ema.enabled=false); use --weights student")
         weights = state["ema"]["module"]
     elif weights == "student":
         weights = state["model"]

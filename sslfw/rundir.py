@@ -66,7 +66,7 @@ def check_owner(run_dir: Path, config: dict) -> None:
     path = Path(run_dir) / IDENTITY
     if not path.is_file():
         return
-    theirs = json.loads(path.read_text())
+    theirs = fsio.read_json(path, "it records which run owns this folder: restore it, or choose another run_dir")
     mine = identity(config)
     if theirs["sha256"] != mine["sha256"]:
         diff = "; ".join(differences(theirs["config"], mine["config"])[:4])

@@ -167,3 +167,21 @@ def test_slurm_on_a_cpu_node_with_zero_gpus_runs_one_process():
         ["bash", "-c", script], env={**env, "SSLFW_PROCS_PER_NODE": "two"}, capture_output=True, text=True
     )
     assert bad.returncode == 2 and "SSLFW_PROCS_PER_NODE=two" in bad.stderr
+
+
+def test_half_written_json_and_a_run_without_ema_are_one_line(small_shards, tmp_path, capsys):
+    from sslfw.config import load_config
+    from sslfw.train import train
+    from tests.helpers import tiny_overrides
+
+    shards = tmp_path / "shards"
+    shutil.copytree(small_shards, shards)
+    index = shards / "index.json"
+    index.write_bytes(index.read_bytes()[: index.stat().st_size // 2])  # a crash mid-write in an older version
+    _refused(capsys, ["shards", "verify", str(shards)], "index.json: not readable JSON")
+    _refused(capsys, ["train", *tiny_overrides(shards, tmp_path / "r1")], "index.json: not readable JSON")
+    run = tmp_path / "noema"
+    extra = {"train.steps": 2, "ckpt.every": 2, "eval.every": 0, "ema.enabled": "false"}
+    assert train(load_config(None, tiny_overrides(small_shards, run, **extra)))["exit_code"] == 0
+    _refused(capsys, ["eval", "--checkpoint", str(run), "--split", "val"], "has no EMA teacher")
+    assert main(["eval", "--checkpoint", str(run), "--split", "val", "--weights", "student", "--num-workers", "0"]) == 0

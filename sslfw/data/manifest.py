@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -341,7 +340,7 @@ def load(manifest: Path) -> tuple[list[LabelledRow], list[tuple[str, str]], dict
     meta_path = manifest / "meta.json"
     if not meta_path.is_file():
         raise DataError(f"{manifest}: no meta.json; run `sslfw data prepare --out {manifest}` first.")
-    meta = json.loads(meta_path.read_text())
+    meta = fsio.read_json(meta_path, f"rerun `sslfw data prepare --out {manifest}`")
     labelled = []
     for _, r in _read_csv(manifest / "labelled.csv", LABELLED_COLUMNS):
         votes = [float(r[f"c{k}"]) for k in range(1, 6)] if r["c1"] else []

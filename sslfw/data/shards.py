@@ -234,9 +234,10 @@ def load_index(root: Path) -> dict:
     path = Path(root) / INDEX
     if not path.is_file():
         raise DataError(f"{root}: no {INDEX}, so this is not a complete pack. Run `sslfw shards pack --out {root}`.")
-    index = json.loads(path.read_text())
-    if index.get("format") != FORMAT:
-        raise DataError(f"{path}: format {index.get('format')!r}, expected {FORMAT!r}. Re-pack with this sslfw.")
+    index = fsio.read_json(path, f"re-pack with `sslfw shards pack --out {root}`")
+    found = index.get("format") if isinstance(index, dict) else None
+    if found != FORMAT:
+        raise DataError(f"{path}: format {found!r}, expected {FORMAT!r}. Re-pack with this sslfw.")
     return index
 
 
