@@ -25,7 +25,7 @@ from sslfw.errors import ConfigError
 
 @dataclass
 class DataConfig:
-    shards: str = "shards/embedded"  # a packed folder (index.json)
+    shards: str = "shards/demo-seed0"  # a packed folder (index.json); `sslfw demo` builds this one
     load_crop: int = 80  # native-resolution square crop cut by the loader; views are cut from it on the device
     num_workers: int = 2  # DataLoader workers per stream and rank
     eval_batch_size: int = 64  # per rank

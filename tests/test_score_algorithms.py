@@ -95,3 +95,25 @@ def test_rda_moves_each_score_to_the_labelled_quantile_at_its_rank():
     assert out.logs["rda_weight"] == pytest.approx(2 / 5)
     assert alg.pool_score[1:3].tolist() == [3.0, 3.5] and alg.lb_mos[:2].tolist() == [2.0, 4.0]
     assert torch.isnan(alg.pool_score[0]) and "pool_score" in alg.state_dict()  # checkpointed with the algorithm
+
+
+def test_the_levels_variants_work_on_the_classifiers_expected_level_with_cross_entropy():
+    from sslfw.algorithms import get_algorithm
+
+    class Teacher(nn.Module):
+        def forward(self, x):
+            return {"logits": x * 2}
+
+    assert not get_algorithm("meanteacher_levels").score_head and not get_algorithm("rankup_levels").score_head
+    alg = make("meanteacher_levels", rampup=0.0)
+    z_lb, z_w, z_s = rows([2.0, 0, 0, 0, 0]), rows([0.0, 0, 3.0, 0, 0]), rows([0.0, 0, 0, 1.0, 0])
+    out = alg.step(ScoresAreInputs(), StepBatch(z_lb, torch.tensor([0]), torch.tensor([0]), [z_w], [z_s]),
+                   StepContext(5, 10, Teacher()))  # fmt: skip
+    levels = torch.arange(5.0)
+    expected = (z_s.softmax(-1) @ levels - (z_w * 2).softmax(-1) @ levels) ** 2
+    sup = torch.nn.functional.cross_entropy(z_lb, torch.tensor([0]))
+    assert float(out.logs["unsup_loss"]) == pytest.approx(float(expected.mean()), rel=1e-5)
+    assert float(out.loss) == pytest.approx(float(sup + expected.mean()), rel=1e-5)
+    assert out.pseudo[0].tolist() == [2]  # the teacher's expected level, rounded
+    with pytest.raises(Exception, match="no MOS head to align"):
+        make("rankup_levels", rda=True)

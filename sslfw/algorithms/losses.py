@@ -57,3 +57,25 @@ def score_mse(pred: torch.Tensor, mos: torch.Tensor) -> torch.Tensor:
 def bce_pairs(diff: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """sum over pairs of weight * BCE(sigmoid(diff), target): a Bradley-Terry "j is better than i" loss."""
     return (F.binary_cross_entropy_with_logits(diff.float(), target.float(), reduction="none") * weight).sum()
+
+
+def scores(out: dict[str, torch.Tensor], on_levels: bool) -> torch.Tensor:
+    """The continuous prediction a score-based algorithm works on: the score head's MOS, or (on_levels) the
+    classifier's expected level sum_k k p_k, which keeps the 5-level head and its cross-entropy."""
+    if on_levels:
+        probs = out["logits"].float().softmax(-1)
+        return probs @ torch.arange(probs.shape[-1], device=probs.device, dtype=torch.float32)
+    return out["mos"].float()
+
+
+def supervised_score_loss(lb: dict[str, torch.Tensor], batch: StepBatch, on_levels: bool) -> torch.Tensor:
+    """Cross-entropy on the levels (on_levels) or squared error on the MOS (score_mse)."""
+    return supervised_ce(lb["logits"], batch) if on_levels else score_mse(lb["mos"], batch.mos_lb)
+
+
+def levels_of(score: torch.Tensor, on_levels: bool, edges: tuple[float, ...]) -> torch.Tensor:
+    """The level a continuous prediction reads as: the nearest level, or the MOS through the label edges."""
+    score = score.detach().float().contiguous()
+    if on_levels:
+        return score.round().clamp(0, len(edges)).long()
+    return torch.bucketize(score, score.new_tensor(edges), right=True)

@@ -7,6 +7,8 @@ s~ is the EMA teacher's score of the weak view (the teacher in eval mode, no gra
 is the student's own weak-view score, detached: the Pi-model. The strong view should keep quality (aug.strong:
 iqa_safe): a view that blurs or re-compresses the image changes the very score the teacher is asked to agree on.
 Every image's target is used (no threshold), so `mask_ratio` is 1 and the trace marks all of them used.
+`meanteacher_levels` works on the 5-level classifier instead: s = sum_k k p_k (the expected level) and
+cross-entropy on the labels in place of the MOS error.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from sslfw.algorithms.base import Algorithm, StepBatch, StepContext, StepOutput, forward_views, register
-from sslfw.algorithms.losses import score_mse
+from sslfw.algorithms.losses import levels_of, scores, supervised_score_loss
 
 
 def sigmoid_rampup(step: int, total: int, fraction: float) -> float:
@@ -38,16 +40,26 @@ class MeanTeacher(Algorithm):
         rampup: float = 0.4  # share of the steps over which the consistency weight ramps up (USB's unsup_warm_up)
 
     def step(self, model: nn.Module, batch: StepBatch, ctx: StepContext) -> StepOutput:
+        on_levels = not self.score_head
         if ctx.teacher is not None:
             lb, s = forward_views(model, [batch.x_lb, batch.x_ulb_s[0]])
             with torch.no_grad():
-                target = ctx.teacher(batch.x_ulb_w[0])["mos"].float()
+                target = scores(ctx.teacher(batch.x_ulb_w[0]), on_levels)
         else:  # Pi-model: the student's weak view is the target (forwarded without autograd where allowed)
             lb, w, s = forward_views(model, [batch.x_lb, batch.x_ulb_w[0], batch.x_ulb_s[0]], self.no_grad_views(ctx))
-            target = w["mos"].detach().float()
-        sup = score_mse(lb["mos"], batch.mos_lb)
-        unsup = ((s["mos"].float() - target) ** 2).mean()  # equal per-rank batches: DDP's average is the global mean
+            target = scores(w, on_levels).detach()
+        sup = supervised_score_loss(lb, batch, on_levels)
+        unsup = ((scores(s, on_levels) - target) ** 2).mean()  # equal per-rank batches: DDP averages to the global
         weight = self.cfg.lambda_u * sigmoid_rampup(ctx.step, ctx.total_steps, self.p.rampup)
-        level = torch.bucketize(target.contiguous(), target.new_tensor(self.data.edges), right=True)
+        level = levels_of(target, on_levels, self.data.edges)
         logs = {"sup_loss": sup.detach(), "unsup_loss": unsup.detach(), "mask_ratio": 1.0, "unsup_weight": weight}
         return StepOutput(sup + weight * unsup, logs, pseudo=(level, torch.ones_like(target)))
+
+
+@register
+class MeanTeacherLevels(MeanTeacher):
+    """The same consistency on the 5-level classifier's expected level, with cross-entropy on the labels: no score
+    head, so the score-based idea is tried on the head that fine-tunes best (docs/RESULTS.md)."""
+
+    name = "meanteacher_levels"
+    score_head = False

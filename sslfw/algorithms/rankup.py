@@ -10,6 +10,8 @@ with the number of ranks. With s the score head, M the labelled MOS, q = max(P, 
     L_arc  = mean_pairs BCE(d_j - d_i, (1 + sign(M_j - M_i)) / 2)        (labelled pairs with both MOS known)
     L_arcu = mean_pairs [q >= p_cutoff] BCE(d^s_j - d^s_i, [P^w >= 1/2]) (unlabelled pairs, strong views)
     L = L_reg + arc_loss_ratio * (L_arc + arc_ulb_loss_ratio * L_arcu) [+ lambda_u * w(t) * L_rda]
+`rankup_levels` keeps the 5-level classifier (cross-entropy on the labels) in place of the MOS regression, so the
+ranking classifier is tried beside the head that fine-tunes best.
 RDA (rankup_rda): every pool image's latest weak-view score is kept in a table, every labelled image's MOS in
 another; a weak-view score is aligned by moving it to the labelled MOS distribution's quantile at its rank among
 the table's scores, and
@@ -29,9 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslfw.algorithms.base import Algorithm, DataInfo, StepBatch, StepContext, StepOutput, forward_views, register
-from sslfw.algorithms.losses import score_mse
+from sslfw.algorithms.losses import levels_of, scores, supervised_score_loss
 from sslfw.config import AlgorithmConfig
 from sslfw.dist import all_gather_cat, all_gather_with_grad, rank_offset, world_size
+from sslfw.errors import ConfigError
 
 
 def pair_loss(d_local: torch.Tensor, d_all: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -64,6 +67,8 @@ class RankUp(Algorithm):
 
     def __init__(self, cfg: AlgorithmConfig, data: DataInfo):
         super().__init__(cfg, data)
+        if self.p.rda and not self.score_head:
+            raise ConfigError(f"algorithm.params.rda: {self.name} has no MOS head to align; use rankup_rda")
         if self.p.rda:
             self.register_buffer("pool_score", torch.full((data.num_unlabelled,), float("nan")))
             self.register_buffer("lb_mos", torch.full((data.num_labelled,), float("nan")))
@@ -73,7 +78,7 @@ class RankUp(Algorithm):
 
     def step(self, model: nn.Module, batch: StepBatch, ctx: StepContext) -> StepOutput:
         lb, w, s = forward_views(model, [batch.x_lb, batch.x_ulb_w[0], batch.x_ulb_s[0]], self.no_grad_views(ctx))
-        reg = score_mse(lb["mos"], batch.mos_lb)
+        reg = supervised_score_loss(lb, batch, not self.score_head)
         scale = float(world_size())  # each rank owns its rows' pairs; DDP averages, so the shares sum to the mean
 
         d_lb, mos = lb["rank"].squeeze(-1), all_gather_cat(batch.mos_lb.float())
@@ -95,7 +100,7 @@ class RankUp(Algorithm):
         arc_u = pair_loss(d_s, all_gather_with_grad(d_s), (p >= 0.5).float(), mask) * scale / max(n_pairs, 1.0)
         loss = reg + self.p.arc_loss_ratio * (arc + self.p.arc_ulb_loss_ratio * arc_u)
 
-        score_w = w["mos"].float()
+        score_w = scores(w, not self.score_head)
         used = (mask.sum(1) > 0).float()  # an image is used when one of its pairs passed
         logs = {"sup_loss": reg.detach(), "arc_loss": arc.detach(), "unsup_loss": arc_u.detach(),
                 "mask_ratio": used.mean(), "pair_mask_ratio": mask.sum() / pairs.sum().clamp_min(1)}  # fmt: skip
@@ -104,7 +109,7 @@ class RankUp(Algorithm):
             weight = self.cfg.lambda_u * min(1.0, ctx.step / max(self.p.rda_warmup * ctx.total_steps, 1e-9))
             loss = loss + weight * rda
             logs |= {"rda_loss": rda.detach(), "rda_weight": weight}
-        level = torch.bucketize(score_w.detach().contiguous(), score_w.new_tensor(self.data.edges), right=True)
+        level = levels_of(score_w, not self.score_head, self.data.edges)
         return StepOutput(loss, logs, pseudo=(level, used))
 
     def align(self, batch: StepBatch, score_w: torch.Tensor) -> torch.Tensor:
@@ -139,3 +144,11 @@ class RankUpRDA(RankUp):
     @dataclass
     class Params(RankUp.Params):
         rda: bool = True
+
+
+@register
+class RankUpLevels(RankUp):
+    """The ranking classifier beside the 5-level classifier (cross-entropy on the labels) instead of a MOS head."""
+
+    name = "rankup_levels"
+    score_head = False

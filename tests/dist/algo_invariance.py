@@ -26,7 +26,8 @@ def main(name: str, out: str, steps: int) -> None:
     params = {"adamatch": {"ema_p": 0.7, "p_cutoff": 0.7}, "freematch": {"ema_p": 0.7},
               "comatch": {"queue_size": 40, "da_len": 3, "p_cutoff": 0.2, "contrast_p_cutoff": 0.05},
               "simmatch": {"da_len": 3, "p_cutoff": 0.2}, "crmatch": {"p_cutoff": 0.22},
-              "fixmatch": {"p_cutoff": 0.22}, "rankup": {"p_cutoff": 0.5005}, "rankup_rda": {"p_cutoff": 0.5005}}.get(name, {})
+              "fixmatch": {"p_cutoff": 0.22}, "rankup": {"p_cutoff": 0.5005}, "rankup_rda": {"p_cutoff": 0.5005},
+              "rankup_levels": {"p_cutoff": 0.5005}}.get(name, {})
     cfg = AlgorithmConfig(name=name, params=params)
     resolve_params(cfg)
     algo = cls(cfg, DataInfo(num_labelled=16, num_unlabelled=64, proj_dim=8))
