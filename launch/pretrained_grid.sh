@@ -2,7 +2,7 @@
 # docs/RESULTS.md "Pretrained": the SSL question on the package-shipped ImageNet backbone. Screens every row on val
 # with one seed at 15 %, 5 % and 1.5 % of the train split labelled (demo data seed 0), then the paper's other five
 # algorithms at 15 %. Finished runs are kept, so a rerun resumes. Usage: bash launch/pretrained_grid.sh [STAGE...]
-# (stages: fl15 fl15-p08 fl05 fl0015 paper15; default all, in that order).
+# (stages: fl15 fl05 levels15 levels05 fl15-p08 fl0015 paper15; default all, in that order).
 set -euo pipefail
 SSLFW=${SSLFW:-sslfw}
 DATA=data/demo/seed0
@@ -20,12 +20,14 @@ grid() {  # out_dir, shards, extra pipeline overrides...
 [ -f shards/demo-seed0/index.json ] || { echo "shards/demo-seed0: run sslfw demo first (it builds them)" >&2; exit 2; }
 fraction 0.05 fl005-seed0
 fraction 0.015 fl0015-seed0
-for stage in ${*:-fl15 fl15-p08 fl05 fl0015 paper15}; do
+for stage in ${*:-fl15 fl05 levels15 levels05 fl15-p08 fl0015 paper15}; do
     case $stage in
         fl15) grid fl15 demo-seed0 ;;
         fl15-p08) grid fl15-p08 demo-seed0 --algorithms='[fixmatch]' --params='{fixmatch: {p_cutoff: 0.8}}' ;;
         fl05) grid fl05 fl005-seed0 ;;
         fl0015) grid fl0015 fl0015-seed0 ;;
         paper15) grid paper15 demo-seed0 --algorithms='[adamatch, freematch, comatch, simmatch, crmatch]' ;;
+        levels15) grid levels15 demo-seed0 --algorithms='[meanteacher_levels, rankup_levels]' ;;
+        levels05) grid levels05 fl005-seed0 --algorithms='[meanteacher_levels, rankup_levels]' ;;
     esac
 done
