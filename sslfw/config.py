@@ -206,7 +206,9 @@ def _merge(node: Any, data: dict, prefix: str) -> None:
     for k, v in data.items():
         key = f"{prefix}{k}"
         if k not in hints:
-            raise ConfigError(f"unknown config key {key!r}; known here: {sorted(hints)}")
+            close = difflib.get_close_matches(k, hints, n=1)
+            hint = f"did you mean {prefix + close[0]!r}? " if close else ""
+            raise ConfigError(f"unknown config key {key!r}; {hint}known here: {sorted(hints)}")
         if dataclasses.is_dataclass(hints[k]):
             if not isinstance(v, dict):
                 raise ConfigError(f"{key}: expected a section (mapping), got {v!r}")
@@ -290,7 +292,10 @@ def validate(cfg: Config) -> None:
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {allowed}")
+            close = difflib.get_close_matches(str(value), allowed, n=1)
+            raise ConfigError(
+                f"{key}: {value!r} is not one of {allowed}{f'; did you mean {close[0]!r}?' if close else ''}"
+            )
     if cfg.model.img_size > cfg.data.load_crop:
         raise ConfigError(
             f"model.img_size ({cfg.model.img_size}) must not exceed data.load_crop "

@@ -27,10 +27,10 @@ class EMATeacher:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         d = self.current_decay()
-        for t, s in zip(self.module.parameters(), model.parameters()):
-            t.lerp_(s.detach().float(), 1 - d)
-        for t, s in zip(self.module.buffers(), model.buffers()):
-            t.copy_(s)
+        # One fused kernel per group of tensors, not one launch per tensor (~150 on ViT-S): the same lerp
+        torch._foreach_lerp_(list(self.module.parameters()), [s.detach().float() for s in model.parameters()], 1 - d)
+        # Buffers (BatchNorm's running statistics) are the student's, as in USB: the teacher normalises with them
+        torch._foreach_copy_(list(self.module.buffers()), list(model.buffers()))
         self.updates += 1
 
     def state_dict(self) -> dict:

@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
 from pathlib import Path
 
+from tqdm import tqdm
+
 from sslfw import fsio
 from sslfw.config import LogConfig
+
+
+def progress_bar(iterable=None, show: bool = True, **kw) -> tqdm:
+    """A tqdm bar only where a person watches: a bar redrawn into a Slurm log or a CI file is noise."""
+    return tqdm(iterable, disable=not (show and sys.stderr.isatty()), file=sys.stderr, **kw)
 
 
 class RunLogger:

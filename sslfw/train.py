@@ -44,7 +44,7 @@ from sslfw.dist import any_across_ranks, autocast_for, barrier, make_accelerator
 from sslfw.ema import EMATeacher
 from sslfw.errors import ConfigError, DataError
 from sslfw.evaluate import eval_line, metrics_from_predictions, predict
-from sslfw.logger import RunLogger
+from sslfw.logger import RunLogger, progress_bar
 from sslfw.metrics import constant_guess
 from sslfw.model import IQAModel
 from sslfw.optim import build_optimizer, set_lr
@@ -302,8 +302,8 @@ def _train_claimed(cfg: Config, acc: Accelerator, per_rank: int, resume_from: Pa
             flush=True,
         )
     stop, nonfinite_run, skipped = StopFlag(), 0, int(info.get("skipped_steps", 0))
-    bar = tqdm(
-        total=cfg.train.steps, initial=start, disable=not (main and cfg.log.progress), unit="step", dynamic_ncols=True
+    bar = progress_bar(
+        total=cfg.train.steps, initial=start, show=main and cfg.log.progress, unit="step", dynamic_ncols=True
     )
     t_last, exit_code, step, val, val_step = time.perf_counter(), 0, start, {}, -1
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -178,3 +179,11 @@ def test_commands_print_a_short_summary_and_name_the_files_with_the_details(tiny
     val = {"val/ema/srcc": 0.123456, "val/student/srcc": 0.2, "val/ema/recall_class0": 1.0, "val/ema/n": 9}
     assert headline({"step": 3, "val": val}) == {"step": 3, "val": {"val/ema/srcc": 0.1235, "val/ema/n": 9}}
     assert headline({"val": {"samples": 12}}) == {"val": {"samples": 12}}  # not metrics: left whole
+
+
+def test_a_misspelt_key_or_choice_is_answered_with_the_close_one():
+    for args, hint in [(["--train.stesp=3"], "did you mean 'train.steps'?"),
+                       (["--aug.strong=iqa_save"], "did you mean 'iqa_safe'?"),
+                       (["--algorithm.name=fixmath"], "did you mean 'fixmatch'?")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(hint)):
+            load_config(None, args)

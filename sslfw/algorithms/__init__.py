@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 
 from sslfw.errors import ConfigError
@@ -25,5 +26,8 @@ def get_algorithm(name: str) -> type:
     from sslfw.algorithms.base import REGISTRY
 
     if name not in names():
-        raise ConfigError(f"algorithm.name: {name!r} is not one of {names()}")
+        close = difflib.get_close_matches(name, names(), n=1)
+        raise ConfigError(
+            f"algorithm.name: {name!r} is not one of {names()}{f'; did you mean {close[0]!r}?' if close else ''}"
+        )
     return REGISTRY[name]

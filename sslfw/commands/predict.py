@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from sslfw import fsio
 from sslfw.data.labels import NUM_CLASSES
@@ -25,6 +24,7 @@ from sslfw.data.reader import decode_crop
 from sslfw.data.stream import multi_views
 from sslfw.errors import DataError
 from sslfw.inference import load_model
+from sslfw.logger import progress_bar
 from sslfw.model import expected_score
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -106,7 +106,7 @@ def predict_files(
     model, cfg, _ = load_model(checkpoint, weights)
     model.to(dev)
     rows, skipped = [], []
-    for f in tqdm(files, desc="predict", unit="img", disable=not progress or len(files) == 1, file=sys.stderr):
+    for f in progress_bar(files, show=progress and len(files) > 1, desc="predict", unit="img"):
         try:
             views = torch.from_numpy(load_views(f, cfg.model.img_size, crops))
         except DataError as e:

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from sslfw import ckpt, faults, fsio
 from sslfw.data.pseudo import COLUMNS
@@ -30,6 +29,7 @@ from sslfw.dist import any_across_ranks, autocast_for, barrier, make_accelerator
 from sslfw.errors import DataError
 from sslfw.evaluate import concat, predict_batch, score_of
 from sslfw.inference import load_model
+from sslfw.logger import progress_bar
 from sslfw.preempt import EXIT_PREEMPTED, StopFlag, write_exit_file
 from sslfw.rundir import lock_on_main
 
@@ -88,11 +88,8 @@ def pseudolabel(
     mine = list(range(rank, math.ceil(n / chunk), world))
     todo = [c for c in mine if not (parts / f"chunk-{c:06d}.npz").is_file()]
     ranges = [range(c * chunk, min(n, (c + 1) * chunk)) for c in todo]
-    bar = tqdm(
-        total=sum(len(r) for r in ranges),
-        unit="img",
-        desc="pseudo-labelling",
-        disable=not (progress and acc.is_main_process),
+    bar = progress_bar(
+        total=sum(len(r) for r in ranges), unit="img", desc="pseudo-labelling", show=progress and acc.is_main_process
     )
     t0, done, stop = time.perf_counter(), 0, StopFlag()
     size = (cfg.model.img_size, cfg.model.img_size)

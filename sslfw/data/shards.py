@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 from PIL import Image
-from tqdm import tqdm
 
 from sslfw import fsio
 from sslfw.data import manifest as mf
 from sslfw.data.images import to_rgb8
 from sslfw.data.labels import NUM_CLASSES
 from sslfw.errors import DataError
+from sslfw.logger import progress_bar
 
 INDEX = "index.json"
 FORMAT = "sslfw-shards/1"
@@ -177,7 +177,7 @@ def pack(
     # Written into a staged folder that replaces OUT only when complete: a failed pack leaves the old one intact.
     with fsio.staged_dir(out, _pack_files(Path(out)).__contains__) as out:
         total = sum(len(v) for v in members.values())
-        bar = tqdm(total=total, desc="packing", unit="img", disable=not progress)
+        bar = progress_bar(total=total, desc="packing", unit="img", show=progress)
         n_workers = workers or os.cpu_count() or 1
         pool_ctx = get_context("spawn").Pool(n_workers) if n_workers > 1 and total >= 256 else None
         gidx = 0
