@@ -176,9 +176,10 @@ def write_report(
         out / "report.md",
         f"# sslfw pipeline report ({split} split, {setting})\n\n"
         f"Metrics of the final model ({what}), mean ± std over seeds. SRCC/PLCC are of the predicted score "
-        f"(a classifier's expected level, a score head's MOS) against MOS. The constant guess always answers the median training level; features + ridge is a "
-        f"classical no-reference model trained on the same labelled images (`sslfw/reference.py`). Δsrcc: paired "
-        f"bootstrap over the {split} images and seeds; * when the 95% interval excludes 0. recall by level: share of each "
+        f"(a classifier's expected level, a score head's MOS) against MOS. The constant guess always answers the "
+        f"median training level; features + ridge is a classical no-reference model trained on the same labelled "
+        f"images (`sslfw/reference.py`). Δsrcc: paired bootstrap over the {split} images and seeds; * when the 95% "
+        f"interval excludes 0. recall by level: share of each "
         f"true level predicted exactly. mask_ratio: mean share of unlabelled images above the threshold over the SSL "
         f"stage; used_acc: pseudo-labels that passed the threshold during the SSL stage, against the hidden truth "
         f"(pseudo_labels.png shows both over training); pseudo_acc: the pool's pseudo-labels after the SSL stage "
