@@ -129,7 +129,8 @@ def make_batch(run: Run, lb: dict, ulb: dict | None, gen: torch.Generator) -> St
     )
     if run.cfg.algorithm.sup_targets == "votes":
         batch.y_lb_soft = lb["target"].to(device)
-    batch.mos_lb = lb["mos"].to(device)
+    if "mos" in lb:  # a retraining batch joined with pseudo-labelled images carries levels only
+        batch.mos_lb = lb["mos"].to(device)
     if ulb is not None:
         x_u = images_on(ulb, device, non_blocking=True)
         batch.x_ulb_w = [run.augment.weak(x_u, gen) for _ in range(run.views.weak)]

@@ -308,3 +308,26 @@ def test_eval_with_whole_image_tiles_averages_each_images_tiles(tiny_run, small_
     with torch.no_grad():
         want = model(tiles)["logits"].softmax(-1).mean(0).numpy()
     np.testing.assert_allclose(probs[0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_rerun_with_more_ssl_steps_redoes_what_was_derived_from_the_old_checkpoint(small_shards, tmp_path):
+    """Evaluations, pseudo-labels and the retraining of an SSL stage that ran further are made again from the new
+    checkpoint (the old ones are kept aside, `.stale-N`), so the report shows the model the stage ended with."""
+    p = load_config(
+        None,
+        {"out_dir": str(tmp_path / "out"), "base": str(base_yaml(small_shards, tmp_path)), "algorithms": ["fixmatch"],
+         "ssl": {"train.steps": 4, "ckpt.every": 2, "eval.every": 0}, "retrain": {"train.steps": 2, "eval.every": 0}},
+        cls=PipelineConfig,
+    )  # fmt: skip
+    run_pipeline(p)
+    d = tmp_path / "out" / "fixmatch-iqa_safe-s0"
+    first = json.loads((d / "eval" / "eval.json").read_text())["checkpoint_sha256"]
+    run_pipeline(replace(p, ssl={**p.ssl, "train.steps": 6}))
+    ssl_eval = json.loads((d / "eval_ssl" / "eval.json").read_text())
+    assert ssl_eval["checkpoint"] == str(d / "ssl" / "step-6")
+    assert ssl_eval["checkpoint_sha256"] == ckpt.recorded_sha256(d / "ssl" / "step-6")
+    job = json.loads((d / "pseudo.csv.parts" / "job.json").read_text())
+    assert job["checkpoint_sha256"] == ssl_eval["checkpoint_sha256"]  # pseudo-labels of the 6-step model
+    assert json.loads((d / "eval" / "eval.json").read_text())["checkpoint_sha256"] != first  # retrained on them
+    for old in ("eval_ssl", "pseudo.csv", "pseudo.csv.parts", "retrain", "eval"):
+        assert (d / f"{old}.stale-1").exists(), old  # kept, not deleted

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sslfw import fsio
+from sslfw import ckpt, fsio
 from sslfw.data.labels import NUM_CLASSES
 from sslfw.data.reader import ShardSet
 from sslfw.data.shards import load_index
@@ -69,6 +69,7 @@ def run_eval(
     metrics = metrics_from_predictions(pred, constant_guess(index["sets"]["train"]["class_counts"]))
     result = {
         "checkpoint": str(ckpt_dir),
+        "checkpoint_sha256": ckpt.recorded_sha256(ckpt_dir),  # resolve() checked it against the file
         "weights": weights,
         "split": split,
         "crops": crops,

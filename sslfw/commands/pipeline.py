@@ -10,6 +10,7 @@ row) in markdown and csv, and learning-curve PNGs.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from itertools import product
 from pathlib import Path
@@ -160,12 +161,17 @@ def check(p: PipelineConfig) -> None:
 
 
 def run_one(p: PipelineConfig, algorithm: str, policy: str, seed: int) -> dict:
+    """One row's stages. Each derived file is checked against what it was derived from (the checkpoint's sha256),
+    so a rerun with more SSL steps redoes the evaluation, pseudo-labels and retraining instead of reusing them."""
     d = Path(p.out_dir) / run_name(algorithm, policy, seed)
     paths = _paths(p, d)
     ssl = _train_stage(p.base, ssl_overrides(p, algorithm, policy, seed))
     final, stages = ssl, {}
     if algorithm != "supervised" and p.retrain_stage:
         stages["ssl"] = _evaluate(p, _pick(p, ssl), paths["eval_ssl"])
+        if _stale_pseudo(paths["pseudo"], _pick(p, ssl)) and is_main_process():
+            _move_aside(paths["pseudo"], paths["pseudo"].with_name(paths["pseudo"].name + ".parts"), paths["retrain"])
+        barrier()
         if not paths["pseudo"].is_file():
             done = pseudolabel(_pick(p, ssl), paths["pseudo"], weights=p.weights, crops=p.crops, progress=False)
             if done["exit_code"]:
@@ -175,11 +181,34 @@ def run_one(p: PipelineConfig, algorithm: str, policy: str, seed: int) -> dict:
     return stages | _files(p, d) | {"seed": seed}
 
 
+def _stale_pseudo(csv_path: Path, checkpoint: Path) -> bool:
+    """Pseudo-labels made by another checkpoint than the stage's current one (the SSL stage ran further)."""
+    job = csv_path.with_name(csv_path.name + ".parts") / "job.json"
+    if not csv_path.is_file() or not job.is_file():
+        return False
+    made_by = json.loads(job.read_text()).get("checkpoint_sha256")
+    return made_by != ckpt.recorded_sha256(ckpt.resolve(checkpoint, "checkpoint"))
+
+
+def _move_aside(*paths: Path) -> None:
+    """Derived outputs of an older stage: kept beside, renamed `NAME.stale-N`, never deleted."""
+    for path in paths:
+        if path.exists():
+            n = 1 + sum(1 for _ in path.parent.glob(f"{path.name}.stale-*"))
+            os.replace(path, path.with_name(f"{path.name}.stale-{n}"))
+            print(f"[sslfw] pipeline: {path} was made from an older checkpoint; moved to {path.name}.stale-{n}")
+
+
 def _evaluate(p: PipelineConfig, run_dir: Path, out: Path) -> dict:
-    if not (out / "eval.json").is_file():
+    current = ckpt.recorded_sha256(ckpt.resolve(run_dir, "checkpoint"))
+    found = out / "eval.json"
+    if found.is_file() and json.loads(found.read_text()).get("checkpoint_sha256") != current and is_main_process():
+        _move_aside(out)  # an evaluation of an older checkpoint of this stage
+    barrier()
+    if not found.is_file():
         run_eval(run_dir, p.eval_split, p.weights, p.crops, out=out)
     barrier()
-    return json.loads((out / "eval.json").read_text())["metrics"]
+    return json.loads(found.read_text())["metrics"]
 
 
 def _finished_run(p: PipelineConfig, d: Path) -> dict | None:
