@@ -54,11 +54,6 @@ def score_mse(pred: torch.Tensor, mos: torch.Tensor) -> torch.Tensor:
     return (err**2).sum() * world_size() / count
 
 
-def bce_pairs(diff: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """sum over pairs of weight * BCE(sigmoid(diff), target): a Bradley-Terry "j is better than i" loss."""
-    return (F.binary_cross_entropy_with_logits(diff.float(), target.float(), reduction="none") * weight).sum()
-
-
 def scores(out: dict[str, torch.Tensor], on_levels: bool) -> torch.Tensor:
     """The continuous prediction a score-based algorithm works on: the score head's MOS, or (on_levels) the
     classifier's expected level sum_k k p_k, which keeps the 5-level head and its cross-entropy."""
