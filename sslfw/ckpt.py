@@ -1,4 +1,11 @@
-"""Checkpoints as `step-N/` directories: written under `step-N.tmp/`, completed by a marker, then renamed.
+"""The one owner of checkpoints: what they hold (`Checkpointer`, `read`), where they are (`resolve`,
+`resolve_resume`) and how they are written (`save`).
+
+Layout: a `step-N/` directory holding `state.pt` (one entry per registered part: model, optimizer, algorithm, ema)
+and `trainer_state.json` (step, skipped steps, world size, stream position, the resolved config, the val score).
+Changing it is this file and tests/test_checkpoint.py.
+
+Writes go under `step-N.tmp/`, are completed by a marker, then renamed.
 
 A directory counts only if its COMPLETE marker exists and the files it lists have the sizes (and, for the one
 chosen, the sha256) the marker records. A directory named `step-N` is never deleted in place: it is renamed aside
@@ -17,12 +24,16 @@ import pickle
 import re
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
+import yaml
 
 from sslfw import faults, fsio
-from sslfw.errors import DataError
+from sslfw.dist import barrier
+from sslfw.errors import ConfigError, DataError
 
 MARKER = "COMPLETE"
 BEST = "best"  # RUN/best names the kept checkpoint with the best validation score
@@ -127,6 +138,8 @@ def resolve(path: Path, option: str) -> Path:
     `option` names the flag in errors. Whichever way it is named, its files are checked against their sha256
     before it is used (a damaged checkpoint given by name is refused, never read)."""
     path = Path(path)
+    if path.is_symlink() and path.exists():  # RUN/best: the step it names, so records and messages say which
+        path = path.resolve()
     if path.name == BEST and not path.exists() and path.parent.is_dir():
         found = best(path.parent)
         if found is None:
@@ -196,7 +209,20 @@ def save(run_dir: Path, step: int, state: dict, info: dict, keep: int, keep_best
         doomed = stale.with_name(stale.name.split(".")[0] + ".pruned")
         os.replace(stale, doomed)  # never a step-N name on a half-deleted folder
         shutil.rmtree(doomed, ignore_errors=True)
+    if spare is not None:
+        _link_best(run_dir, spare)
     return final
+
+
+def _link_best(run_dir: Path, target: Path) -> None:
+    """RUN/best: a relative symlink to the best-scored kept checkpoint, so `ls` and tab completion find it (swapped
+    in by a rename; a real file or folder of that name is left alone)."""
+    link, tmp = run_dir / BEST, run_dir / f".{BEST}.tmp"
+    if link.exists() and not link.is_symlink():
+        return
+    tmp.unlink(missing_ok=True)
+    os.symlink(target.name, tmp)
+    os.replace(tmp, link)
 
 
 def load(path: Path) -> tuple[dict, dict]:
@@ -220,3 +246,143 @@ def load(path: Path) -> tuple[dict, dict]:
             f"{path / STATE}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); use an older checkpoint"
         ) from None
     return state, fsio.read_json(path / INFO, "name another checkpoint")
+
+
+# What a training checkpoint holds ------------------------------------------------------------------------------
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> Any: ...
+
+
+class Checkpointer:
+    """Saves and restores every stateful part a run registers (torchtitan's pattern), with the trainer info beside
+    them. Per-rank RNG and stream positions are functions of (seed, rank, step), so the step pins them all."""
+
+    def __init__(self, run_dir: Path, ckpt_cfg, main: bool, parts: dict[str, Stateful | None], **info: Any):
+        self.run_dir, self.cfg, self.main, self.parts = Path(run_dir), ckpt_cfg, main, parts
+        self.info = info  # seed, world_size, grad_accum, config: fixed for the run
+
+    def restore(self, state: dict) -> None:
+        for name, part in self.parts.items():
+            if part is not None:
+                part.load_state_dict(state[name])
+
+    def save(self, step: int, skipped: int, val: dict | None) -> None:
+        """Every rank calls it; the main process writes. `val`: this step's evaluation, which ranks it for RUN/best."""
+        if self.main:
+            state = {name: part.state_dict() if part is not None else None for name, part in self.parts.items()}
+            info = {
+                "step": step,
+                "seed": self.info["seed"],
+                "world_size": self.info["world_size"],
+                "skipped_steps": skipped,
+                "stream_position": step * self.info["grad_accum"],
+                "rng": "reseeded each step from (seed, rank, step)",
+                "lr_schedule": "warmup+cosine, a function of step (optim config)",
+                "config": self.info["config"],
+                "data": self.info.get("data"),  # what it trained on (shards.identity): resume and eval check it
+            }
+            if val and (score := val_score(val)):
+                info["val_score"] = score
+            save(self.run_dir, step, state, info, self.cfg.keep, self.cfg.keep_best)
+        barrier()
+
+
+@dataclass
+class Saved:
+    """A checkpoint read back: its folder, state and trainer info."""
+
+    path: Path
+    state: dict
+    info: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.info.get("step", 0))
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(self.info.get("skipped_steps", 0))
+
+    @property
+    def config(self) -> dict:
+        """The resolved config it was trained with (runs older than sslfw 0.2 kept it only in RUN/config.yaml)."""
+        return self.info["config"] if "config" in self.info else _read_yaml(self.path.parent / "config.yaml")
+
+    def weights(self, which: str) -> dict:
+        """The EMA teacher's ("ema") or the student's ("student") model weights."""
+        if which == "ema":
+            if not self.state.get("ema"):
+                raise DataError(
+                    f"{self.path} has no EMA teacher (trained with ema.enabled=false); use --weights student"
+                )
+            return self.state["ema"]["module"]
+        if which == "student":
+            return self.state["model"]
+        raise ValueError(f"weights must be 'ema' or 'student', got {which!r}")
+
+
+def recorded_data(path: Path) -> dict | None:
+    """The data identity a checkpoint recorded (shards.identity), None for checkpoints older than the record."""
+    return fsio.read_json(Path(path) / INFO, "name another checkpoint").get("data")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the run's config ({str(e).splitlines()[0]})") from None
+
+
+def read(path: Path, option: str) -> Saved:
+    """The checkpoint `path` names (a step-N folder, RUN/best or a run folder), checked against its sha256, loaded."""
+    found = resolve(path, option)
+    return Saved(found, *load(found))
+
+
+# Which checkpoint a training start continues from ----------------------------------------------------------------
+
+ARCHITECTURE = ("model.name", "model.kwargs", "model.img_size", "model.proj_dim", "algorithm.name")
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+    return tree
+
+
+def resolve_resume(run_dir: Path, resume: str, config: dict, main: bool) -> Path | None:
+    """The checkpoint a start continues from (None: a fresh start), after refusing what would mix two runs."""
+    if resume == "auto":
+        path = latest(run_dir, verbose=main)
+        return _same_architecture(path, config) if path else None
+    if resume == "none":
+        found = valid_checkpoints(run_dir)
+        if found:
+            raise DataError(
+                f"{run_dir}: holds checkpoints up to step {found[-1][0]}, and --resume none would train "
+                f"over them. Resume with --resume auto, choose another run_dir, or add "
+                f"--ckpt.overwrite=true to move the old run aside"
+            )
+        return None
+    return _same_architecture(resolve(Path(resume), "ckpt.resume"), config)
+
+
+def _same_architecture(path: Path, config: dict) -> Path:
+    """`path`, if the checkpoint was trained with this model and algorithm (also for folders from before run.json)."""
+    info = fsio.read_json(path / INFO, "name another checkpoint") if (path / INFO).is_file() else {}
+    theirs = info.get("config", {})
+    changed = [
+        f"{k}: {_get(theirs, k)!r} -> {_get(config, k)!r}"
+        for k in ARCHITECTURE
+        if theirs and _get(theirs, k) != _get(config, k)
+    ]
+    if changed:
+        raise DataError(
+            f"ckpt.resume: {path} was trained with another architecture ({'; '.join(changed)}); "
+            f"resume with the config it was trained with"
+        )
+    return path

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from sslfw import ckpt, fsio
+from sslfw.dist import any_across_ranks, barrier
 from sslfw.errors import DataError
 
 IDENTITY = "run.json"
@@ -115,57 +116,12 @@ class FolderLock:
             self._fd = -1
 
 
-ARCHITECTURE = ("model.name", "model.kwargs", "model.img_size", "model.proj_dim", "algorithm.name")
-
-
-def _get(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
-    return tree
-
-
-def resolve_resume(run_dir: Path, resume: str, config: dict, main: bool) -> Path | None:
-    """The checkpoint a start continues from (None: a fresh start), after refusing what would mix two runs."""
-    if resume == "auto":
-        path = ckpt.latest(run_dir, verbose=main)
-        return _same_architecture(path, config) if path else None
-    if resume == "none":
-        found = ckpt.valid_checkpoints(run_dir)
-        if found:
-            raise DataError(
-                f"{run_dir}: holds checkpoints up to step {found[-1][0]}, and --resume none would train "
-                f"over them. Resume with --resume auto, choose another run_dir, or add "
-                f"--ckpt.overwrite=true to move the old run aside"
-            )
-        return None
-    path = ckpt.resolve(Path(resume), "ckpt.resume")
-    return _same_architecture(path, config)
-
-
-def _same_architecture(path: Path, config: dict) -> Path:
-    """`path`, if the checkpoint was trained with this model and algorithm (also for folders from before run.json)."""
-    theirs = json.loads((path / ckpt.INFO).read_text()).get("config", {}) if (path / ckpt.INFO).is_file() else {}
-    changed = [
-        f"{k}: {_get(theirs, k)!r} -> {_get(config, k)!r}"
-        for k in ARCHITECTURE
-        if theirs and _get(theirs, k) != _get(config, k)
-    ]
-    if changed:
-        raise DataError(
-            f"ckpt.resume: {path} was trained with another architecture ({'; '.join(changed)}); "
-            f"resume with the config it was trained with"
-        )
-    return path
-
-
 def claim(
     run_dir: str | Path, ckpt_cfg, config: dict, main: bool, device
 ) -> tuple[Path | None, FolderLock | None, bool]:
     """Take RUN_DIR for a training start: (checkpoint to resume from or None, the lock on the main process, whether
     this start made the folder). Refusals (another run's folder, --resume none over checkpoints, another
     architecture, a live trainer) are DataErrors raised on every rank alike, before anything is written."""
-    from sslfw.dist import barrier
-
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise DataError(f"run_dir: {run_dir} is a file; give a folder")
@@ -179,7 +135,7 @@ def claim(
         if main:  # with the folder locked, finish what a kill during a re-save left
             ckpt.tidy(run_dir)
         barrier()
-        resume_from = resolve_resume(run_dir, ckpt_cfg.resume, config, main)
+        resume_from = ckpt.resolve_resume(run_dir, ckpt_cfg.resume, config, main)
     except Exception:
         if lock is not None:
             lock.release()
@@ -191,8 +147,6 @@ def claim(
 
 def lock_on_main(folder: Path, what: str, main: bool, device) -> FolderLock | None:
     """The main process locks `folder` for a job; every rank raises the same DataError when it is taken."""
-    from sslfw.dist import any_across_ranks
-
     lock, busy = None, ""
     if main:
         try:

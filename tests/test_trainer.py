@@ -15,8 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sslfw import ckpt, trace
 from sslfw.algorithms.base import DataInfo
-from sslfw.config import load_config
 from sslfw.preempt import EXIT_NONFINITE, EXIT_PREEMPTED
+from sslfw.runconfig import load_config
 from sslfw.train import PREEMPTED, train
 from tests.helpers import child_env, run_sslfw, tiny_overrides, torchrun
 
@@ -159,7 +159,7 @@ def test_weak_view_without_autograd_gives_the_same_losses_and_batchnorm_models_k
     masks = [[r["train/mask_ratio"] for r in rows(tmp_path / d) if "train/mask_ratio" in r] for d in ("true", "false")]
     assert masks[0] == masks[1] and any(m > 0 for m in masks[0])  # the same pseudo-labels passed, and some did
     from sslfw.dist import make_accelerator
-    from sslfw.train import build_run
+    from sslfw.step import build_run
 
     for name, kwargs, split_expected in (("resnet10t", "{}", False), ("vit_tiny_patch16_224", None, True)):
         over = {"model.name": name} | ({"model.kwargs": kwargs} if kwargs else {})
@@ -211,7 +211,8 @@ class HostReads(TorchDispatchMode):
 def test_a_training_step_reads_back_to_the_host_once(name, small_shards, tmp_path):
     from sslfw.data.reader import ShardSet
     from sslfw.dist import make_accelerator
-    from sslfw.train import build_run, make_batch, open_streams, train_step
+    from sslfw.session import open_streams
+    from sslfw.step import build_run, make_batch, train_step
 
     params = {"comatch": "{queue_size: 16}"}.get(name, "{}")
     cfg = load_config(

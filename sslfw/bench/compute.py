@@ -12,13 +12,14 @@ from dataclasses import replace
 
 import torch
 
+from sslfw.algorithms import resolve_params
 from sslfw.algorithms.base import DataInfo, StepBatch
 from sslfw.bench import Table, median_seconds
-from sslfw.config import Config, resolve_params
+from sslfw.config import Config
 from sslfw.data.reader import ShardSet
 from sslfw.data.stream import StreamId, TrainStream, make_loader
 from sslfw.dist import SYNC, make_accelerator
-from sslfw.train import build_run, make_batch, per_rank_batch, train_step
+from sslfw.step import build_run, make_batch, per_rank_batch, train_step
 
 
 class Harness:
