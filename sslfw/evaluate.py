@@ -6,8 +6,13 @@ class probabilities, averaged over crops when several native-resolution crops ar
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+from accelerate import Accelerator
 from torch import nn
 
 from sslfw.data.jpeg import images_on
@@ -20,27 +25,39 @@ from sslfw.model import expected_score
 
 
 @torch.no_grad()
-def predict_batch(model: nn.Module, batch: dict, device: torch.device, autocast) -> dict[str, np.ndarray]:
-    """idx, label, mos, key, crop-averaged class probabilities and the continuous `score` of one loader batch (model
-    in eval mode). The score is the expected level for a classifier and the predicted MOS for a model with a score
-    head, whose levels (one-hot `probs`) are that MOS read through the edges it was trained with."""
-    x = images_on(batch, device).float() / 255
-    crops = x.shape[1] if x.ndim == 5 else 1
+def predict_views(
+    model: nn.Module, x: torch.Tensor, counts: torch.Tensor, device: torch.device, autocast, chunk: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class probabilities, continuous score) per image of views `x` (uint8, NCHW), `counts[i]` consecutive views
+    belonging to image i, moved to `device` and made float `chunk` views at a time (0: all at once), so a huge
+    photo's many views never exist as floats all together. The one prediction routine of eval,
+    pseudo-labelling and predict. The score is the expected level for a classifier and the predicted MOS for a
+    model with a score head, whose levels (one-hot `probs`) are that MOS read through the edges it was trained
+    with."""
     with autocast():
-        out = model(x.flatten(0, 1) if x.ndim == 5 else x)
-    per_view = out["mos"].float()[:, None] if "mos" in out else out["logits"].float().softmax(-1)
-    if "tiles" in batch:  # whole-image tiles: a variable number per image, averaged per image
-        counts = batch["tiles"].to(device)
-        owner = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
-        per_image = torch.zeros(len(counts), per_view.shape[-1], device=device)
-        per_image = per_image.index_add_(0, owner, per_view) / counts[:, None]
-    else:
-        per_image = per_view.view(len(x), crops, -1).mean(1)
-    if "mos" in out:
+        outs = [model(part.to(device).float() / 255) for part in (x.split(chunk) if chunk else (x,))]
+    head = "mos" in outs[0]
+    per_view = torch.cat([o["mos"].float()[:, None] if head else o["logits"].float().softmax(-1) for o in outs])
+    counts = counts.to(device)
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
+    per_image = torch.zeros(len(counts), per_view.shape[-1], device=device).index_add_(0, owner, per_view)
+    per_image = per_image / counts[:, None]
+    if head:
         score = per_image[:, 0]
-        probs = nn.functional.one_hot(model.levels(score), NUM_CLASSES).float()
+        return nn.functional.one_hot(model.levels(score), NUM_CLASSES).float(), score
+    return per_image, expected_score(per_image)
+
+
+@torch.no_grad()
+def predict_batch(model: nn.Module, batch: dict, device: torch.device, autocast) -> dict[str, np.ndarray]:
+    """idx, label, mos, key, view-averaged class probabilities and the continuous score of one loader batch (model
+    in eval mode): fixed crops per image, or whole-image tiles (`tiles`: how many per image)."""
+    x = images_on(batch, device)
+    if "tiles" in batch:
+        counts = batch["tiles"]
     else:
-        probs, score = per_image, expected_score(per_image)
+        counts = torch.full((len(x),), x.shape[1] if x.ndim == 5 else 1, dtype=torch.long)
+    probs, score = predict_views(model, x.flatten(0, 1) if x.ndim == 5 else x, counts, device, autocast)
     return {
         "probs": probs.cpu().numpy(),
         "score": score.cpu().numpy(),
@@ -80,30 +97,44 @@ def predict_stream(
     return concat(parts)
 
 
-def predict(
-    model: nn.Module,
-    shards: ShardSet,
-    img_size: int,
-    batch_size: int,
-    num_workers: int,
-    rank: int,
-    world: int,
-    device: torch.device,
-    autocast,
-    crops: int = 1,
-) -> dict[str, np.ndarray]:
-    """Predictions for the whole set, gathered from all ranks, sorted by sample index, checked exactly-once."""
-    stream = EvalStream(shards, batch_size, (img_size, img_size), rank, world, crops=crops)
-    ranks = gather_objects(predict_stream(model, stream, num_workers, device, autocast))
-    out = {k: np.concatenate([r[k] for r in ranks]) for k in ranks[0]}
-    order = np.argsort(out["idx"], kind="stable")
-    out = {k: v[order] for k, v in out.items()}
-    if not np.array_equal(out["idx"], np.arange(len(shards))):
-        raise RuntimeError(
-            f"evaluation of {shards.name} covered {len(np.unique(out['idx']))} distinct of "
-            f"{len(shards)} samples with {len(out['idx'])} predictions: the split is broken"
-        )
-    return out
+@dataclass
+class Evaluator:
+    """One split, predicted in slices across ranks and gathered: the trainer's periodic evaluation and `sslfw eval`
+    share it, so both read the same images the same way."""
+
+    shards: ShardSet
+    img_size: int
+    batch_size: int
+    num_workers: int
+    acc: Accelerator
+    autocast: Callable[[], AbstractContextManager]
+    constant: int  # the constant guess's level (the median training level), for const_mae
+    crops: int = 1
+
+    def predict(self, model: nn.Module) -> dict[str, np.ndarray]:
+        """Predictions for the whole set, sorted by sample index, checked to cover it exactly once."""
+        acc = self.acc
+        size = (self.img_size, self.img_size)
+        stream = EvalStream(self.shards, self.batch_size, size, acc.process_index, acc.num_processes, crops=self.crops)
+        ranks = gather_objects(predict_stream(model, stream, self.num_workers, acc.device, self.autocast))
+        out = {k: np.concatenate([r[k] for r in ranks]) for k in ranks[0]}
+        order = np.argsort(out["idx"], kind="stable")
+        out = {k: v[order] for k, v in out.items()}
+        if not np.array_equal(out["idx"], np.arange(len(self.shards))):
+            raise RuntimeError(
+                f"evaluation of {self.shards.name} covered {len(np.unique(out['idx']))} distinct of "
+                f"{len(self.shards)} samples with {len(out['idx'])} predictions: the split is broken"
+            )
+        return out
+
+    def metrics(self, models: dict[str, nn.Module | None]) -> dict:
+        """{"SPLIT/NAME/metric": value} for each named model that exists (the EMA teacher may not)."""
+        out = {}
+        for name, model in models.items():
+            if model is not None:
+                metrics = metrics_from_predictions(self.predict(model), self.constant)
+                out |= {f"{self.shards.name}/{name}/{k}": v for k, v in metrics.items()}
+        return out
 
 
 def metrics_from_predictions(pred: dict[str, np.ndarray], constant: int) -> dict:

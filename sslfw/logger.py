@@ -23,10 +23,31 @@ def progress_bar(iterable=None, show: bool = True, **kw) -> tqdm:
     return tqdm(iterable, disable=not (show and sys.stderr.isatty()), file=sys.stderr, **kw)
 
 
+METRICS_LOG = "metrics.jsonl"  # one JSON object per line: {"step", "train/...", "val/..."}
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    """The rows RunLogger wrote to RUN_DIR/metrics.jsonl (none if absent; a line torn by a kill is skipped)."""
+    path = Path(run_dir) / METRICS_LOG
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 class RunLogger:
-    def __init__(self, run_dir: Path, enabled: bool, log: LogConfig, config: dict, resume_step: int):
+    """metrics.jsonl (always, main process) and W&B (unless disabled). `summaries`: {"val/ema/srcc": "max", ...},
+    so W&B's run summary holds each metric's best evaluation rather than its last."""
+
+    def __init__(
+        self, run_dir: Path, enabled: bool, log: LogConfig, config: dict, resume_step: int,
+        summaries: dict[str, str] | None = None,
+    ):  # fmt: skip
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS_LOG
         self._wandb, self._offline_dir = None, None
         if not enabled:
             return
@@ -55,20 +76,15 @@ class RunLogger:
                 self._offline_dir = Path(self._wandb.dir).parent  # RUN_DIR/wandb/offline-run-...
             self._wandb.define_metric("train/step")
             self._wandb.define_metric("*", step_metric="train/step")
+            for key, summary in (summaries or {}).items():
+                self._wandb.define_metric(key, step_metric="train/step", summary=summary)
 
     def _truncate_after(self, step: int) -> None:
         """A resumed run replays steps after its checkpoint: drop their old rows (and a torn last line)."""
         if not self.path.is_file():
             return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row.get("step", 0) <= step:
-                keep.append(line)
-        fsio.write_text(self.path, "".join(f"{line}\n" for line in keep))
+        keep = [row for row in read_log(self.path.parent) if row.get("step", 0) <= step]
+        fsio.write_text(self.path, "".join(json.dumps(row) + "\n" for row in keep))
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:

@@ -3,10 +3,41 @@ KonIQ's skewed classes always answering the majority level already scores MAE 0.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import stats
 
 from sslfw.data.labels import NUM_CLASSES
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    higher_is_better: bool
+    what: str
+
+
+# The one list of reported metrics, in report order (SRCC first: the paper's MAE columns beside the honest ones):
+# eval.md and the pipeline report print these, W&B keeps each one's best value (max or min) as the run's summary.
+METRICS = (
+    Metric("srcc", True, "Spearman rank correlation of the predicted score with MOS"),
+    Metric("mae", False, "mean absolute error in levels"),
+    Metric("const_mae", False, "MAE of always answering the median training level"),
+    Metric("plcc", True, "Pearson correlation of the predicted score with MOS"),
+    Metric("mae_class3", False, "MAE on images whose true level is 3"),
+    Metric("mae_class4", False, "MAE on images whose true level is 4"),
+    Metric("mae_class34", False, "MAE on true levels 3 and 4 (the paper's)"),
+    Metric("macro_mae", False, "MAE averaged over the five true levels"),
+    Metric("accuracy", True, "share of images at their exact level"),
+    Metric("qwk", True, "quadratic weighted kappa"),
+)
+
+
+def best_summaries(prefixes: list[str]) -> dict[str, str]:
+    """{"PREFIX/metric": "max" | "min"} for W&B's define_metric: a run's summary is its best evaluation, not its
+    last."""
+    return {f"{p}/{m.name}": "max" if m.higher_is_better else "min" for p in prefixes for m in METRICS}
 
 
 def quadratic_weighted_kappa(y: np.ndarray, p: np.ndarray, k: int = NUM_CLASSES) -> float:

@@ -9,27 +9,13 @@ import numpy as np
 from sslfw import ckpt, fsio
 from sslfw.data.labels import NUM_CLASSES
 from sslfw.data.reader import ShardSet
-from sslfw.data.shards import load_index
+from sslfw.data.shards import identity, load_index
 from sslfw.dist import autocast_for, make_accelerator
 from sslfw.errors import DataError
-from sslfw.evaluate import metrics_from_predictions, predict
+from sslfw.evaluate import Evaluator, metrics_from_predictions
 from sslfw.inference import load_model
-from sslfw.metrics import constant_guess
+from sslfw.metrics import METRICS, constant_guess
 from sslfw.rundir import lock_on_main
-
-# The paper's columns first; the honest ones (constant guess, correlations) beside them.
-REPORT_KEYS = (
-    "mae",
-    "const_mae",
-    "mae_class3",
-    "mae_class4",
-    "mae_class34",
-    "macro_mae",
-    "accuracy",
-    "qwk",
-    "srcc",
-    "plcc",
-)
 
 
 def run_eval(
@@ -49,24 +35,21 @@ def run_eval(
     model.to(acc.device)
     root = Path(shards or cfg.data.shards)
     index = load_index(root)
+    trained = ckpt.recorded_data(ckpt_dir)
+    if trained and trained["label_edges"] != identity(index)["label_edges"]:
+        raise DataError(
+            f"--shards {root}: its levels are cut at MOS {identity(index)['label_edges']}, {ckpt_dir} was trained "
+            f"with {trained['label_edges']}; the metrics would compare different levels. Evaluate on shards packed "
+            f"with the same --bins"
+        )
     data = ShardSet(root, split, cfg.data.jpeg_on_device)
     if len(data) == 0:
         raise DataError(f"{root}: split {split!r} has no samples; choose another --split")
     lock = lock_on_main(Path(out), f"sslfw eval (--out {out})", acc.is_main_process, acc.device) if out else None
-    autocast = autocast_for(acc)
-    pred = predict(
-        model,
-        data,
-        cfg.model.img_size,
-        batch_size,
-        num_workers,
-        acc.process_index,
-        acc.num_processes,
-        acc.device,
-        autocast,
-        crops,
-    )
-    metrics = metrics_from_predictions(pred, constant_guess(index["sets"]["train"]["class_counts"]))
+    constant = constant_guess(index["sets"]["train"]["class_counts"])
+    evaluator = Evaluator(data, cfg.model.img_size, batch_size, num_workers, acc, autocast_for(acc), constant, crops)
+    pred = evaluator.predict(model)
+    metrics = metrics_from_predictions(pred, constant)
     result = {
         "checkpoint": str(ckpt_dir),
         "checkpoint_sha256": ckpt.recorded_sha256(ckpt_dir),  # resolve() checked it against the file
@@ -91,7 +74,7 @@ def run_eval(
 
 def markdown(result: dict) -> str:
     m = result["metrics"]
-    rows = "\n".join(f"| {k} | {m[k]:.4f} |" for k in REPORT_KEYS if k in m)
+    rows = "\n".join(f"| {x.name} | {m[x.name]:.4f} |" for x in METRICS if x.name in m)
     return (
         f"# Evaluation: {result['split']} ({m['n']} images), {result['weights']} weights, "
         f"{'whole-image tiles' if result['crops'] == 0 else str(result['crops']) + ' crop(s)'}\n\n"

@@ -14,16 +14,18 @@ import os
 from dataclasses import asdict, dataclass, field
 from itertools import product
 from pathlib import Path
+from typing import Literal
 
 from sslfw import ckpt
 from sslfw.algorithms import names
 from sslfw.commands.evaljob import run_eval
 from sslfw.commands.pseudolabel import pseudolabel
 from sslfw.commands.report import report_to_wandb, write_report
-from sslfw.config import load_config, nested
+from sslfw.config import Config, Crops, Split, Weights, nested
 from sslfw.dist import barrier, is_main_process
 from sslfw.errors import ConfigError
 from sslfw.preempt import EXIT_PREEMPTED
+from sslfw.runconfig import load_config
 from sslfw.train import train
 
 
@@ -40,13 +42,13 @@ class PipelineConfig:
     # false: an SSL row is its SSL model (no pseudo-labelling, no retraining), which halves its cost
     retrain_stage: bool = True
     min_confidence: float = 0.0  # pseudo-labels below this confidence are not used for retraining
-    eval_split: str = "test"
-    weights: str = "ema"  # ema | student: the weights that pseudo-label the pool and are evaluated
-    crops: int = 1  # 1 (centre), 5 (centre + corners) or 0 (tiles covering the whole image) for pseudo-labels and eval
+    eval_split: Split = "test"
+    weights: Weights = "ema"  # the weights that pseudo-label the pool and are evaluated
+    crops: Crops = 1  # views per image for pseudo-labels and eval (see Crops)
     # last | best: the checkpoint that pseudo-labels and is evaluated, of each stage: its last step, or the step with
     # the best val SRCC (kept by ckpt.keep_best). `best` writes its own pseudo-labels, retraining and evaluations
     # (`*-best`) beside last's, so one folder holds both.
-    checkpoint: str = "last"
+    checkpoint: Literal["last", "best"] = "last"
     report_only: bool = False  # run nothing: report the runs that have finished so far
     truth: str = ""  # an embedded dataset's synth_truth.csv: the report scores pseudo-labels with it (training never)
 
@@ -56,8 +58,7 @@ def _finished(run_dir: Path, steps: int) -> bool:
     return bool(found) and found[-1][0] >= steps
 
 
-def _train_stage(base: str, overrides: dict) -> Path:
-    cfg = load_config(base, nested(overrides))
+def _train_stage(cfg: Config) -> Path:
     run_dir = Path(cfg.run_dir)
     if not _finished(run_dir, cfg.train.steps):
         result = train(cfg)
@@ -66,14 +67,21 @@ def _train_stage(base: str, overrides: dict) -> Path:
     return run_dir
 
 
+def group_name(out_dir: Path) -> str:
+    """A pipeline's W&B group: its folder and the one above, which name it and its data ("demo/data-seed0"), not
+    a path that depends on where it was started."""
+    return "/".join(Path(out_dir).resolve().parts[-2:])
+
+
 def run_name(algorithm: str, policy: str, seed: int) -> str:
     return f"supervised-s{seed}" if algorithm == "supervised" else f"{algorithm}-{policy}-s{seed}"
 
 
 def _wandb_names(p: PipelineConfig, algorithm: str, policy: str, seed: int, stage: str) -> dict:
-    """W&B identity of a stage: grouped by the pipeline's out_dir, named run/stage, typed and tagged."""
+    """W&B identity of a stage: grouped by the pipeline (group_name), named run/stage, typed and tagged."""
     tags = [algorithm, f"seed{seed}"] + ([] if algorithm == "supervised" else [policy])
-    return {"log.group": p.out_dir, "log.name": f"{run_name(algorithm, policy, seed)}/{stage}", "log.job_type": stage,
+    return {"log.group": group_name(Path(p.out_dir)), "log.name": f"{run_name(algorithm, policy, seed)}/{stage}",
+            "log.job_type": stage,
             "log.tags": tags}  # fmt: skip
 
 
@@ -128,18 +136,12 @@ def runs(p: PipelineConfig) -> list[tuple[str, str, int]]:
     ]
 
 
-def check(p: PipelineConfig) -> None:
-    """Every stage's config resolves (algorithm names, policies, per-algorithm params, overrides) before the first
-    stage starts: a typo fails now, not an hour in."""
-    choices = {
-        "weights": (p.weights, ("ema", "student")),
-        "eval_split": (p.eval_split, ("train", "val", "test")),
-        "crops": (p.crops, (1, 5, 0)),
-        "checkpoint": (p.checkpoint, ("last", "best")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {allowed}")
+Stage = tuple[str, str, int, str]  # algorithm, policy, seed, "ssl" | "retrain"
+
+
+def check(p: PipelineConfig) -> dict[Stage, Config]:
+    """Every stage's config, resolved once (algorithm names, policies, per-algorithm params, overrides) before the
+    first stage starts: a typo fails now, not an hour in, and the stages train with exactly what was checked."""
     for section in ("ssl", "retrain"):
         for key in getattr(p, section):
             if key.startswith(("algorithm.name", "algorithm.params")):
@@ -154,21 +156,24 @@ def check(p: PipelineConfig) -> None:
             raise ConfigError(f"params.{name}: no algorithm {name!r}; the algorithms are {names()}")
         if name not in p.algorithms:
             load_config(p.base, nested(ssl_overrides(p, name, p.policies[0], p.seeds[0])))
+    stages = {}
     for algorithm, policy, seed in runs(p):
-        load_config(p.base, nested(ssl_overrides(p, algorithm, policy, seed)))
+        stages[algorithm, policy, seed, "ssl"] = load_config(p.base, nested(ssl_overrides(p, algorithm, policy, seed)))
         if algorithm != "supervised" and p.retrain_stage:
-            load_config(p.base, nested(retrain_overrides(p, algorithm, policy, seed)))
+            over = nested(retrain_overrides(p, algorithm, policy, seed))
+            stages[algorithm, policy, seed, "retrain"] = load_config(p.base, over)
+    return stages
 
 
-def run_one(p: PipelineConfig, algorithm: str, policy: str, seed: int) -> dict:
+def run_one(p: PipelineConfig, stages: dict[Stage, Config], algorithm: str, policy: str, seed: int) -> dict:
     """One row's stages. Each derived file is checked against what it was derived from (the checkpoint's sha256),
     so a rerun with more SSL steps redoes the evaluation, pseudo-labels and retraining instead of reusing them."""
     d = Path(p.out_dir) / run_name(algorithm, policy, seed)
     paths = _paths(p, d)
-    ssl = _train_stage(p.base, ssl_overrides(p, algorithm, policy, seed))
-    final, stages = ssl, {}
+    ssl = _train_stage(stages[algorithm, policy, seed, "ssl"])
+    final, metrics = ssl, {}
     if algorithm != "supervised" and p.retrain_stage:
-        stages["ssl"] = _evaluate(p, _pick(p, ssl), paths["eval_ssl"])
+        metrics["ssl"] = _evaluate(p, _pick(p, ssl), paths["eval_ssl"])
         if _stale_pseudo(paths["pseudo"], _pick(p, ssl)) and is_main_process():
             _move_aside(paths["pseudo"], paths["pseudo"].with_name(paths["pseudo"].name + ".parts"), paths["retrain"])
         barrier()
@@ -176,9 +181,9 @@ def run_one(p: PipelineConfig, algorithm: str, policy: str, seed: int) -> dict:
             done = pseudolabel(_pick(p, ssl), paths["pseudo"], weights=p.weights, crops=p.crops, progress=False)
             if done["exit_code"]:
                 raise SystemExit(EXIT_PREEMPTED)  # stopped by a signal: rerun the pipeline to resume
-        final = _train_stage(p.base, retrain_overrides(p, algorithm, policy, seed))
-    stages["final"] = _evaluate(p, _pick(p, final), paths["eval"])
-    return stages | _files(p, d) | {"seed": seed}
+        final = _train_stage(stages[algorithm, policy, seed, "retrain"])
+    metrics["final"] = _evaluate(p, _pick(p, final), paths["eval"])
+    return metrics | _files(p, d) | {"seed": seed}
 
 
 def _stale_pseudo(csv_path: Path, checkpoint: Path) -> bool:
@@ -220,7 +225,7 @@ def _finished_run(p: PipelineConfig, d: Path) -> dict | None:
 
 
 def run_pipeline(p: PipelineConfig) -> dict:
-    check(p)
+    stages = check(p)
     results: dict[str, list[dict]] = {}
     for algorithm, policy, seed in runs(p):
         label = "supervised" if algorithm == "supervised" else f"{algorithm} ({policy})"
@@ -229,17 +234,18 @@ def run_pipeline(p: PipelineConfig) -> dict:
             if done:
                 results.setdefault(label, []).append(done | {"seed": seed})
             continue
-        results.setdefault(label, []).append(run_one(p, algorithm, policy, seed))
+        results.setdefault(label, []).append(run_one(p, stages, algorithm, policy, seed))
     out = {"report": str(Path(p.out_dir) / "report.md"), "rows": len(results)}
     if is_main_process():
-        shards = load_config(p.base, nested(p.ssl)).data.shards  # the shards the runs used
+        first = stages[(*runs(p)[0], "ssl")]
+        shards = first.data.shards  # the shards the runs used
         setting = f"{p.weights} weights, {p.crops} crop(s), {p.checkpoint} checkpoint"
         write_report(Path(p.out_dir), shards, p.eval_split, setting, results, p.truth, p.retrain_stage,
                      _paths(p, Path(p.out_dir))["retrain"].name)  # fmt: skip
         out["report_text"] = (Path(p.out_dir) / "report.md").read_text()
-        log = load_config(p.base, nested(p.ssl)).log
+        log = first.log  # report_to_wandb names its own run
         if log.wandb != "disabled":
             pngs = [Path(r["eval"]) / "confusion.png" for done in results.values() for r in done]
-            report_to_wandb(Path(p.out_dir), log, asdict(p), pngs)
+            report_to_wandb(Path(p.out_dir), log, group_name(Path(p.out_dir)), asdict(p), pngs)
     barrier()
     return out

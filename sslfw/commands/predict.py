@@ -12,6 +12,7 @@ import csv
 import io
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +20,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from sslfw import fsio
-from sslfw.data.labels import NUM_CLASSES
 from sslfw.data.reader import decode_crop
 from sslfw.data.stream import multi_views
 from sslfw.errors import DataError
+from sslfw.evaluate import predict_views
 from sslfw.inference import load_model
 from sslfw.logger import progress_bar
-from sslfw.model import expected_score
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 COLUMNS = ["path", "level", "score", "p0", "p1", "p2", "p3", "p4", "views"]
@@ -54,7 +54,9 @@ def load_views(path: Path, size: int, crops: int) -> np.ndarray:
             im.load()
     except Image.DecompressionBombError as e:
         raise DataError(f"{path}: refused as a decompression bomb ({e}); downscale it first") from None
-    except (UnidentifiedImageError, OSError) as e:
+    except UnidentifiedImageError:  # Pillow's own text names the in-memory buffer, not the file
+        raise DataError(f"{path}: not an image Pillow can read (unknown or damaged format)") from None
+    except OSError as e:
         raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
     if crops == 1:
         return decode_crop(data, (size, size), None)[None].copy()  # writable: torch shares the memory
@@ -103,7 +105,7 @@ def predict_files(
     if out is not None:
         check_out(Path(out), files)
     dev = pick_device(device)
-    model, cfg, _ = load_model(checkpoint, weights)
+    model, cfg, used = load_model(checkpoint, weights)
     model.to(dev)
     rows, skipped = [], []
     for f in progress_bar(files, show=progress and len(files) > 1, desc="predict", unit="img"):
@@ -112,16 +114,10 @@ def predict_files(
         except DataError as e:
             skipped.append(str(e))
             continue
-        x = views.movedim(-1, -3).float() / 255  # an image's views in batches of batch_size: big photos fit memory
-        outs = [model(part.to(dev)) for part in x.split(batch_size)]
-        if "mos" in outs[0]:  # a score head: the views' mean MOS, graded through the edges it was trained with
-            mos = torch.cat([o["mos"].float().cpu() for o in outs]).mean()
-            level, score = model.levels(mos[None])[0], mos
-            pr = torch.nn.functional.one_hot(level, NUM_CLASSES).float()
-        else:
-            pr = torch.cat([o["logits"].float().softmax(-1).cpu() for o in outs]).mean(0)
-            level, score = pr.argmax(), expected_score(pr[None])[0]
-        rows.append([str(f), int(level), f"{float(score):.4f}", *(f"{float(p):.4f}" for p in pr), len(views)])
+        x = views.movedim(-1, -3)  # uint8 until each batch_size of views is forwarded: big photos fit memory
+        probs, score = predict_views(model, x, torch.tensor([len(x)]), dev, nullcontext, batch_size)
+        pr, level = probs[0].cpu(), int(probs[0].argmax())
+        rows.append([str(f), level, f"{float(score[0]):.4f}", *(f"{float(p):.4f}" for p in pr), len(views)])
     if not rows and len(files) == 1:
         raise DataError(skipped[0])  # one file given, one reason: the usual one-line error
     for line in skipped:
@@ -134,4 +130,4 @@ def predict_files(
         w = csv.writer(sys.stdout, lineterminator="\n")
         w.writerow(COLUMNS)
         w.writerows(rows)
-    return {"scored": len(rows), "skipped": len(skipped), "out": str(out) if out else "stdout"}
+    return {"scored": len(rows), "skipped": len(skipped), "out": str(out) if out else "stdout", "checkpoint": str(used)}

@@ -11,7 +11,6 @@ SIGUSR1/SIGTERM stop a rank after its current chunk; the job then exits with EXI
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterator
@@ -34,6 +33,24 @@ from sslfw.preempt import EXIT_PREEMPTED, StopFlag, write_exit_file
 from sslfw.rundir import lock_on_main
 
 
+def _claim_parts(parts: Path, job: dict, out: Path, acc) -> object:
+    """Lock the chunk folder for this job and record what its chunks are predictions of; chunks of another job
+    there are refused on every rank (a rank that raised alone would leave the others waiting at the barrier)."""
+    if (parts / "job.json").is_file():
+        old = fsio.read_json(parts / "job.json", f"delete {parts} (it holds only resumable chunks) and rerun")
+        changed = [k for k in job if old.get(k) != job[k]]
+        if changed:
+            raise DataError(
+                f"{parts}: holds chunks of another job ({', '.join(changed)} differ); "
+                f"delete that folder or choose another --out"
+            )
+    lock = lock_on_main(parts, f"sslfw pseudolabel (--out {out})", acc.is_main_process, acc.device)
+    if acc.is_main_process:
+        fsio.write_json(parts / "job.json", job)
+    barrier()
+    return lock
+
+
 def pseudolabel(
     checkpoint: Path,
     out: Path,
@@ -46,7 +63,7 @@ def pseudolabel(
     progress: bool = True,
 ) -> dict:
     acc = make_accelerator(bf16=True)
-    rank, world, device = acc.process_index, acc.num_processes, acc.device
+    device = acc.device
     model, cfg, ckpt_dir = load_model(checkpoint, weights)
     model.to(device)
     pool = ShardSet(shards or cfg.data.shards, "unlabelled", cfg.data.jpeg_on_device)
@@ -59,10 +76,9 @@ def pseudolabel(
     parts = out.with_name(out.name + ".parts")
     # What the chunks are predictions of: a chunk made under another fingerprint (another pack of the pool, another
     # checkpoint, weights or crops) must never be merged into this csv.
-    state_sha = ckpt.recorded_sha256(ckpt_dir)
     job = {
         "checkpoint": str(ckpt_dir.resolve()),
-        "checkpoint_sha256": state_sha,
+        "checkpoint_sha256": ckpt.recorded_sha256(ckpt_dir),
         "weights": weights,
         "crops": crops,
         "chunk": chunk,
@@ -70,43 +86,13 @@ def pseudolabel(
         "shards": str(pool.root.resolve()),
         "pool_fingerprint": pool.fingerprint,
     }
-    # Every rank checks (a rank that raised alone would leave the others waiting at the barrier).
-    if (parts / "job.json").is_file():
-        old = json.loads((parts / "job.json").read_text())
-        changed = [k for k in job if old.get(k) != job[k]]
-        if changed:
-            raise DataError(
-                f"{parts}: holds chunks of another job ({', '.join(changed)} differ); "
-                f"delete that folder or choose another --out"
-            )
-    lock = lock_on_main(parts, f"sslfw pseudolabel (--out {out})", acc.is_main_process, device)
-    if acc.is_main_process:
-        fsio.write_json(parts / "job.json", job)
-    barrier()
-
-    autocast = autocast_for(acc)
-    mine = list(range(rank, math.ceil(n / chunk), world))
+    lock = _claim_parts(parts, job, out, acc)
+    mine = list(range(acc.process_index, math.ceil(n / chunk), acc.num_processes))
     todo = [c for c in mine if not (parts / f"chunk-{c:06d}.npz").is_file()]
-    ranges = [range(c * chunk, min(n, (c + 1) * chunk)) for c in todo]
-    bar = progress_bar(
-        total=sum(len(r) for r in ranges), unit="img", desc="pseudo-labelling", show=progress and acc.is_main_process
-    )
-    t0, done, stop = time.perf_counter(), 0, StopFlag()
-    size = (cfg.model.img_size, cfg.model.img_size)
-    for pos, pred in predict_chunks(model, pool, ranges, batch_size, size, crops, num_workers, device, autocast):
-        bar.update(len(pred["idx"]))
-        c = todo[pos]
-        with fsio.atomic_open(parts / f"chunk-{c:06d}.npz") as f:
-            np.savez(f, **pred)
-        done += len(ranges[pos])
-        faults.inject(rank, c)
-        if stop.signal:
-            break
-    bar.close()
-    stop.restore()
-    elapsed = time.perf_counter() - t0
+    loader = (chunk, crops, batch_size, num_workers)
+    done, elapsed, stop_signal = _score_chunks(model, cfg, pool, parts, todo, *loader, acc, progress)
     # Every rank gets here (a stopped rank early): agree whether the set is complete before merging.
-    stopped = any_across_ranks([stop.signal is not None], device)[0]
+    stopped = any_across_ranks([stop_signal is not None], device)[0]
     summary = {
         "samples": n,
         "chunks_reused": len(mine) - len(todo),
@@ -124,6 +110,32 @@ def pseudolabel(
         lock.release()
     barrier()
     return summary
+
+
+def _score_chunks(
+    model, cfg, pool: ShardSet, parts: Path, todo: list[int], chunk: int, crops: int, batch_size: int,
+    num_workers: int, acc, progress: bool,
+) -> tuple[int, float, str | None]:  # fmt: skip
+    """Predict this rank's missing chunks, each saved atomically as it completes (a stop signal ends the loop
+    between chunks); (images scored, seconds, the signal that stopped it or None)."""
+    n, rank, device = len(pool), acc.process_index, acc.device
+    ranges = [range(c * chunk, min(n, (c + 1) * chunk)) for c in todo]
+    show = progress and acc.is_main_process
+    bar = progress_bar(total=sum(len(r) for r in ranges), unit="img", desc="pseudo-labelling", show=show)
+    t0, done, stop = time.perf_counter(), 0, StopFlag()
+    size = (cfg.model.img_size, cfg.model.img_size)
+    batches = predict_chunks(model, pool, ranges, batch_size, size, crops, num_workers, device, autocast_for(acc))
+    for pos, pred in batches:
+        bar.update(len(pred["idx"]))
+        with fsio.atomic_open(parts / f"chunk-{todo[pos]:06d}.npz") as f:
+            np.savez(f, **pred)
+        done += len(ranges[pos])
+        faults.inject(rank, todo[pos])
+        if stop.signal:
+            break
+    bar.close()
+    stop.restore()
+    return done, time.perf_counter() - t0, stop.signal
 
 
 @torch.no_grad()

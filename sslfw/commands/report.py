@@ -17,9 +17,10 @@ from sslfw.config import LogConfig
 from sslfw.data.labels import NUM_CLASSES
 from sslfw.data.shards import load_index
 from sslfw.evaluate import score_of
-from sslfw.metrics import constant_guess, iqa_metrics, level_recall, paired_bootstrap_srcc
+from sslfw.logger import read_log
+from sslfw.metrics import METRICS, constant_guess, iqa_metrics, level_recall, paired_bootstrap_srcc
 
-COLUMNS = ("srcc", "mae", "plcc", "mae_class3", "mae_class4", "mae_class34", "macro_mae", "accuracy", "qwk")
+COLUMNS = tuple(m.name for m in METRICS if m.name != "const_mae")  # the constant guess is a row of its own
 BASELINE = "supervised"
 
 
@@ -90,8 +91,8 @@ def _delta(done: list[dict], base: list[dict]) -> str:
 def truth_levels(truth_csv: str, scheme: dict) -> dict[str, int]:
     """Hidden true level per sample key from an embedded dataset's `synth_truth.csv` (noise-free MOS); read by the
     report only, never by training."""
+    from sslfw.data.importers import make_key
     from sslfw.data.labels import LabelScheme
-    from sslfw.data.manifest import make_key
 
     edges = LabelScheme(tuple(scheme["edges"]))
     with open(truth_csv, newline="") as f:
@@ -113,8 +114,7 @@ def _diagnostics(done: list[dict], truth: dict[str, int] | None) -> tuple[str, s
         if t is not None and t["used"].any():
             sel = t["used"] & np.array([k in truth for k in t["key"]])
             used.append(float(np.mean([lab == truth[k] for k, lab in zip(t["key"][sel], t["label"][sel])])))
-        log = Path(r["dir"]) / "ssl" / "metrics.jsonl"
-        rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+        rows = read_log(Path(r["dir"]) / "ssl")
         vals = [x["train/mask_ratio"] for x in rows if "train/mask_ratio" in x]
         if vals:
             masks.append(float(np.mean(vals)))
@@ -189,13 +189,13 @@ def write_report(
     )
 
 
-def report_to_wandb(out: Path, log: LogConfig, pipeline: dict, confusions: list[Path]) -> None:
+def report_to_wandb(out: Path, log: LogConfig, group: str, pipeline: dict, confusions: list[Path]) -> None:
     """The report as a W&B table, with the learning curves and its runs' test confusion matrices as images, in a
     "report" run of the pipeline's group (out/wandb_report)."""
     from sslfw.logger import RunLogger
 
     (out / "wandb_report").mkdir(parents=True, exist_ok=True)
-    logger = RunLogger(out / "wandb_report", True, replace(log, name=f"{out.name}/report", group=str(out),
+    logger = RunLogger(out / "wandb_report", True, replace(log, name=f"{group}/report", group=group,
                        job_type="report", tags=["report"]), {"pipeline": pipeline}, 0)  # fmt: skip
     with open(out / "report.csv", newline="") as f:
         rows = list(csv.reader(f))
@@ -213,13 +213,10 @@ def _curves(out: Path, runs: set[str], stage: str, key: str) -> dict[str, Curve]
     """method -> (steps, mean, std over seeds, seeds) of `key` in each run's `stage`/metrics.jsonl, on the steps every
     seed logged."""
     by_method: dict[str, list[dict[int, float]]] = {}
-    for log in sorted(out / r / stage / "metrics.jsonl" for r in runs):
-        if not log.is_file():
-            continue
-        rows = [json.loads(line) for line in log.read_text().splitlines()]
-        pts = {r["step"]: r[key] for r in rows if key in r}
+    for run in sorted(runs):
+        pts = {r["step"]: r[key] for r in read_log(out / run / stage) if key in r}
         if pts:
-            by_method.setdefault(log.parent.parent.name.rsplit("-s", 1)[0], []).append(pts)
+            by_method.setdefault(run.rsplit("-s", 1)[0], []).append(pts)
     curves = {}
     for method, seeds in by_method.items():
         steps = sorted(set.intersection(*(set(p) for p in seeds)))
