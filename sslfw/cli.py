@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import typing
 from pathlib import Path
 
-
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(","))
+from sslfw.config import Crops, Weights, parse_config
 
 
 def cmd_synth(a: argparse.Namespace) -> dict:
@@ -34,20 +33,17 @@ def cmd_synth(a: argparse.Namespace) -> dict:
 
 
 def cmd_prepare(a: argparse.Namespace) -> dict:
+    from sslfw.data.importers import import_sources
     from sslfw.data.manifest import prepare
 
-    meta = prepare(
-        a.koniq,
-        a.kadis,
-        a.out,
-        extra_labels=a.extra_labels,
-        bins=a.bins,
-        split=a.split,
-        seed=a.seed,
-        koniq_sets=a.koniq_sets,
-        koniq_images=a.koniq_images,
-        labelled_fraction=a.labelled_fraction,
-    )
+    found = import_sources(
+        koniq={"root": a.koniq, "image_dir": a.koniq_images} if a.koniq else None,
+        ratings={"csv_path": a.ratings, "images": a.images, "image_column": a.image_column,
+                 "score_column": a.score_column, "score_range": a.score_range} if a.ratings else None,
+        extra={"csv_path": a.extra_labels, "kadis_root": a.kadis} if a.extra_labels else None,
+        kadis={"root": a.kadis} if a.kadis else None,
+    )  # fmt: skip
+    meta = prepare(found, a.out, a.bins, a.split, a.seed, a.koniq_sets, a.labelled_fraction)
     short = ("counts", "class_shares")  # the rest (sources, split, label scheme) is in meta.json
     return {"out": str(a.out), **{k: meta[k] for k in short}, "details": str(Path(a.out) / "meta.json")}
 
@@ -80,7 +76,7 @@ def cmd_verify(a: argparse.Namespace) -> dict:
 
 
 def cmd_train(a: argparse.Namespace) -> dict:
-    from sslfw.config import load_config
+    from sslfw.runconfig import load_config
     from sslfw.train import train
 
     overrides = list(a.overrides) + ([f"--ckpt.resume={a.resume}"] if a.resume else [])
@@ -127,7 +123,7 @@ def cmd_predict(a: argparse.Namespace) -> None:
     summary = predict_files(a.checkpoint, a.inputs, a.out, a.weights, crops, a.batch_size, a.device, not a.quiet)
     print(
         f"[predict] scored {summary['scored']}, skipped {summary['skipped']} -> {summary['out']} "
-        f"in {time.perf_counter() - t0:.1f}s",
+        f"in {time.perf_counter() - t0:.1f}s with {summary['checkpoint']}",
         file=sys.stderr,
     )
 
@@ -141,9 +137,8 @@ def _print_report(result: dict) -> dict:
 
 def cmd_pipeline(a: argparse.Namespace) -> dict:
     from sslfw.commands.pipeline import PipelineConfig, run_pipeline
-    from sslfw.config import load_config
 
-    return _print_report(run_pipeline(load_config(a.config, a.overrides, cls=PipelineConfig)))
+    return _print_report(run_pipeline(parse_config(a.config, a.overrides, cls=PipelineConfig)))
 
 
 def cmd_demo(a: argparse.Namespace) -> dict:
@@ -161,13 +156,13 @@ def cmd_bench(a: argparse.Namespace) -> dict:
 def _inference_args(s: argparse.ArgumentParser, whole: bool = False) -> None:
     s.add_argument("--checkpoint", type=Path, required=True,
                    help="a step-N directory, a run directory (newest), or RUN/best (best val SRCC kept)")  # fmt: skip
-    s.add_argument("--weights", default="ema", choices=("ema", "student"), help="the EMA teacher or the student")
+    s.add_argument("--weights", default="ema", choices=typing.get_args(Weights), help="the EMA teacher or the student")
     if whole:  # predict: whole photos by default
-        s.add_argument("--crops", default="all", choices=("all", "0", "1", "5"),
+        s.add_argument("--crops", default="all", choices=("all", *map(str, typing.get_args(Crops))),
                        help="all (or 0): tiles covering the whole image at native resolution, averaged (default); "
                        "1: centre; 5: centre + corners (as sslfw eval)")  # fmt: skip
     else:
-        s.add_argument("--crops", type=int, default=1, choices=(1, 5, 0),
+        s.add_argument("--crops", type=int, default=1, choices=typing.get_args(Crops),
                        help="1: centre; 5: centre + corners; 0: tiles covering the whole image (as predict's "
                        "default); averaged")  # fmt: skip
 
@@ -175,14 +170,15 @@ def _inference_args(s: argparse.ArgumentParser, whole: bool = False) -> None:
 def cmd_config(a: argparse.Namespace) -> None:
     import yaml
 
-    from sslfw.config import load_config, to_dict
+    from sslfw.config import to_dict
+    from sslfw.runconfig import load_config
 
     print(yaml.safe_dump(to_dict(load_config(a.config, a.overrides)), sort_keys=False), end="")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from sslfw import __version__
-    from sslfw.cli_help import ConfigHelpParser
+    from sslfw.cli_help import ConfigHelpParser, at_least_0, floats, positive
 
     p = argparse.ArgumentParser(prog="sslfw", description=__doc__)
     p.add_argument("--version", action="version", version=f"sslfw {__version__}")
@@ -205,13 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calibrate", action="store_true", help="print the fr_quality quantiles behind the MOS map")
     s.set_defaults(func=cmd_synth)
 
-    s = data.add_parser("prepare", help="read KonIQ/KADIS layouts into a validated, split manifest")
-    s.add_argument("--koniq", type=Path, required=True, help="folder with koniq10k_scores_and_distributions.csv")
+    s = data.add_parser("prepare", help="read KonIQ/KADIS layouts or any rated images into a validated, split manifest")
+    s.add_argument("--koniq", type=Path, help="folder with koniq10k_scores_and_distributions.csv")
+    s.add_argument("--ratings", type=Path, help="any csv of ratings (SPAQ, LIVE-itW, your own): one image per row")
+    s.add_argument("--images", type=Path, help="folder the --ratings image names are in (default: the csv's)")
+    s.add_argument("--image-column", default="image", help="--ratings column naming the image file")
+    s.add_argument("--score-column", default="score", help="--ratings column holding the score (higher = better)")
+    s.add_argument("--score-range", type=floats, help="LOW,HIGH ends of the score scale (default: the file's min, max)")
     s.add_argument("--kadis", type=Path, help="folder with ref_imgs/ (the unlabelled pool)")
     s.add_argument("--extra-labels", type=Path, help="csv image_name,label[,MOS] of hand-labelled images")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--bins", help="MOS edges '1.79,2.55,3.46,3.94' (default, KonIQ) or 'quantile:2,13,49,33,2'")
-    s.add_argument("--split", type=_floats, default=(0.8, 0.1, 0.1), help="train,val,test fractions (stratified)")
+    s.add_argument("--split", type=floats, default=(0.8, 0.1, 0.1), help="train,val,test fractions (stratified)")
     s.add_argument(
         "--labelled-fraction",
         type=float,
@@ -322,26 +323,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, help="folder for bench.json and bench.md")
     s.set_defaults(func=cmd_bench)
     return p
-
-
-def _whole(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
-    return value
-
-
-def positive(text: str) -> int:
-    """argparse type: a whole number >= 1 (a count of images, a batch, a chunk)."""
-    return _whole(text, 1)
-
-
-def at_least_0(text: str) -> int:
-    """argparse type: a whole number >= 0 (loader workers: 0 loads in the main process)."""
-    return _whole(text, 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,3 +90,30 @@ def dashed(arg: str) -> str:
         return arg
     key, eq, value = arg.partition("=")
     return key.replace("_", "-") + eq + value
+
+
+# argparse types: a bad value is one line naming the flag (argparse's usage error, exit 2)
+
+
+def floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(","))
+
+
+def _whole(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+    return value
+
+
+def positive(text: str) -> int:
+    """argparse type: a whole number >= 1 (a count of images, a batch, a chunk)."""
+    return _whole(text, 1)
+
+
+def at_least_0(text: str) -> int:
+    """argparse type: a whole number >= 0 (loader workers: 0 loads in the main process)."""
+    return _whole(text, 0)

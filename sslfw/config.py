@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import netrc
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -38,6 +37,12 @@ class DataConfig:
     # and the several-view eval modes stay in the workers (sslfw/data/jpeg.py).
     jpeg_on_device: bool = False
 
+
+# Allowed values are types: the one coercion routine (`_coerce`) checks them, `--help` lists them, and the CLI's
+# own flags (eval/predict/pseudolabel) and the pipeline read the same ones.
+Weights = Literal["ema", "student"]  # which of a checkpoint's weights score images: the EMA teacher or the student
+Crops = Literal[1, 5, 0]  # views per image: 1 centre, 5 centre + corners, 0 tiles covering the whole image
+Split = Literal["train", "val", "test"]
 
 IMAGENET_NORM = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
@@ -64,7 +69,8 @@ class ModelConfig:
 
 @dataclass
 class AugConfig:
-    strong: str = "iqa_safe"  # iqa_safe | randaugment (USB's op list, for reproducing the paper)
+    # Strong views: IQA-safe ops, or USB's RandAugment op list (to reproduce the paper; most ops change quality)
+    strong: Literal["iqa_safe", "randaugment"] = "iqa_safe"
     num_strong: int = 1  # strong views per unlabelled image (algorithms may ask for more)
     flip: bool = True  # horizontal flip in the weak view
     randaugment_ops: int = 3
@@ -73,7 +79,7 @@ class AugConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | adam
+    name: Literal["adamw", "adam"] = "adamw"
     lr: float = 5e-4  # for the global batch below, at the top layer
     weight_decay: float = 0.05
     betas: tuple = (0.9, 0.999)
@@ -111,8 +117,8 @@ class EMAConfig:
 @dataclass
 class EvalConfig:
     every: int = 100  # steps; 0 disables periodic evaluation (the last step is always evaluated)
-    split: str = "val"
-    weights: str = "both"  # student | ema | both
+    split: Split = "val"
+    weights: Literal["student", "ema", "both"] = "both"
 
 
 @dataclass
@@ -129,7 +135,7 @@ class CkptConfig:
 
 @dataclass
 class LogConfig:
-    wandb: str = "offline"  # offline | online | disabled
+    wandb: Literal["offline", "online", "disabled"] = "offline"
     project: str = "sslfw"
     entity: str = ""  # W&B team or user; empty: your default
     name: str = ""  # run name in W&B; empty: the run folder's last two parts (e.g. fixmatch-iqa_safe-s0/ssl)
@@ -150,10 +156,10 @@ class AlgorithmConfig:
     # How a strong view is pulled to its target: "ce" (cross-entropy over the 5 levels, as every paper) or
     # "ordinal" (binary cross-entropy on the 4 cumulative "better than level k" probabilities, so a target one
     # level away costs less than one three levels away; the levels are ordered, the classes of CIFAR are not).
-    consistency: str = "ce"
+    consistency: Literal["ce", "ordinal"] = "ce"
     # Labelled targets: "hard" (the level) or "votes" (each level's probability given the crowd's votes:
     # LabelScheme.vote_probs), so an image rated at a level edge teaches both neighbours.
-    sup_targets: str = "hard"
+    sup_targets: Literal["hard", "votes"] = "hard"
     # The algorithm's own hyper-parameters: checked against its Params dataclass when the config loads, and filled
     # with its defaults, so config.yaml, checkpoints and W&B record every value in force.
     params: dict = field(default_factory=dict)
@@ -174,16 +180,26 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
+def _literal(key: str, value: Any, allowed: tuple) -> Any:
+    if any(value == a and type(value) is type(a) for a in allowed):  # True is not 1
+        return value
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}{hint}")
+
+
+def coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotated type; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:
-                return _coerce(key, value, arg)
+                return coerce(key, value, arg)
             except ConfigError:
                 pass
         raise ConfigError(f"{key}: {value!r} does not match {tp}")
+    if origin is Literal:
+        return _literal(key, value, typing.get_args(tp))
     if tp is type(None):
         if value is None:
             return None
@@ -218,7 +234,7 @@ def _merge(node: Any, data: dict, prefix: str) -> None:
         elif hints[k] is dict and isinstance(v, dict):
             getattr(node, k).update(v)  # free-form sections merge key by key
         else:
-            setattr(node, k, _coerce(key, v, hints[k]))
+            setattr(node, k, coerce(key, v, hints[k]))
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -263,8 +279,10 @@ def nested(dotted: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None, cls: type = None):
-    """`cls` (default Config) filled from the YAML file, then the overrides; Config trees are validated."""
+def parse_config(path: str | Path | None = None, overrides: list[str] | dict | None = None, cls: type = None):
+    """`cls` (default Config) filled from the YAML file, then the overrides; Config trees are checked (types,
+    choices, ranges). What needs the layers above (algorithm params, weights files, timm names) is resolved by
+    sslfw/runconfig.py's `load_config`, the one a run uses."""
     cfg = (cls or Config)()
     if path:
         try:
@@ -282,33 +300,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 
 def validate(cfg: Config) -> None:
-    choices = {
-        "aug.strong": (cfg.aug.strong, ("iqa_safe", "randaugment")),
-        "optim.name": (cfg.optim.name, ("adamw", "adam")),
-        "algorithm.consistency": (cfg.algorithm.consistency, ("ce", "ordinal")),
-        "algorithm.sup_targets": (cfg.algorithm.sup_targets, ("hard", "votes")),
-        "eval.weights": (cfg.eval.weights, ("student", "ema", "both")),
-        "log.wandb": (cfg.log.wandb, ("offline", "online", "disabled")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            close = difflib.get_close_matches(str(value), allowed, n=1)
-            raise ConfigError(
-                f"{key}: {value!r} is not one of {allowed}{f'; did you mean {close[0]!r}?' if close else ''}"
-            )
     if cfg.model.img_size > cfg.data.load_crop:
         raise ConfigError(
             f"model.img_size ({cfg.model.img_size}) must not exceed data.load_crop "
             f"({cfg.data.load_crop}): views are crops of the loaded crop"
         )
-    resolve_params(cfg.algorithm)
     for key, interval in RANGES.items():
         section, name = key.split(".")
         _check_range(key, getattr(getattr(cfg, section), name), interval)
     if cfg.run_dir == "" or Path(cfg.run_dir).is_file():
         raise ConfigError(f"run_dir: {cfg.run_dir!r} is {'empty' if not cfg.run_dir else 'a file'}; give a folder")
-    _check_model_name(cfg.model.name)
-    _resolve_weights(cfg.model)
     if cfg.log.wandb == "online" and not _wandb_key():
         raise ConfigError(
             "log.wandb: online needs a W&B API key (run `wandb login` or set WANDB_API_KEY); "
@@ -342,57 +343,6 @@ def _check_range(key: str, value: float, interval: str) -> None:
         raise ConfigError(f"{key} must be {bound}, got {value}")
 
 
-def _resolve_weights(m: ModelConfig) -> None:
-    """Fill model.pretrained_sha256 and model.mean/std where unset (see ModelConfig); check both are 3 numbers,
-    std > 0, and that a stated sha256 is the file's."""
-    from sslfw import weights
-
-    entry = weights.packaged(m.pretrained)
-    # A file not there yet (a recipe config read before its weights are exported) fails where the model is built
-    try:
-        path = weights.resolve_file(m.pretrained) if m.pretrained else None
-    except ConfigError:
-        path = None
-    if path is not None:
-        digest = fsio.sha256_file(path)
-        if m.pretrained_sha256 and m.pretrained_sha256 != digest:
-            raise ConfigError(
-                f"model.pretrained_sha256: {m.pretrained} ({path}) has sha256 {digest[:12]}..., the config says "
-                f"{m.pretrained_sha256[:12]}...; other weights than the run recorded (empty the key to accept them)"
-            )
-        m.pretrained_sha256 = digest
-    if not (m.mean and m.std):
-        found = (entry.mean, entry.std) if entry is not None else None
-        beside = Path(m.pretrained).parent / "config.json" if m.pretrained and entry is None else None
-        if beside is not None and beside.is_file():
-            try:
-                pre = json.loads(beside.read_text()).get("pretrained_cfg", {})
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"{beside}: not a readable timm config.json ({e})") from None
-            if "mean" in pre and "std" in pre:
-                found = (pre["mean"], pre["std"])
-        if found is None:
-            import timm
-
-            pre = timm.models.get_pretrained_cfg(m.name)
-            found = (pre.mean, pre.std) if pre is not None else IMAGENET_NORM
-        m.mean = m.mean or [float(v) for v in found[0]]
-        m.std = m.std or [float(v) for v in found[1]]
-    for key, values in (("model.mean", m.mean), ("model.std", m.std)):
-        if len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
-            raise ConfigError(f"{key}: give 3 numbers (R, G, B), got {values}")
-    if min(m.std) <= 0:
-        raise ConfigError(f"model.std: every value must be > 0, got {m.std}")
-
-
-def _check_model_name(name: str) -> None:
-    import timm  # here: loading timm costs a second, and only a run needs it
-
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        raise ConfigError(f"model.name: {name!r} is not a timm model{f'; close: {close}' if close else ''}")
-
-
 def _wandb_key() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
@@ -400,19 +350,6 @@ def _wandb_key() -> bool:
         return netrc.netrc().authenticators("api.wandb.ai") is not None
     except (OSError, netrc.NetrcParseError):
         return False
-
-
-def resolve_params(alg: AlgorithmConfig) -> None:
-    """Replace `alg.params` by every field of the algorithm's Params: given values type-checked, the rest defaults."""
-    from sslfw.algorithms import get_algorithm  # here, not at the top: the registry imports torch
-
-    params_cls = get_algorithm(alg.name).Params
-    hints = typing.get_type_hints(params_cls)
-    unknown = sorted(set(alg.params) - set(hints))
-    if unknown:
-        raise ConfigError(f"algorithm.params.{unknown[0]}: {alg.name} has no such setting; known: {sorted(hints)}")
-    defaults = dataclasses.asdict(params_cls())
-    alg.params = {k: _coerce(f"algorithm.params.{k}", alg.params.get(k, defaults[k]), hints[k]) for k in hints}
 
 
 def to_dict(cfg: Config) -> dict:

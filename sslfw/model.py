@@ -7,6 +7,8 @@ or an installed package named in the config (sslfw/weights.py): nothing download
 
 from __future__ import annotations
 
+import difflib
+
 import timm
 import torch
 from torch import nn
@@ -85,3 +87,10 @@ class IQAModel(nn.Module):
 def expected_score(probs: torch.Tensor) -> torch.Tensor:
     """sum_k k * p_k: a continuous quality level in [0, 4], from class probabilities."""
     return probs.float() @ torch.arange(probs.shape[-1], device=probs.device, dtype=torch.float32)
+
+
+def check_name(name: str) -> None:
+    """A timm model name, or one ConfigError with the closest names."""
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise ConfigError(f"model.name: {name!r} is not a timm model{f'; close: {close}' if close else ''}")

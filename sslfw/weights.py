@@ -10,12 +10,15 @@ file order, each of the same shape. Any mismatch is one error naming the tensor,
 from __future__ import annotations
 
 import importlib.util
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from sslfw import fsio
+from sslfw.config import IMAGENET_NORM, ModelConfig
 from sslfw.errors import ConfigError
 
 PREFIX = "package:"
@@ -141,3 +144,44 @@ def load_into(backbone: torch.nn.Module, spec: str, model_name: str, classifier:
         )
     mapped = map_onto(state, backbone.state_dict(), str(path))
     backbone.load_state_dict(mapped, strict=False)  # only counters are left out, and map_onto checked the rest
+
+
+def resolve_model(m: ModelConfig) -> None:
+    """Fill model.pretrained_sha256 and model.mean/std where unset (see ModelConfig); check both are 3 numbers,
+    std > 0, and that a stated sha256 is the file's."""
+    entry = packaged(m.pretrained)
+    # A file not there yet (a recipe config read before its weights are exported) fails where the model is built
+    try:
+        path = resolve_file(m.pretrained) if m.pretrained else None
+    except ConfigError:
+        path = None
+    if path is not None:
+        digest = fsio.sha256_file(path)
+        if m.pretrained_sha256 and m.pretrained_sha256 != digest:
+            raise ConfigError(
+                f"model.pretrained_sha256: {m.pretrained} ({path}) has sha256 {digest[:12]}..., the config says "
+                f"{m.pretrained_sha256[:12]}...; other weights than the run recorded (empty the key to accept them)"
+            )
+        m.pretrained_sha256 = digest
+    if not (m.mean and m.std):
+        found = (entry.mean, entry.std) if entry is not None else None
+        beside = Path(m.pretrained).parent / "config.json" if m.pretrained and entry is None else None
+        if beside is not None and beside.is_file():
+            try:
+                pre = json.loads(beside.read_text()).get("pretrained_cfg", {})
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{beside}: not a readable timm config.json ({e})") from None
+            if "mean" in pre and "std" in pre:
+                found = (pre["mean"], pre["std"])
+        if found is None:
+            import timm
+
+            pre = timm.models.get_pretrained_cfg(m.name)
+            found = (pre.mean, pre.std) if pre is not None else IMAGENET_NORM
+        m.mean = m.mean or [float(v) for v in found[0]]
+        m.std = m.std or [float(v) for v in found[1]]
+    for key, values in (("model.mean", m.mean), ("model.std", m.std)):
+        if len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
+            raise ConfigError(f"{key}: give 3 numbers (R, G, B), got {values}")
+    if min(m.std) <= 0:
+        raise ConfigError(f"model.std: every value must be > 0, got {m.std}")

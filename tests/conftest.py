@@ -36,9 +36,20 @@ def small_shards(small_manifest, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(small_shards, tmp_path_factory) -> Path:
     """A supervised run of 6 steps on the small shards: a real checkpoint for inference tests."""
-    from sslfw.config import load_config
+    from sslfw.runconfig import load_config
     from sslfw.train import train
 
     run = tmp_path_factory.mktemp("tiny_run") / "run"
     train(load_config(None, tiny_overrides(small_shards, run, **{"train.steps": 6, "ckpt.every": 6, "eval.every": 0})))
     return run
+
+
+# Tests that build the embedded dataset or train on it take seconds each: they belong to the full suite, and the fast
+# tier (`pytest -m 'not slow'`, under a minute on 2 cores) keeps the unit tests that need neither.
+DATASET_FIXTURES = {"small_raw", "small_manifest", "small_shards", "tiny_run"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if DATASET_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sslfw.data.importers import Sources, import_sources
 from sslfw.data.manifest import prepare
 from sslfw.data.synth import SynthConfig, synthesize
 
@@ -24,8 +25,17 @@ def make_raw(root: Path, **kw) -> Path:
     return root
 
 
+def sources(koniq: Path, kadis: Path | None = None, extra: Path | None = None) -> Sources:
+    """The embedded layouts through their importers, as `sslfw data prepare --koniq --kadis --extra-labels` does."""
+    return import_sources(
+        koniq={"root": koniq},
+        extra={"csv_path": extra, "kadis_root": kadis} if extra else None,
+        kadis={"root": kadis} if kadis else None,
+    )
+
+
 def prepare_raw(raw: Path, out: Path, **kw) -> Path:
-    prepare(raw / "koniq10k", raw / "kadis700k", out, extra_labels=raw / "kadis_extra_labels.csv", **kw)
+    prepare(sources(raw / "koniq10k", raw / "kadis700k", raw / "kadis_extra_labels.csv"), out, **kw)
     return out
 
 

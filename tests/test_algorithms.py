@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from sslfw import trace
-from sslfw.algorithms import get_algorithm
+from sslfw.algorithms import get_algorithm, resolve_params
 from sslfw.algorithms.base import DataInfo, StepBatch, StepContext
-from sslfw.config import AlgorithmConfig, resolve_params
+from sslfw.config import AlgorithmConfig
 from tests.helpers import ROOT, child_env, torchrun
 
 
@@ -168,8 +168,8 @@ def test_two_ranks_equal_one_rank_with_the_global_batch(name, tmp_path):
 )
 def test_trains_checkpoints_and_resumes_to_identical_state(name, small_shards, tmp_path, monkeypatch):
     from sslfw import ckpt
-    from sslfw.config import load_config
     from sslfw.preempt import EXIT_PREEMPTED
+    from sslfw.runconfig import load_config
     from sslfw.train import train
     from tests.helpers import tiny_overrides
 
@@ -343,7 +343,7 @@ def test_a_new_algorithm_is_one_class_plus_registration(small_shards, tmp_path):
 
     from sslfw import ckpt
     from sslfw.algorithms.base import REGISTRY, Algorithm, StepOutput, Views, forward_views, register
-    from sslfw.config import load_config
+    from sslfw.runconfig import load_config
     from sslfw.train import train
     from tests.helpers import tiny_overrides
 

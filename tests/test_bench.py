@@ -92,7 +92,7 @@ def test_bench_all_writes_every_table_with_finite_ratios(small_shards, tmp_path)
 def test_bench_step_runs_the_trainers_own_step(small_shards, tmp_path):
     """Whatever the trainer's step does (here: gradient clipping) is what the benchmark times."""
     from sslfw.bench.compute import Harness, _setup
-    from sslfw.config import load_config
+    from sslfw.runconfig import load_config
 
     def weights_after_two_steps(clip: float) -> torch.Tensor:
         cfg = load_config(None, tiny_overrides(small_shards, tmp_path / "unused", **{"optim.clip_grad": clip}))

@@ -11,8 +11,9 @@ from dataclasses import replace
 import pytest
 import yaml
 
-from sslfw.config import load_config, save_config
+from sslfw.config import parse_config, save_config
 from sslfw.errors import ConfigError
+from sslfw.runconfig import load_config
 from tests.helpers import ROOT, child_env, run_sslfw
 
 
@@ -55,6 +56,7 @@ def test_algorithm_params_are_resolved_with_every_default_and_saved(tmp_path):
     assert load_config(tmp_path / "c.yaml") == cfg
 
 
+@pytest.mark.slow  # a real CLI process or a full-size synth: seconds
 def test_a_misspelt_algorithm_param_exits_2_before_any_data_is_read(tmp_path):
     run = tmp_path / "run"
     proc = run_sslfw(
@@ -68,7 +70,8 @@ def test_a_misspelt_algorithm_param_exits_2_before_any_data_is_read(tmp_path):
     )
     assert proc.returncode == 2
     assert (
-        "algorithm.params.p_cutof: fixmatch has no such setting; known: ['T', 'hard_label', 'p_cutoff'" in proc.stderr
+        "algorithm.params.p_cutof: fixmatch has no such setting; did you mean 'p_cutoff'? known: ['T', 'hard_label'"
+        in proc.stderr
     )
     assert "no_such_shards" not in proc.stderr and not run.exists()
 
@@ -82,6 +85,7 @@ def test_flags_take_dashes_or_underscores_and_a_bare_key_means_true():
         load_config(None, ["--train.steps"])
 
 
+@pytest.mark.slow  # a real CLI process or a full-size synth: seconds
 def test_help_lists_every_key_with_its_default_and_config_show_resolves(tmp_path):
     """`sslfw train --help` names every key (algorithm settings with each algorithm's default); `sslfw config show`
     prints the tree a run would save; `--version` and `--help` do not import torch; verb flags take underscores."""
@@ -153,7 +157,7 @@ def test_every_shipped_config_loads():
     assert len(configs) >= 6
     for path in configs:
         if path.name.startswith("pipeline_"):
-            p = load_config(path, cls=PipelineConfig)
+            p = parse_config(path, cls=PipelineConfig)
             check(replace(p, base=str(ROOT / p.base)))
         else:
             load_config(path)

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 
 from sslfw.cli import main
+from sslfw.data.importers import read_koniq
 from sslfw.data.labels import PAPER_SHARES, LabelScheme
-from sslfw.data.manifest import load, prepare, read_koniq
+from sslfw.data.manifest import load, prepare
 from sslfw.errors import DataError
-from tests.helpers import make_raw, prepare_raw, tree_hashes
+from tests.helpers import make_raw, prepare_raw, sources, tree_hashes
 
 
+@pytest.mark.slow  # a real CLI process or a full-size synth: seconds
 def test_synth_is_byte_identical_for_the_same_flags_whatever_the_worker_count(tmp_path):
     a = make_raw(tmp_path / "a", koniq_count=70, kadis_count=70, workers=1)
     b = make_raw(tmp_path / "b", koniq_count=70, kadis_count=70, workers=2)
@@ -56,11 +58,12 @@ def test_quality_follows_distortion_severity_and_capture_defects(small_raw):
     assert best > np.mean([float(r["true_mos"]) for r in flawed]) + 0.2
 
 
+@pytest.mark.slow  # a real CLI process or a full-size synth: seconds
 def test_default_size_gives_the_paper_label_shares(tmp_path):
     """Default flags, default bins: class shares within 2.5 points of the paper's 2/13/49/33/2 %."""
     raw = tmp_path / "raw"
     assert main(["data", "synth", "--out", str(raw)]) == 0
-    meta = prepare(raw / "koniq10k", raw / "kadis700k", tmp_path / "m")
+    meta = prepare(sources(raw / "koniq10k", raw / "kadis700k"), tmp_path / "m")
     shares = np.array(meta["class_shares"])
     assert np.abs(shares - np.array(PAPER_SHARES)).max() < 0.025, shares
     assert meta["counts"]["train"] + meta["counts"]["val"] + meta["counts"]["test"] == 1200
@@ -88,7 +91,7 @@ def test_prepare_splits_stratified_and_records_a_hash(small_manifest, small_raw,
 
 def test_official_split_and_quantile_bins(small_raw, tmp_path):
     sets = small_raw / "koniq10k" / "koniq10k_distributions_sets.csv"
-    meta = prepare(small_raw / "koniq10k", None, tmp_path / "m", koniq_sets=sets, bins="quantile:10,20,40,20,10")
+    meta = prepare(sources(small_raw / "koniq10k"), tmp_path / "m", koniq_sets=sets, bins="quantile:10,20,40,20,10")
     with open(sets) as f:
         want = {r["image_name"]: r["set"] for r in csv.DictReader(f)}
     labelled, _, _ = load(tmp_path / "m")
@@ -157,7 +160,7 @@ def test_bad_extra_label(small_raw, tmp_path):
     name = sorted((small_raw / "kadis700k" / "ref_imgs").glob("*.png"))[0].name
     extra.write_text(f"image_name,label\n{name},7\n")
     with pytest.raises(DataError, match=r"extra.csv, line 2: label=7.0 is outside 0..4"):
-        prepare(small_raw / "koniq10k", small_raw / "kadis700k", tmp_path / "m", extra_labels=extra)
+        prepare(sources(small_raw / "koniq10k", small_raw / "kadis700k", extra), tmp_path / "m")
 
 
 def test_labelled_fraction_moves_the_rest_of_train_into_the_pool(small_raw, tmp_path):
@@ -176,3 +179,47 @@ def test_labelled_fraction_moves_the_rest_of_train_into_the_pool(small_raw, tmp_
     assert [r.key for r in lp if r.split != "train"] == [r.key for r in lf if r.split != "train"]  # val/test as is
     assert mf_part["split"]["labelled_fraction"] == 0.25 and mf_part["counts"]["moved_to_pool"] == len(moved)
     assert mf_part["split"]["sha256"] != mf_full["split"]["sha256"]
+
+
+def test_the_generic_importer_packs_and_trains_on_a_csv_with_its_own_columns_and_scale(small_raw, tmp_path, capsys):
+    """SPAQ-like ratings: columns `file` and `quality` on 0..100, images in another folder than the csv."""
+    from sslfw.data.shards import pack
+    from sslfw.runconfig import load_config
+    from sslfw.train import train
+    from tests.helpers import tiny_overrides
+
+    with open(small_raw / "koniq10k" / "koniq10k_scores_and_distributions.csv") as f:
+        koniq = list(csv.DictReader(f))
+    photos = tmp_path / "photos"
+    shutil.copytree(small_raw / "koniq10k" / "1024x768", photos)
+    ratings = tmp_path / "my_ratings.csv"
+    with open(ratings, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["quality", "file", "rater_count"])
+        w.writerows([[f"{(float(r['MOS']) - 1) * 25:.3f}", r["image_name"], 9] for r in koniq])
+    m = tmp_path / "m"
+    args = ["data", "prepare", "--ratings", str(ratings), "--images", str(photos), "--image-column", "file",
+            "--score-column", "quality", "--kadis", str(small_raw / "kadis700k"), "--split", "0.6,0.2,0.2"]  # fmt: skip
+    assert main([*args, "--out", str(m)]) == 0
+    rows, pool, meta = load(m)
+    scores = [(float(r["MOS"]) - 1) * 25 for r in koniq]
+    assert meta["sources"]["ratings"]["score_range"] == pytest.approx([min(scores), max(scores)], abs=1e-3)
+    mos = {Path(r.path).name: r.mos for r in rows}
+    lo, hi = min(scores), max(scores)
+    for r in koniq[:20]:  # 0..100 mapped onto 1..5 through the observed ends
+        want = 1 + 4 * ((float(r["MOS"]) - 1) * 25 - lo) / (hi - lo)
+        assert mos[r["image_name"]] == pytest.approx(want, abs=1e-3)
+    assert {r.source for r in rows} == {"ratings"} and len(pool) == 80
+    given = tmp_path / "m_given"
+    assert main([*args, "--score-range", "0,100", "--out", str(given)]) == 0
+    assert load(given)[2]["sources"]["ratings"]["score_range"] == [0.0, 100.0]
+    assert {Path(r.path).name: r.mos for r in load(given)[0]} == pytest.approx(
+        {r["image_name"]: float(r["MOS"]) for r in koniq}, abs=1e-3
+    )  # the full scale given: exactly the MOS the scores came from
+    capsys.readouterr()
+    assert main([*args[:-2], "--image-column", "name", "--out", str(tmp_path / "bad")]) == 2
+    assert "my_ratings.csv, line 1: header lacks column(s) ['name']" in capsys.readouterr().err
+    shards = tmp_path / "shards"
+    pack(m, shards, samples_per_shard=20, workers=1, progress=False)
+    res = train(load_config(None, tiny_overrides(shards, tmp_path / "run", **{"train.steps": 3, "eval.every": 3})))
+    assert res["exit_code"] == 0 and res["step"] == 3 and 0 <= res["val"]["val/ema/mae"] <= 4

@@ -16,10 +16,11 @@ import yaml
 from sslfw import ckpt
 from sslfw.cli import main
 from sslfw.commands.pipeline import PipelineConfig, run_pipeline
-from sslfw.config import load_config
+from sslfw.config import parse_config
 from sslfw.data.shards import load_index
 from sslfw.data.stream import tile_crops
 from sslfw.errors import ConfigError
+from sslfw.runconfig import load_config
 from tests.helpers import run_sslfw, tiny_overrides
 
 
@@ -99,7 +100,8 @@ def test_predict_scores_whole_images_skips_unreadable_files_and_fails_only_when_
     argv = ["predict", "--checkpoint", str(tiny_run), str(folder), "--out", str(out), "--batch_size=4", "--device=cpu"]
     assert main(argv) == 0
     err = capsys.readouterr().err
-    assert f"{folder / 'notes.jpg'}: not a readable image" in err and "scored 80, skipped 1" in err
+    assert f"{folder / 'notes.jpg'}: not an image Pillow can read" in err and "scored 80, skipped 1" in err
+    assert "BytesIO" not in err  # the file is named, not Pillow's in-memory buffer
     rows = read_csv(out)
     assert len(rows) == 80 and all(0 <= int(r["level"]) <= 4 and 0 <= float(r["score"]) <= 4 for r in rows)
     # 64x48 photos, 32 px views: tiles cover the whole image (2 x 2), centre crop is one view
@@ -109,7 +111,7 @@ def test_predict_scores_whole_images_skips_unreadable_files_and_fails_only_when_
     capsys.readouterr()
     assert main(["predict", "--checkpoint", str(tiny_run), str(folder / "notes.jpg")]) == 2  # nothing scored
     err = capsys.readouterr().err.strip().splitlines()  # one file, nothing scored: the usual one-line error
-    assert len(err) == 1 and err[0].startswith(f"sslfw: error: {folder / 'notes.jpg'}: not a readable image")
+    assert len(err) == 1 and err[0].startswith(f"sslfw: error: {folder / 'notes.jpg'}: not an image Pillow can")
 
 
 def test_tiles_cover_every_pixel_at_native_resolution():
@@ -137,7 +139,7 @@ def base_yaml(small_shards: Path, tmp_path: Path, **extra) -> Path:
 
 def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, small_raw, tmp_path):
     base = base_yaml(small_shards, tmp_path, **{"eval.every": 0})
-    cfg = load_config(
+    cfg = parse_config(
         None,
         {
             "out_dir": str(tmp_path / "out"),
@@ -189,7 +191,7 @@ def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, small_raw,
     stamp = (tmp_path / "out" / "fixmatch-iqa_safe-s0" / "eval" / "eval.json").stat().st_mtime_ns
     run_pipeline(cfg)  # everything finished: nothing is retrained or re-evaluated
     assert (tmp_path / "out" / "fixmatch-iqa_safe-s0" / "eval" / "eval.json").stat().st_mtime_ns == stamp
-    partial = load_config(
+    partial = parse_config(
         None,
         {
             "out_dir": str(tmp_path / "out"),
@@ -225,7 +227,7 @@ def test_pipeline_with_the_best_val_checkpoint_pseudo_labels_and_evaluates_that_
     """checkpoint: best: each stage's kept best-val step (RUN/best) pseudo-labels and is evaluated; its files sit beside
     those of the last checkpoint, so one folder holds both choices."""
     every = {"eval.every": 2, "ckpt.every": 2, "ckpt.keep": 1}
-    cfg = load_config(
+    cfg = parse_config(
         None,
         {"out_dir": str(tmp_path / "out"), "base": str(base_yaml(small_shards, tmp_path)), "checkpoint": "best",
          "algorithms": ["supervised", "fixmatch"], "ssl": {"train.steps": 8, **every},
@@ -313,7 +315,7 @@ def test_eval_with_whole_image_tiles_averages_each_images_tiles(tiny_run, small_
 def test_a_rerun_with_more_ssl_steps_redoes_what_was_derived_from_the_old_checkpoint(small_shards, tmp_path):
     """Evaluations, pseudo-labels and the retraining of an SSL stage that ran further are made again from the new
     checkpoint (the old ones are kept aside, `.stale-N`), so the report shows the model the stage ended with."""
-    p = load_config(
+    p = parse_config(
         None,
         {"out_dir": str(tmp_path / "out"), "base": str(base_yaml(small_shards, tmp_path)), "algorithms": ["fixmatch"],
          "ssl": {"train.steps": 4, "ckpt.every": 2, "eval.every": 0}, "retrain": {"train.steps": 2, "eval.every": 0}},

@@ -23,13 +23,13 @@ from PIL import Image
 
 from sslfw import ckpt, fsio
 from sslfw.cli import main
-from sslfw.config import load_config
 from sslfw.data.manifest import prepare
 from sslfw.data.reader import decode_crop
 from sslfw.data.shards import pack
 from sslfw.errors import DataError
+from sslfw.runconfig import load_config
 from sslfw.train import train
-from tests.helpers import child_env, make_raw, run_sslfw, tiny_overrides, tree_hashes
+from tests.helpers import child_env, make_raw, run_sslfw, sources, tiny_overrides, tree_hashes
 
 
 def tiny(shards: Path, run: Path, **extra) -> list[str]:
@@ -261,6 +261,7 @@ def test_the_best_val_checkpoint_is_kept_beside_the_newest_and_named_run_best(sm
     assert all(v == ({"key": "val/ema/srcc", "value": scores[s]} if s in scores else None) for s, v in kept.items())
     if best:
         assert ckpt.resolve(run / "best", "--checkpoint") == run / f"step-{best}"
+        assert (run / "best").is_symlink() and os.readlink(run / "best") == f"step-{best}"  # ls finds it
     no_val = tmp_path / "no_val"
     train(load_config(None, tiny(small_shards, no_val, **{**args, "eval.every": 0, "eval.split": "test"})))
     with pytest.raises(DataError, match="has no checkpoint with a validation score"):
@@ -351,14 +352,14 @@ def test_bad_inputs_are_one_line_and_exit_2(tiny_run, small_shards, small_raw, t
     )
     assert not run.exists()
     no_pool = tmp_path / "nopool"
-    prepare(small_raw / "koniq10k", None, tmp_path / "m2")
+    prepare(sources(small_raw / "koniq10k"), tmp_path / "m2")
     pack(tmp_path / "m2", no_pool, samples_per_shard=50, workers=1, progress=False)
     refused(
         ["pseudolabel", "--checkpoint", str(tiny_run), "--shards", str(no_pool), "--out", str(tmp_path / "p.csv")],
         "the unlabelled set is empty",
     )
     empty_val = tmp_path / "noval"
-    prepare(small_raw / "koniq10k", None, tmp_path / "m3", split=(0.9, 0.0, 0.1))
+    prepare(sources(small_raw / "koniq10k"), tmp_path / "m3", split=(0.9, 0.0, 0.1))
     pack(tmp_path / "m3", empty_val, samples_per_shard=50, workers=1, progress=False)
     refused(["train", *tiny(empty_val, run)], "eval.split 'val' has no samples")
     assert not run.exists()

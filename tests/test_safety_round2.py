@@ -18,7 +18,7 @@ from sslfw.cli import main
 from sslfw.data.manifest import prepare
 from sslfw.data.shards import pack
 from sslfw.errors import DataError
-from tests.helpers import ROOT, child_env
+from tests.helpers import ROOT, child_env, sources
 
 
 def _refused(capsys, args: list[str], message: str) -> None:
@@ -48,7 +48,7 @@ def test_image_names_that_leave_the_dataset_folder_and_infinite_votes_are_refuse
         lines[1] = ",".join([bad, *first[1:]])
         scores.write_text("\n".join(lines) + "\n")
         with pytest.raises(DataError, match=f"line 2: image_name={bad!r} leaves the dataset folder"):
-            prepare(koniq, None, tmp_path / "m")
+            prepare(sources(koniq), tmp_path / "m")
     koniq = tmp_path / "inf"
     shutil.copytree(small_raw / "koniq10k", koniq)
     scores = koniq / "koniq10k_scores_and_distributions.csv"
@@ -58,7 +58,7 @@ def test_image_names_that_leave_the_dataset_folder_and_infinite_votes_are_refuse
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader(), w.writerows(rows)
     with pytest.raises(DataError, match="line 2: c1=inf is outside"):
-        prepare(koniq, None, tmp_path / "m")
+        prepare(sources(koniq), tmp_path / "m")
     assert not (tmp_path / "m").exists()
 
 
@@ -170,7 +170,7 @@ def test_slurm_on_a_cpu_node_with_zero_gpus_runs_one_process():
 
 
 def test_half_written_json_and_a_run_without_ema_are_one_line(small_shards, tmp_path, capsys):
-    from sslfw.config import load_config
+    from sslfw.runconfig import load_config
     from sslfw.train import train
     from tests.helpers import tiny_overrides
 
@@ -185,3 +185,39 @@ def test_half_written_json_and_a_run_without_ema_are_one_line(small_shards, tmp_
     assert train(load_config(None, tiny_overrides(small_shards, run, **extra)))["exit_code"] == 0
     _refused(capsys, ["eval", "--checkpoint", str(run), "--split", "val"], "has no EMA teacher")
     assert main(["eval", "--checkpoint", str(run), "--split", "val", "--weights", "student", "--num-workers", "0"]) == 0
+
+
+def test_a_run_resumed_on_another_pack_and_an_eval_with_other_bins_are_refused(small_raw, tmp_path, capsys):
+    from sslfw.runconfig import load_config
+    from sslfw.train import train
+    from tests.helpers import tiny_overrides
+
+    shards, run = tmp_path / "shards", tmp_path / "run"
+    prepare(sources(small_raw / "koniq10k", small_raw / "kadis700k"), tmp_path / "m")
+    pack(tmp_path / "m", shards, samples_per_shard=40, workers=1, progress=False)
+    over = {"train.steps": 2, "ckpt.every": 2, "eval.every": 0}
+    assert train(load_config(None, tiny_overrides(shards, run, **over)))["step"] == 2
+    assert ckpt.recorded_data(run / "step-2")["label_edges"] == [1.79, 2.55, 3.46, 3.94]
+    # Another split packed into the same folder: the run would silently train on other images.
+    prepare(sources(small_raw / "koniq10k", small_raw / "kadis700k"), tmp_path / "m2", seed=1)
+    pack(tmp_path / "m2", shards, samples_per_shard=40, workers=1, progress=False)
+    with pytest.raises(DataError, match=r"is not the data .*step-2 was trained on \(fingerprint: .*split_sha256"):
+        train(load_config(None, tiny_overrides(shards, run, **(over | {"train.steps": 4}))))
+    # Other --bins: the levels mean other MOS ranges, so the metrics would compare different things.
+    prepare(sources(small_raw / "koniq10k"), tmp_path / "m3", bins="quantile:10,20,40,20,10")
+    pack(tmp_path / "m3", tmp_path / "binned", samples_per_shard=40, workers=1, progress=False)
+    args = ["eval", "--checkpoint", str(run), "--shards", str(tmp_path / "binned"), "--split", "val"]
+    _refused(capsys, args, "was trained with [1.79, 2.55, 3.46, 3.94]; the metrics would compare different levels")
+
+
+def test_raising_train_steps_says_how_the_schedule_changes(small_shards, tmp_path, capsys):
+    from sslfw.runconfig import load_config
+    from sslfw.train import train
+    from tests.helpers import tiny_overrides
+
+    over = {"train.steps": 4, "ckpt.every": 2, "eval.every": 0, "optim.warmup_steps": 1}
+    train(load_config(None, tiny_overrides(small_shards, tmp_path / "run", **over)))
+    capsys.readouterr()
+    train(load_config(None, tiny_overrides(small_shards, tmp_path / "run", **(over | {"train.steps": 8}))))
+    out = capsys.readouterr().out
+    assert "train.steps 4 -> 8: the cosine schedule now ends at step 8, so the lr at step 4 is" in out

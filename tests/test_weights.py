@@ -10,10 +10,10 @@ from PIL import Image
 from skimage import data
 
 from sslfw import weights
-from sslfw.config import load_config
 from sslfw.errors import ConfigError
 from sslfw.fsio import sha256_file
 from sslfw.model import IQAModel
+from sslfw.runconfig import load_config
 
 SPEC = "package:efficientnet_lite0"
 

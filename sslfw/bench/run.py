@@ -6,9 +6,9 @@ import argparse
 from pathlib import Path
 
 from sslfw.bench import Table, save
-from sslfw.config import load_config
 from sslfw.dist import is_main_process
 from sslfw.errors import ConfigError
+from sslfw.runconfig import load_config
 
 ALL = ("data", "augment", "step", "speedups", "pseudolabel")
 

@@ -139,7 +139,7 @@ def usb_fixmatch(model, cfg, device):
 def main(argv: list[str] | None = None) -> None:
     from sslfw.bench import Table, median_seconds, save
     from sslfw.bench.compute import Harness, _setup
-    from sslfw.config import load_config
+    from sslfw.runconfig import load_config
 
     p = argparse.ArgumentParser(prog="sslfw bench usb")
     for flag, kind, default in (("--config", Path, None), ("--shards", Path, None), ("--out", Path, None),

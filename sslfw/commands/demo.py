@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from sslfw.commands.pipeline import PipelineConfig, run_pipeline
-from sslfw.config import load_config
+from sslfw.config import parse_config
+from sslfw.data.importers import import_sources
 from sslfw.data.manifest import prepare
 from sslfw.data.shards import pack
 from sslfw.data.synth import SynthConfig, synthesize
@@ -40,11 +41,14 @@ def build_data(seed: int, data_root: Path, shards_root: Path) -> tuple[Path, Pat
         _say(f"synthesising {KONIQ_COUNT} labelled + {KADIS_COUNT} pool images (data seed {seed}) into {raw}")
         synthesize(SynthConfig(out=raw, koniq_count=KONIQ_COUNT, kadis_count=KADIS_COUNT, extra_count=48, seed=seed))
     if not (manifest / "meta.json").is_file():
+        found = import_sources(
+            koniq={"root": raw / "koniq10k"},
+            extra={"csv_path": raw / "kadis_extra_labels.csv", "kadis_root": raw / "kadis700k"},
+            kadis={"root": raw / "kadis700k"},
+        )
         prepare(
-            raw / "koniq10k",
-            raw / "kadis700k",
+            found,
             manifest,
-            extra_labels=raw / "kadis_extra_labels.csv",
             split=SPLIT,
             seed=seed,
             labelled_fraction=LABELLED_FRACTION,
@@ -58,7 +62,7 @@ def build_data(seed: int, data_root: Path, shards_root: Path) -> tuple[Path, Pat
 
 
 def run_demo(config: Path, seed: int, overrides: list[str], data_root: Path, shards_root: Path) -> dict:
-    p = load_config(config, overrides, cls=PipelineConfig)  # a typo in an override fails before any data is made
+    p = parse_config(config, overrides, cls=PipelineConfig)  # a typo in an override fails before any data is made
     shards, truth = build_data(seed, data_root, shards_root)
     p.out_dir = str(Path(p.out_dir) / f"data-seed{seed}")
     p.ssl = {**p.ssl, "data.shards": str(shards)}

@@ -183,32 +183,12 @@ def pack(
         gidx = 0
         try:
             for set_id, set_name in enumerate(SETS):
-                rows = members[set_name]
-                order = np.random.default_rng([seed, set_id]).permutation(len(rows))
-                rows = [rows[i] for i in order]
+                rng = np.random.default_rng([seed, set_id])
+                rows = [members[set_name][i] for i in rng.permutation(len(members[set_name]))]
                 jobs = [(p, max_side, pixels == "raw") for _, p, _ in rows]
                 results = pool_ctx.imap(_check_star, jobs, chunksize=8) if pool_ctx else map(_check_star, jobs)
-                roller = _ShardRoller(out, set_name, samples_per_shard)
-                start = gidx
-                for (key, path, row), (data, ext, err) in zip(rows, results):
-                    bar.update()
-                    if data is None:
-                        index["skipped"].append({"set": set_name, "key": key, "path": path, "error": err})
-                        continue
-                    roller.write(key, ext, data, _sample_meta(row, key, set_name, gidx - start, gidx))
-                    gidx += 1
-                roller.close()
-                table = np.array(roller.offsets, dtype=np.int64).reshape(-1, len(OFFSET_COLUMNS))
-                with fsio.atomic_open(out / f"{set_name}.offsets.npy") as f:
-                    np.save(f, table)
-                counts = np.array([s["class_counts"] for s in roller.shards]).reshape(-1, NUM_CLASSES).sum(0)
-                index["sets"][set_name] = {
-                    "count": len(table),
-                    "gidx_offset": start,
-                    "class_counts": counts.tolist(),
-                    "offsets": f"{set_name}.offsets.npy",
-                    "shards": roller.shards,
-                }
+                index["sets"][set_name] = _pack_set(out, set_name, rows, results, samples_per_shard, gidx, index, bar)
+                gidx += index["sets"][set_name]["count"]
         finally:
             bar.close()
             if pool_ctx:
@@ -217,6 +197,29 @@ def pack(
         fsio.write_json(out / INDEX, index)  # last: a folder with index.json is a complete pack
 
     return index
+
+
+def _pack_set(
+    out: Path, set_name: str, rows: list, results, samples_per_shard: int, start: int, index: dict, bar
+) -> dict:
+    """One set's shards and offsets table from its (key, path, row) members in packing order; images that do not
+    decode are listed in index["skipped"]. Sample indices run on from `start` across sets."""
+    roller = _ShardRoller(out, set_name, samples_per_shard)
+    gidx = start
+    for (key, path, row), (data, ext, err) in zip(rows, results):
+        bar.update()
+        if data is None:
+            index["skipped"].append({"set": set_name, "key": key, "path": path, "error": err})
+            continue
+        roller.write(key, ext, data, _sample_meta(row, key, set_name, gidx - start, gidx))
+        gidx += 1
+    roller.close()
+    table = np.array(roller.offsets, dtype=np.int64).reshape(-1, len(OFFSET_COLUMNS))
+    with fsio.atomic_open(out / f"{set_name}.offsets.npy") as f:
+        np.save(f, table)
+    counts = np.array([s["class_counts"] for s in roller.shards]).reshape(-1, NUM_CLASSES).sum(0)
+    return {"count": len(table), "gidx_offset": start, "class_counts": counts.tolist(),
+            "offsets": f"{set_name}.offsets.npy", "shards": roller.shards}  # fmt: skip
 
 
 def _pack_files(root: Path) -> set[str]:
@@ -239,6 +242,25 @@ def load_index(root: Path) -> dict:
     if found != FORMAT:
         raise DataError(f"{path}: format {found!r}, expected {FORMAT!r}. Re-pack with this sslfw.")
     return index
+
+
+def identity(index: dict) -> dict:
+    """What a run trained on, recorded with its checkpoints: the pack's fingerprint (every shard's sha256), the split's
+    hash and the label scheme. Another pack in the same folder, another split or other --bins differ here."""
+    shards = {name: [s["sha256"] for s in info["shards"]] for name, info in sorted(index["sets"].items())}
+    return {
+        "fingerprint": fsio.sha256_text(json.dumps(shards, sort_keys=True)),
+        "split_sha256": index["split"]["sha256"],
+        "label_edges": list(index["label_scheme"]["edges"]),
+    }
+
+
+def identity_mismatch(recorded: dict, current: dict) -> str | None:
+    """'key: recorded -> current; ...' for what differs (None when the same data, or nothing was recorded)."""
+    diff = [
+        f"{k}: {str(recorded[k])[:16]} -> {str(current.get(k))[:16]}" for k in recorded if recorded[k] != current.get(k)
+    ]
+    return "; ".join(diff) or None
 
 
 def verify(root: Path) -> dict:

@@ -173,25 +173,8 @@ def _generate(cfg: SynthConfig, pool: str, count: int) -> list[dict]:
         return p.starmap(make_sample, jobs, chunksize=32)
 
 
-def synthesize(cfg: SynthConfig) -> dict:
-    """Write the KonIQ-layout labelled set, the KADIS-layout pool and the extra labels; return a summary."""
-    unknown = set(cfg.distortions) - set(DISTORTIONS)
-    if unknown:
-        raise ValueError(f"--distortions: no distortion with code(s) {sorted(unknown)}; known: {sorted(DISTORTIONS)}")
-    out = Path(cfg.out)
-    koniq_dir, kadis_dir = out / "koniq10k", out / "kadis700k"
-    (koniq_dir / "1024x768").mkdir(parents=True, exist_ok=True)  # KonIQ's folder name, whatever the pixel size
-    (kadis_dir / "ref_imgs").mkdir(parents=True, exist_ok=True)
-
-    koniq = _generate(cfg, "koniq", cfg.koniq_count)
-    kadis = _generate(cfg, "kadis", cfg.kadis_count)
-    koniq_names = [f"{826000000 + i}.jpg" for i in range(len(koniq))]
-    kadis_names = [f"{s['content'].replace('_', '-')}-{i:07d}.png" for i, s in enumerate(kadis)]
-    for name, s in zip(koniq_names, koniq):
-        fsio.write_bytes(koniq_dir / "1024x768" / name, s["data"])
-    for name, s in zip(kadis_names, kadis):
-        fsio.write_bytes(kadis_dir / "ref_imgs" / name, s["data"])
-
+def _write_koniq_csvs(cfg: SynthConfig, koniq_dir: Path, koniq_names: list[str], koniq: list[dict]) -> None:
+    """KonIQ's scores csv (votes, MOS, SD, MOS_zscore) and its official-split file."""
     rows = [
         [n, *s["counts"], sum(s["counts"]), f"{s['mos']:.6f}", f"{s['sd']:.6f}", f"{mos_to_zscore(s['mos']):.6f}"]
         for n, s in zip(koniq_names, koniq)
@@ -212,6 +195,28 @@ def synthesize(cfg: SynthConfig) -> dict:
         for n, s, st in zip(koniq_names, koniq, sets)
     ]
     fsio.write_csv(koniq_dir / "koniq10k_distributions_sets.csv", KONIQ_SETS_HEADER, rows)
+
+
+def synthesize(cfg: SynthConfig) -> dict:
+    """Write the KonIQ-layout labelled set, the KADIS-layout pool and the extra labels; return a summary."""
+    unknown = set(cfg.distortions) - set(DISTORTIONS)
+    if unknown:
+        raise ValueError(f"--distortions: no distortion with code(s) {sorted(unknown)}; known: {sorted(DISTORTIONS)}")
+    out = Path(cfg.out)
+    koniq_dir, kadis_dir = out / "koniq10k", out / "kadis700k"
+    (koniq_dir / "1024x768").mkdir(parents=True, exist_ok=True)  # KonIQ's folder name, whatever the pixel size
+    (kadis_dir / "ref_imgs").mkdir(parents=True, exist_ok=True)
+
+    koniq = _generate(cfg, "koniq", cfg.koniq_count)
+    kadis = _generate(cfg, "kadis", cfg.kadis_count)
+    koniq_names = [f"{826000000 + i}.jpg" for i in range(len(koniq))]
+    kadis_names = [f"{s['content'].replace('_', '-')}-{i:07d}.png" for i, s in enumerate(kadis)]
+    for name, s in zip(koniq_names, koniq):
+        fsio.write_bytes(koniq_dir / "1024x768" / name, s["data"])
+    for name, s in zip(kadis_names, kadis):
+        fsio.write_bytes(kadis_dir / "ref_imgs" / name, s["data"])
+
+    _write_koniq_csvs(cfg, koniq_dir, koniq_names, koniq)
 
     # KADIS assigns each reference one distortion type for its generator; we record the one we used.
     rows = [[n, s["code"] or 1, ""] for n, s in zip(kadis_names, kadis)]

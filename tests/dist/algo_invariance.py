@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 from sslfw.algorithms import get_algorithm
 from sslfw.algorithms.base import DataInfo, StepBatch, StepContext
-from sslfw.config import AlgorithmConfig, AugConfig, ModelConfig, resolve_params
+from sslfw.config import AlgorithmConfig, AugConfig, ModelConfig
+from sslfw.algorithms import resolve_params
 from sslfw.model import IQAModel
 
 
