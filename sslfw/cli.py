@@ -233,8 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--pixels",
         default="original",
-        choices=("original", "raw"),
-        help="raw: store decoded RGB pixels (.npy), lossless, nothing left to decode (more disk)",
+        choices=("original", "raw", "zstd"),
+        help="raw: decoded RGB pixels (.npy), lossless, nothing left to decode (3x a PNG's disk); zstd: the same "
+        "pixels in zstd row blocks, ~10x PNG's decode rate at ~1.5x its size (BENCHMARKS.md)",
     )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=0)
@@ -315,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch", type=int, help="batch size (data: default train.batch_size; pseudolabel: data.eval_batch_size)"
     )
     s.add_argument("--workers", default="0,1,2", help="loader worker counts to compare (data)")
+    s.add_argument("--set", default="train", choices=("train", "unlabelled"),
+                   help="data: the set to stream (unlabelled: the pool's pixel format)")  # fmt: skip
     s.add_argument("--algorithms", default="supervised,fixmatch,adamatch,freematch,comatch,simmatch,crmatch")
     s.add_argument("--chunk", type=int, default=1024, help="pseudolabel chunk size, as in `sslfw pseudolabel`")
     s.add_argument("--limit", type=int, default=0, help="pseudolabel at most this many pool images (0: all)")

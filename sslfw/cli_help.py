@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 class ConfigHelpParser(argparse.ArgumentParser):
-    """A verb's parser whose --help also lists every config key it accepts as --section.key=value, with its type and
-    default (built only when asked: it imports the algorithms, so `sslfw --help` stays fast)."""
+    """A verb's parser whose --help also lists every config key it accepts as --section.key=VALUE: its meaning (the
+    field's comment in the source), its allowed values and its default. Read from the source files, not imported:
+    the algorithms import torch, and `--help` answers in well under a second without it."""
 
     config_cls: str = ""  # "train" or "pipeline"
 
@@ -20,28 +22,106 @@ class ConfigHelpParser(argparse.ArgumentParser):
         from sslfw.config import Config, describe_keys
 
         if self.config_cls == "pipeline":
-            from sslfw.commands.pipeline import PipelineConfig
+            from sslfw.commands.pipeline_config import PipelineConfig
 
             rows, title = describe_keys(PipelineConfig), "pipeline keys"
         else:
             rows, title = describe_keys(Config), "config keys"
-        lines = [f"  --{k}=VALUE  ({t}, default {d})" for k, t, d in rows if k != "algorithm.params"]
+        meaning = {**field_comments(Path(__file__).with_name("config.py"))}
+        if self.config_cls == "pipeline":
+            meaning |= field_comments(Path(__file__).parent / "commands" / "pipeline_config.py")
+        lines = [_key_line(k, t, d, meaning.get((owner, k.rsplit(".", 1)[-1]), "")) for k, t, d, owner in rows]
         if self.config_cls == "train":
-            import dataclasses
-
-            from sslfw.algorithms import get_algorithm
-            from sslfw.algorithms.base import REGISTRY
-
-            get_algorithm("supervised")  # imports every algorithm module, so the registry is complete
-            by_key: dict[str, list[str]] = {}  # algorithm.params.KEY -> "algorithm: default" of those that have it
-            for name, algo in sorted(REGISTRY.items()):
-                for f in dataclasses.fields(algo.Params):
-                    by_key.setdefault(f"{f.name}=VALUE  ({f.type}", []).append(f"{name} {f.default}")
+            by_key: dict[str, list[str]] = {}  # KEY -> "algorithm default" of the algorithms that have it
+            what: dict[str, str] = {}
+            for algo, params in sorted(algorithm_params().items()):
+                for key, (kind, default, comment) in params.items():
+                    by_key.setdefault(f"{key}=VALUE  ({kind}", []).append(f"{algo} {default}")
+                    what[key] = what.get(key) or (f"{comment} ({algo})" if comment else "")
             for key, uses in by_key.items():
+                name = key.split("=")[0]
                 lines.append(f"  --algorithm.params.{key}; default per algorithm: {', '.join(uses)})")
+                if what[name]:
+                    lines.append(f"      {what[name]}")
         extra = "\n".join(lines)
         how = "override any with --key=value; dashes or underscores; a bare flag means true"
         return f"{super().format_help()}\n{title} ({how}):\n{extra}\n"
+
+
+def _key_line(key: str, kind: str, default: str, meaning: str) -> str:
+    if kind.startswith("Literal["):
+        kind = "one of " + " | ".join(v.strip(" '") for v in kind[8:-1].split(","))
+    line = f"  --{key}=VALUE  ({kind}, default {default})"
+    return f"{line}\n      {meaning}" if meaning else line
+
+
+def field_comments(source: Path) -> dict[tuple[str, str], str]:
+    """{(class, field): its comment} for the class-level fields of a source file: the comment on the field's line,
+    else the comment lines right above it (the config's documentation is its source)."""
+    import ast
+
+    text = source.read_text()
+    lines = text.splitlines()
+    out: dict[tuple[str, str], str] = {}
+    for cls in (n for n in ast.walk(ast.parse(text)) if isinstance(n, ast.ClassDef)):
+        for node in cls.body:
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            line = lines[node.lineno - 1]
+            comment = line.split("  # ", 1)[1] if "  # " in line else ""
+            above, i = [], node.lineno - 2
+            while not comment and i >= 0 and lines[i].strip().startswith("#"):
+                above.insert(0, lines[i].strip().lstrip("# "))
+                i -= 1
+            out[cls.name, node.target.id] = (comment or " ".join(above)).replace("fmt: skip", "").strip()
+    return out
+
+
+def algorithm_params() -> dict[str, dict[str, tuple[str, str, str]]]:
+    """{algorithm name: {param: (type, default, comment)}} read from sslfw/algorithms/*.py without importing them:
+    each registered class's `Params`, its own or inherited (a `Params(Base.Params)` adds to its base's)."""
+    import ast
+
+    from sslfw.algorithms import MODULES
+
+    classes: dict[str, dict] = {}  # class name -> {"bases", "name", "params" (own, or None)}
+    for module in MODULES:
+        path = Path(__file__).parent / "algorithms" / f"{module}.py"
+        text = path.read_text()
+        lines = text.splitlines()
+        for node in ast.parse(text).body:
+            if not isinstance(node, ast.ClassDef):
+                continue
+            info = {"bases": [ast.unparse(b) for b in node.bases], "name": None, "params": None, "extends": []}
+            for item in node.body:
+                if isinstance(item, ast.Assign) and ast.unparse(item.targets[0]) == "name":
+                    info["name"] = ast.literal_eval(item.value)
+                if isinstance(item, ast.ClassDef) and item.name == "Params":
+                    info["extends"] = [ast.unparse(b).split(".")[0] for b in item.bases]
+                    info["params"] = {
+                        f.target.id: (ast.unparse(f.annotation), _yaml(ast.literal_eval(f.value)),
+                                      lines[f.lineno - 1].split("  # ", 1)[1] if "  # " in lines[f.lineno - 1] else "")
+                        for f in item.body if isinstance(f, ast.AnnAssign)
+                    }  # fmt: skip
+            classes[node.name] = info
+
+    def params_of(cls: str) -> dict:
+        info = classes.get(cls)
+        if info is None:
+            return {}
+        if info["params"] is None:  # no Params of its own: its base class's
+            return params_of(info["bases"][0]) if info["bases"] else {}
+        inherited = {k: v for base in info["extends"] for k, v in params_of(base).items()}
+        return inherited | info["params"]
+
+    return {info["name"]: params_of(cls) for cls, info in classes.items() if info["name"]}
+
+
+def _yaml(value) -> str:
+    """One spelling for defaults, the YAML one the config files use (true, not True)."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return str(value)
 
 
 HEADLINE = ("n", "srcc", "plcc", "mae", "const_mae", "accuracy")

@@ -358,8 +358,9 @@ def to_dict(cfg: Config) -> dict:
     return d
 
 
-def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, type, default) of every leaf of a config dataclass: what `--help` lists."""
+def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, the dataclass that declares it) of every leaf of a config dataclass: what `--help`
+    lists."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -369,7 +370,8 @@ def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, 
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         name = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
-        rows.append((key, name, yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n...")))
+        text = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n...")
+        rows.append((key, name, text, cls.__name__))
     return rows
 
 

@@ -98,7 +98,9 @@ def test_help_lists_every_key_with_its_default_and_config_show_resolves(tmp_path
     tree = yaml.safe_load(shown.stdout)
     assert tree["algorithm"]["params"]["p_cutoff"] == 0.7 and tree["algorithm"]["params"]["hard_label"] is True
     probe = "import sys; from sslfw.cli import main; main(sys.argv[1:]); print('torch' in sys.modules)"
-    for argv in (["--version"], ["--help"], ["data", "synth", "--help"]):
+    assert "(one of iqa_safe | randaugment, default iqa_safe)" in helped.stdout  # choices from the Literal type
+    assert "      steps; 0 disables periodic evaluation" in helped.stdout  # meanings from the field comments
+    for argv in (["--version"], ["--help"], ["data", "synth", "--help"], ["train", "--help"], ["pipeline", "--help"]):
         out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, env=child_env())
         assert out.stdout.strip().splitlines()[-1] == "False", (argv, out.stdout[-300:])
     bad = run_sslfw(["data", "synth", "--out", str(tmp_path / "d"), "--koniq_count=notanumber"])
@@ -191,3 +193,18 @@ def test_a_misspelt_key_or_choice_is_answered_with_the_close_one():
                        (["--algorithm.name=fixmath"], "did you mean 'fixmatch'?")]:  # fmt: skip
         with pytest.raises(ConfigError, match=re.escape(hint)):
             load_config(None, args)
+
+
+def test_help_reads_every_algorithms_params_from_source_as_the_registry_has_them():
+    """`--help` lists the algorithms' settings without importing them (torch): what it reads must be what they are."""
+    import dataclasses
+
+    from sslfw.algorithms import names
+    from sslfw.algorithms.base import REGISTRY
+    from sslfw.cli_help import _yaml, algorithm_params
+
+    read = algorithm_params()
+    assert sorted(read) == names()
+    for name in names():
+        fields = {f.name: _yaml(f.default) for f in dataclasses.fields(REGISTRY[name].Params)}
+        assert {k: v[1] for k, v in read[name].items()} == fields, name

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from sslfw.bench import Table, median_seconds, sync
+from sslfw.data import zpix
 from sslfw.data.jpeg import JPEG_MAGIC, images_on
 from sslfw.data.reader import NPY_MAGIC, ShardSet
 from sslfw.data.stream import PREFETCH, TrainStream, make_loader
@@ -24,6 +25,10 @@ def _decode_limit(blobs: list[bytes], crop: int) -> Callable[[], None]:
     def run() -> None:
         rng = np.random.default_rng(0)
         for b in blobs:
+            if (z := zpix.header(b[:64])) is not None:  # --pixels zstd: the blocks holding the crop's rows
+                y, x = int(rng.integers(z[0] - crop + 1)), int(rng.integers(z[1] - crop + 1))
+                zpix.read_rows(lambda o, n, b=b: b[o : o + n], z, y, crop)[:, x : x + crop]
+                continue
             if b[:6] == NPY_MAGIC:  # --pixels raw: nothing to decode, the crop is a copy
                 a = np.load(io.BytesIO(b))
                 y, x = int(rng.integers(a.shape[0] - crop + 1)), int(rng.integers(a.shape[1] - crop + 1))
@@ -57,9 +62,11 @@ def _stream_timer(shard_set: ShardSet, batch: int, crop: int, batches: int, nw: 
     return run
 
 
-def _device_decoder(shards: str, batch: int, crop: int, batches: int) -> tuple[Callable[[], None], torch.device]:
+def _device_decoder(
+    shards: str, split: str, batch: int, crop: int, batches: int
+) -> tuple[Callable[[], None], torch.device]:
     """Batched JPEG decode + crop on the device (nvJPEG on a GPU) of the same batches the deferred stream yields."""
-    deferred = ShardSet(shards, "train", jpeg_on_device=True)
+    deferred = ShardSet(shards, split, jpeg_on_device=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     encoded = [TrainStream(deferred, batch, (crop, crop), seed=0, rank=0).make_batch(s) for s in range(batches)]
 
@@ -71,9 +78,13 @@ def _device_decoder(shards: str, batch: int, crop: int, batches: int) -> tuple[C
     return run, device
 
 
-def bench_data(shards: str, crop: int, batch: int, batches: int, workers: list[int], reps: int) -> Table:
+def bench_data(
+    shards: str, crop: int, batch: int, batches: int, workers: list[int], reps: int, split: str = "train"
+) -> Table:
+    """The shard stream of one set (`split`: train, or unlabelled for the pool's pixel format) against decoding the
+    same images from memory on one core."""
     Image.core.set_blocks_max(16)  # as in the loader's workers: the limit gets the same decoder settings
-    lb = ShardSet(shards, "train")
+    lb = ShardSet(shards, split)
     ref = TrainStream(lb, batch, (crop, crop), seed=0, rank=0)
     ids = np.concatenate([ref.batch_indices(s) for s in range(batches)])
     blobs = [lb.read(int(i))[0] for i in ids]  # the bytes the stream will read, already in memory
@@ -81,13 +92,14 @@ def bench_data(shards: str, crop: int, batch: int, batches: int, workers: list[i
     fns |= {f"stream{nw}": _stream_timer(lb, batch, crop, batches, nw) for nw in workers}
     jpeg = sum(b[:3] == JPEG_MAGIC for b in blobs) / len(blobs)  # KonIQ's part; the extras are PNG
     if jpeg:
-        deferred = ShardSet(shards, "train", jpeg_on_device=True)
+        deferred = ShardSet(shards, split, jpeg_on_device=True)
         fns |= {f"deferred{nw}": _stream_timer(deferred, batch, crop, batches, nw) for nw in workers}
-        fns["device"], device = _device_decoder(shards, batch, crop, batches)
+        fns["device"], device = _device_decoder(shards, split, batch, crop, batches)
     t = median_seconds(fns, reps)
     n = len(ids)
     table = Table(
-        f"data: shard stream vs decode+crop of the same {n} images in memory ({crop}px crops, batch {batch})",
+        f"data: {split} shard stream ({lb.pixels} pixels) vs decode+crop of the same {n} images in memory ({crop}px "
+        f"crops, batch {batch})",
         ["path", "workers", "images/s", "images/s per worker", "ratio to limit", "target"],
     )
     per_core = n / t["limit"]

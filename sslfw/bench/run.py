@@ -42,6 +42,7 @@ def run_bench(a: argparse.Namespace) -> dict:
                 a.batches,
                 [int(w) for w in a.workers.split(",")],
                 a.reps,
+                a.set,
             )
         elif what == "augment":
             from sslfw.bench.compute import bench_augment

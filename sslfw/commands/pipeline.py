@@ -11,46 +11,22 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from itertools import product
 from pathlib import Path
-from typing import Literal
 
 from sslfw import ckpt
 from sslfw.algorithms import names
 from sslfw.commands.evaljob import run_eval
+from sslfw.commands.pipeline_config import PipelineConfig
 from sslfw.commands.pseudolabel import pseudolabel
 from sslfw.commands.report import report_to_wandb, write_report
-from sslfw.config import Config, Crops, Split, Weights, nested
+from sslfw.config import Config, nested
 from sslfw.dist import barrier, is_main_process
 from sslfw.errors import ConfigError
 from sslfw.preempt import EXIT_PREEMPTED
 from sslfw.runconfig import load_config
 from sslfw.train import train
-
-
-@dataclass
-class PipelineConfig:
-    out_dir: str = "runs/pipeline"
-    base: str = "configs/embedded_supervised.yaml"  # the training config both stages start from
-    algorithms: list = field(default_factory=lambda: ["supervised", "fixmatch"])
-    policies: list = field(default_factory=lambda: ["iqa_safe"])  # strong views: iqa_safe and/or randaugment
-    seeds: list = field(default_factory=lambda: [0])
-    ssl: dict = field(default_factory=dict)  # dotted overrides for the SSL stage, e.g. {"train.steps": 300}
-    params: dict = field(default_factory=dict)  # per algorithm: {fixmatch: {p_cutoff: 0.7}, freematch: {...}}
-    retrain: dict = field(default_factory=dict)  # dotted overrides for the retraining stage
-    # false: an SSL row is its SSL model (no pseudo-labelling, no retraining), which halves its cost
-    retrain_stage: bool = True
-    min_confidence: float = 0.0  # pseudo-labels below this confidence are not used for retraining
-    eval_split: Split = "test"
-    weights: Weights = "ema"  # the weights that pseudo-label the pool and are evaluated
-    crops: Crops = 1  # views per image for pseudo-labels and eval (see Crops)
-    # last | best: the checkpoint that pseudo-labels and is evaluated, of each stage: its last step, or the step with
-    # the best val SRCC (kept by ckpt.keep_best). `best` writes its own pseudo-labels, retraining and evaluations
-    # (`*-best`) beside last's, so one folder holds both.
-    checkpoint: Literal["last", "best"] = "last"
-    report_only: bool = False  # run nothing: report the runs that have finished so far
-    truth: str = ""  # an embedded dataset's synth_truth.csv: the report scores pseudo-labels with it (training never)
 
 
 def _finished(run_dir: Path, steps: int) -> bool:

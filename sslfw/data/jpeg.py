@@ -5,8 +5,8 @@ the encoded bytes (a tenth of the pixels' size for KonIQ's JPEGs); `images_on` d
 on the device and cuts the crops there. On a CPU the pixels are the workers' own (both are libjpeg-turbo: a test
 checks equality); nvJPEG's IDCT may differ by a level or two. What cannot be decoded there stays in the workers: PNG
 and raw-pixel shards (KADIS's pool is PNG), CMYK JPEGs, images smaller than the crop (reflect padding), and the
-several-view eval modes, which need the whole image. torchvision's decoders are deprecated since 0.29 in favour of
-TorchCodec; they are used here because they ship with the pinned torch stack.
+several-view eval modes, which need the whole image. Decoding goes through TorchCodec (torchvision's image decoders
+are deprecated since 0.29 in its favour); its pixels equal libjpeg-turbo's in the workers (a test checks).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchcodec.decoders import decode_jpeg
 
 from sslfw.errors import DataError
 
@@ -84,7 +84,7 @@ def images_on(batch: dict, device: torch.device, non_blocking: bool = False) -> 
     table = batch["jpeg_at"].tolist()  # a CPU tensor from the loader: no device sync
     blobs = [batch["jpeg"][start : start + n] for *_, start, n in table]
     try:
-        decoded = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+        decoded = decode_jpeg(blobs, mode="RGB", device=device)
     except RuntimeError as e:
         keys = [batch["key"][row[0]] for row in table]
         raise DataError(f"JPEG decoding on {device} failed for one of {keys}: {e}; re-pack the shards") from None

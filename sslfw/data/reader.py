@@ -2,9 +2,9 @@
 predict read images with.
 
 `ShardSet` seeks to offsets recorded at pack time and checks each shard's sha256 once per process. Images are
-decoded with PIL, or read as raw pixels (`--pixels raw` shards hold .npy arrays, of which a crop reads only its
-rows), and cut at native resolution: random with a generator, else centred; an image smaller than the crop is
-reflect-padded, never resized (resizing changes perceived quality).
+decoded with PIL, or read as raw pixels (`--pixels raw` shards hold .npy arrays, `--pixels zstd` ones zstd blocks of
+rows; a crop of either reads only its rows), and cut at native resolution: random with a generator, else centred;
+an image smaller than the crop is reflect-padded, never resized (resizing changes perceived quality).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from sslfw import fsio
+from sslfw.data import zpix
 from sslfw.data.images import to_rgb8
 from sslfw.data.jpeg import DeferredJpeg, header_size
 from sslfw.data.shards import load_index
@@ -57,7 +58,8 @@ class ShardSet:
         self.offsets = np.load(self.root / info["offsets"])
         self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_counts)])
         self.label_scheme = index["label_scheme"]
-        self.raw = index.get("pixels", "raw") == "raw"  # only raw shards have rows to read alone
+        self.pixels = index.get("pixels", "raw")  # original (the files' bytes), raw or zstd
+        self.raw = self.pixels in ("raw", "zstd")  # shards whose crops read only their rows
         if len(self.offsets) != info["count"]:
             raise DataError(
                 f"{self.root / info['offsets']}: {len(self.offsets)} rows, index says {info['count']}. "
@@ -116,7 +118,18 @@ class ShardSet:
         shard, img_off, img_size, js_off, js_size = (int(v) for v in self.offsets[i])
         f = self._file(shard)
         f.seek(img_off)
-        parsed = _npy_header(f.read(min(img_size, 256)))  # numpy writes headers of 128 bytes for these arrays
+        head = f.read(min(img_size, 256))  # numpy writes headers of 128 bytes for these arrays
+        if (z := zpix.header(head)) is not None:  # --pixels zstd: decompress only the blocks holding the rows
+            if z[0] < crop[0] or z[1] < crop[1]:
+                return None
+            y, x = _corner(z[0], z[1], crop, rng)
+
+            def read(offset: int, size: int) -> bytes:
+                f.seek(img_off + offset)
+                return f.read(size)
+
+            return zpix.read_rows(read, z, y, crop[0])[:, x : x + crop[1]], self._meta(f, shard, i, js_off, js_size)
+        parsed = _npy_header(head)
         if parsed is None:
             return None
         shape, fortran, dtype, header_len = parsed
@@ -163,6 +176,8 @@ def decode_crop(data: bytes, crop: tuple[int, int] | None, rng: np.random.Genera
     An image smaller than the crop is reflect-padded rather than resized, which would change its sharpness."""
     if data[:6] == NPY_MAGIC:  # packed with --pixels raw: already RGB uint8 HWC
         return _crop_array(np.load(io.BytesIO(data), allow_pickle=False), crop, rng)
+    if data[:5] == zpix.MAGIC:  # packed with --pixels zstd
+        return _crop_array(zpix.decode(data), crop, rng)
     with Image.open(io.BytesIO(data)) as im:
         im = to_rgb8(im)
         w, h = im.size
