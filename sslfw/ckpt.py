@@ -309,8 +309,13 @@ class Saved:
 
     @property
     def config(self) -> dict:
-        """The resolved config it was trained with (runs older than sslfw 0.2 kept it only in RUN/config.yaml)."""
-        return self.info["config"] if "config" in self.info else _read_yaml(self.path.parent / "config.yaml")
+        """The resolved config it was trained with (runs older than sslfw 0.2 kept it only in RUN/config.yaml;
+        train.bf16 became train.precision)."""
+        cfg = self.info["config"] if "config" in self.info else _read_yaml(self.path.parent / "config.yaml")
+        train = dict(cfg.get("train", {}))
+        if "bf16" in train:
+            train["precision"] = "auto" if train.pop("bf16") else "no"
+        return {**cfg, "train": train}
 
     def weights(self, which: str) -> dict:
         """The EMA teacher's ("ema") or the student's ("student") model weights."""
@@ -325,9 +330,14 @@ class Saved:
         raise ValueError(f"weights must be 'ema' or 'student', got {which!r}")
 
 
+def info(path: Path) -> dict:
+    """A checkpoint's trainer info (step, config, data...) without loading its state."""
+    return fsio.read_json(Path(path) / INFO, "name another checkpoint")
+
+
 def recorded_data(path: Path) -> dict | None:
     """The data identity a checkpoint recorded (shards.identity), None for checkpoints older than the record."""
-    return fsio.read_json(Path(path) / INFO, "name another checkpoint").get("data")
+    return info(path).get("data")
 
 
 def _read_yaml(path: Path) -> dict:

@@ -98,7 +98,10 @@ class TrainConfig:
     batch_size: int = 32  # GLOBAL labelled batch per optimizer step; each rank gets batch/(world*grad_accum)
     grad_accum: int = 1
     seed: int = 0
-    bf16: bool = True  # autocast on GPU; ignored on CPU
+    # Mixed precision: auto = accelerate's (`accelerate launch --mixed_precision`, `accelerate config`), else bf16
+    # on a GPU that has it, fp16 with a gradient scaler on one that does not (V100, T4), none on a CPU. A value here
+    # wins over accelerate's.
+    precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
     log_every: int = 10
     # The weak unlabelled view only makes targets: forward it without autograd (same outputs, less backward work

@@ -11,18 +11,40 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
+from sslfw.errors import ConfigError
 
-def make_accelerator(bf16: bool = False) -> Accelerator:
+
+def precision_for(precision: str = "auto") -> str:
+    """The mixed precision a process runs with. `auto`: accelerate's own choice when a launcher made one (`accelerate
+    launch --mixed_precision`, or its config file, arrive as ACCELERATE_MIXED_PRECISION), else bf16 on a GPU that
+    has it, fp16 on one that does not (V100, T4), none on a CPU. Any other value is the config's, and wins."""
+    if precision != "auto":
+        return precision
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return os.environ["ACCELERATE_MIXED_PRECISION"]
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def make_accelerator(precision: str = "auto") -> Accelerator:
     """cpu=True on a GPU-less host, or `accelerate launch` starts N unconnected processes (docs/NOTES.md,
-    Distributed training); bf16 autocast only where there is a GPU."""
-    cuda = torch.cuda.is_available()
-    return Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and bf16 else "no")
+    Distributed training). Accelerate keeps one state per process: a later stage (eval after training in a
+    pipeline) runs with the precision the process started with."""
+    from accelerate.state import AcceleratorState
+
+    chosen = AcceleratorState().mixed_precision if AcceleratorState._shared_state else precision_for(precision)
+    try:
+        return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=chosen)
+    except ValueError as e:
+        raise ConfigError(f"train.precision: {chosen!r} cannot run here ({e})") from None
 
 
-def autocast_for(acc: Accelerator, bf16: bool = True) -> Callable[[], AbstractContextManager]:
-    """A factory of autocast contexts: bf16 on a GPU when asked for, a no-op elsewhere (one rule for training,
-    evaluation, pseudo-labelling and benchmarks)."""
-    return acc.autocast if acc.device.type == "cuda" and bf16 else nullcontext
+def autocast_for(acc: Accelerator) -> Callable[[], AbstractContextManager]:
+    """A factory of autocast contexts in the accelerator's precision (fp16 steps also go through its gradient
+    scaler, in `accelerator.backward`); a no-op without mixed precision. One rule for training, evaluation,
+    pseudo-labelling and benchmarks."""
+    return acc.autocast if acc.mixed_precision != "no" else nullcontext
 
 
 def is_dist() -> bool:

@@ -113,3 +113,20 @@ class RunLogger:
             self._wandb = None
             if self._offline_dir is not None:  # WANDB_SILENT hides wandb's own hint
                 print(f"[sslfw] W&B offline run saved; upload it with: wandb sync {self._offline_dir}", flush=True)
+
+
+def log_into_run(run_dir: Path, log: LogConfig, step: int, metrics: dict, images: dict[str, Path]) -> bool:
+    """Add an evaluation (`sslfw eval`) to the W&B run that trained RUN_DIR: the same run id, resumed, so its
+    metrics and confusion matrix sit beside the training curves (offline: `wandb sync` merges the two). False when
+    that run kept no W&B run."""
+    id_file = Path(run_dir) / "wandb_id"
+    if log.wandb == "disabled" or not id_file.is_file():
+        return False
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    run = wandb.init(project=log.project, entity=log.entity or None, id=id_file.read_text().strip(), resume="allow",
+                     mode=log.wandb, dir=str(run_dir))  # fmt: skip
+    run.log({"train/step": step, **metrics, **{k: wandb.Image(str(p)) for k, p in images.items() if Path(p).is_file()}})
+    run.finish()
+    return True

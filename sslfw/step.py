@@ -90,7 +90,7 @@ def build_run(cfg: Config, acc: Accelerator, data: DataInfo, state: dict | None 
         ema,
         Augmenter(cfg.aug, cfg.model.img_size),
         algo_cls.views(cfg.aug),
-        autocast_for(acc, cfg.train.bf16),
+        autocast_for(acc),
         cfg.train.weak_no_grad and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
         checkpointer,
     )

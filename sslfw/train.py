@@ -35,7 +35,7 @@ __all__ = ["PREEMPTED", "train"]
 def train(cfg: Config) -> dict:
     """Train `cfg` to `train.steps` (resuming as `ckpt.resume` says); {"exit_code", "step", "skipped_steps", "val",
     "run_dir"}."""
-    acc = make_accelerator(cfg.train.bf16)
+    acc = make_accelerator(cfg.train.precision)
     per_rank = per_rank_batch(cfg, acc.num_processes)
     # The run folder first: whose it is, what to resume from, and a lock held for the whole run.
     resume_from, lock, created = rundir.claim(cfg.run_dir, cfg.ckpt, to_dict(cfg), acc.is_main_process, acc.device)

@@ -63,3 +63,12 @@ def test_pseudo_label_trace_accuracy_per_bin_matches_hand_counts(tmp_path):
     np.testing.assert_allclose(s["all_acc"], [3 / 4, 0.0])
     np.testing.assert_allclose(s["mask"], [3 / 4, 0.0])
     assert trace.PseudoTrace(tmp_path, rank=0, start=2) and trace.load(tmp_path)["step"].max() == 2  # resume prunes
+
+
+def test_one_table_of_metrics_gives_w_and_b_the_best_not_the_last():
+    from sslfw.metrics import METRICS, best_summaries
+
+    best = best_summaries(["val/ema", "val/student"])
+    assert best["val/ema/srcc"] == best["val/student/qwk"] == "max"
+    assert best["val/ema/mae"] == best["val/ema/mae_class34"] == "min"
+    assert len(best) == 2 * len(METRICS) and METRICS[0].name == "srcc"  # SRCC first in every report

@@ -268,3 +268,37 @@ def test_compiled_model_trains_like_the_eager_one(small_shards, tmp_path):
     # Fused kernels round differently; AdamW turns a near-zero gradient of either sign into a step of up to lr, so
     # after 4 steps weights may differ by a few lr (5e-4), not more.
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 4 * 5e-4
+
+
+@pytest.mark.slow  # five fresh processes
+def test_the_launchers_precision_wins_unless_the_config_sets_one(tmp_path):
+    """accelerate launch --mixed_precision X arrives as ACCELERATE_MIXED_PRECISION; train.precision: auto takes it, a
+    value in the config wins over it; fp16 trains (with accelerate's scaler on a GPU) beside bf16. Each case in a
+    fresh process: accelerate keeps one precision per process."""
+    probe = "import sys; from sslfw.dist import make_accelerator; print(make_accelerator(sys.argv[1]).mixed_precision)"
+    for env, precision, want in [("bf16", "auto", "bf16"), ("fp16", "auto", "fp16"), ("bf16", "no", "no"),
+                                 ("", "auto", "no"), ("no", "fp16", "fp16")]:  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", probe, precision], capture_output=True, text=True,
+            env=child_env(ACCELERATE_MIXED_PRECISION=env, CUDA_VISIBLE_DEVICES=""),
+        )  # fmt: skip
+        assert out.stdout.strip().splitlines()[-1] == want, (env, precision, out.stderr[-300:])
+
+
+def test_sslfw_eval_logs_into_the_wandb_run_it_evaluated(small_shards, tmp_path, capsys):
+    """Offline W&B files: `sslfw eval` adds its metrics and confusion matrix to the run id that trained the
+    checkpoint (resumed), so they sit beside its training curves."""
+    from sslfw.cli import main
+
+    run = tmp_path / "run"
+    over = {"log.wandb": "offline", "train.steps": 4, "eval.every": 2, "ckpt.every": 4}
+    train(load_config(None, tiny_overrides(small_shards, run, **over)))
+    runs = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    trained = runs[0].read_bytes()
+    assert b"val/ema/srcc" in trained and b"eval/val" not in trained
+    run_id = (run / "wandb_id").read_text().strip()
+    assert main(["eval", "--checkpoint", str(run), "--split", "val", "--out", str(tmp_path / "ev")]) == 0
+    after = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(after) == 2 and all(p.name == f"run-{run_id}.wandb" for p in after)  # the same run, resumed
+    logged = (set(after) - set(runs)).pop().read_bytes()
+    assert b"eval/val/ema/srcc" in logged and b"eval/val/ema/confusion" in logged

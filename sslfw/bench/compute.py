@@ -96,7 +96,7 @@ def real_batch(cfg: Config, shards: str, per_rank: int, rank: int, device: torch
 
 
 def _setup(cfg: Config, shards: str):
-    acc = make_accelerator(cfg.train.bf16)
+    acc = make_accelerator(cfg.train.precision)
     return acc, real_batch(cfg, shards, per_rank_batch(cfg, acc.num_processes), acc.process_index, acc.device)
 
 
@@ -126,7 +126,7 @@ def bench_step(cfg: Config, shards: str, algorithms: list[str], steps: int, reps
     table = Table(
         f"step: {cfg.model.name} at {cfg.model.img_size}px, global labelled batch "
         f"{cfg.train.batch_size}, uratio {cfg.algorithm.uratio}, {world} process(es) on {acc.device.type}"
-        f"{', bf16' if cfg.train.bf16 and acc.device.type == 'cuda' else ''}",
+        f"{', ' + acc.mixed_precision if acc.mixed_precision != 'no' else ''}",
         [
             "algorithm",
             "step ms",

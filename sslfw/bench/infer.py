@@ -17,9 +17,9 @@ from sslfw.model import IQAModel
 
 
 def bench_pseudolabel(cfg: Config, shards: str, batch: int, workers: int, chunk: int, limit: int, reps: int) -> Table:
-    acc = make_accelerator(cfg.train.bf16)
+    acc = make_accelerator(cfg.train.precision)
     device = acc.device
-    autocast = autocast_for(acc, cfg.train.bf16)
+    autocast = autocast_for(acc)
     torch.manual_seed(0)
     model = IQAModel(cfg.model).to(device).eval()  # random weights: the speed does not depend on them
     pool = ShardSet(shards, "unlabelled")
@@ -49,7 +49,7 @@ def bench_pseudolabel(cfg: Config, shards: str, batch: int, workers: int, chunk:
     table = Table(
         f"pseudolabel: {n} pool images, {cfg.model.name} at {cfg.model.img_size}px, batch {batch}, "
         f"{workers} loader worker(s), chunks of {chunk}, {device.type}"
-        f"{', bf16' if autocast is not nullcontext else ''}",
+        f"{', ' + acc.mixed_precision if autocast is not nullcontext else ''}",
         ["path", "images/s", "ratio to forward-only", "target"],
     )
     table.add("forward only, images preloaded on the device", n / t["forward"], 1.0, "")

@@ -119,7 +119,7 @@ def usb_fixmatch(model, cfg, device):
             o = cfg.optim
             return get_optimizer(model, "AdamW", o.lr, 0.9, o.weight_decay, o.layer_decay), None
 
-    amp = device.type == "cuda" and cfg.train.bf16
+    amp = device.type == "cuda" and cfg.train.precision != "no"
     args = argparse.Namespace(
         num_classes=5, ema_m=cfg.ema.decay, epoch=1, num_train_iter=10**9, num_eval_iter=10**9, num_log_iter=10**9,
         ulb_loss_ratio=1.0, use_cat=True, amp=amp, clip_grad=cfg.optim.clip_grad, save_name="bench",

@@ -14,6 +14,7 @@ from sslfw.dist import autocast_for, make_accelerator
 from sslfw.errors import DataError
 from sslfw.evaluate import Evaluator, metrics_from_predictions
 from sslfw.inference import load_model
+from sslfw.logger import log_into_run
 from sslfw.metrics import METRICS, constant_guess
 from sslfw.rundir import lock_on_main
 
@@ -27,8 +28,9 @@ def run_eval(
     batch_size: int = 64,
     num_workers: int = 2,
     shards: Path | None = None,
+    to_wandb: bool = True,
 ) -> dict:
-    acc = make_accelerator(bf16=True)
+    acc = make_accelerator()
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise DataError(f"--out {out}: is a file; give a folder for eval.json, eval.md and confusion.png")
     model, cfg, ckpt_dir = load_model(checkpoint, weights)
@@ -67,6 +69,11 @@ def run_eval(
         fsio.write_text(out / "eval.md", markdown(result))
         title = f"{'/'.join(Path(ckpt_dir).resolve().parts[-3:])}, {split}, {weights} weights"  # run / stage / step-N
         confusion_png(pred["label"], pred["probs"].argmax(1), out / "confusion.png", title)
+    if to_wandb and acc.is_main_process:  # into the run it evaluated (the pipeline reports to its own run instead)
+        step = int(ckpt.info(ckpt_dir).get("step", 0))
+        logged = {f"eval/{split}/{weights}/{k}": v for k, v in metrics.items()}
+        images = {f"eval/{split}/{weights}/confusion": Path(out) / "confusion.png"} if out is not None else {}
+        log_into_run(ckpt_dir.parent, cfg.log, step, logged, images)
     if lock is not None:
         lock.release()
     return result

@@ -187,7 +187,7 @@ def _evaluate(p: PipelineConfig, run_dir: Path, out: Path) -> dict:
         _move_aside(out)  # an evaluation of an older checkpoint of this stage
     barrier()
     if not found.is_file():
-        run_eval(run_dir, p.eval_split, p.weights, p.crops, out=out)
+        run_eval(run_dir, p.eval_split, p.weights, p.crops, out=out, to_wandb=False)  # the report run has them
     barrier()
     return json.loads(found.read_text())["metrics"]
 

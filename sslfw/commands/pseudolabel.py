@@ -62,7 +62,7 @@ def pseudolabel(
     chunk: int = 1024,
     progress: bool = True,
 ) -> dict:
-    acc = make_accelerator(bf16=True)
+    acc = make_accelerator()
     device = acc.device
     model, cfg, ckpt_dir = load_model(checkpoint, weights)
     model.to(device)
