@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import uuid
 from pathlib import Path
@@ -112,7 +113,10 @@ class RunLogger:
             self._wandb.finish()
             self._wandb = None
             if self._offline_dir is not None:  # WANDB_SILENT hides wandb's own hint
-                print(f"[sslfw] W&B offline run saved; upload it with: wandb sync {self._offline_dir}", flush=True)
+                print(
+                    f"[sslfw] W&B offline run saved; upload it with: wandb sync {shlex.quote(str(self._offline_dir))}",
+                    flush=True,
+                )
 
 
 def log_into_run(run_dir: Path, log: LogConfig, step: int, metrics: dict, images: dict[str, Path]) -> bool:

@@ -221,3 +221,19 @@ def test_raising_train_steps_says_how_the_schedule_changes(small_shards, tmp_pat
     train(load_config(None, tiny_overrides(small_shards, tmp_path / "run", **(over | {"train.steps": 8}))))
     out = capsys.readouterr().out
     assert "train.steps 4 -> 8: the cosine schedule now ends at step 8, so the lr at step 4 is" in out
+
+
+def test_a_command_printed_for_the_user_works_when_pasted_whatever_the_path_holds(tmp_path):
+    import re
+    import shlex
+
+    from sslfw.data.manifest import load
+    from sslfw.data.shards import load_index
+
+    folder = tmp_path / "my shards; echo 'x'"
+    folder.mkdir()
+    for reader, verb in ((load_index, "sslfw shards pack --out"), (load, "sslfw data prepare --out")):
+        with pytest.raises(DataError) as e:
+            reader(folder)
+        command = re.search(rf"`({verb} .*?)`", str(e.value)).group(1)
+        assert shlex.split(command)[-1] == str(folder), command  # one argument, as the shell will read it

@@ -226,13 +226,15 @@ def _curves(out: Path, runs: set[str], stage: str, key: str) -> dict[str, Curve]
     return curves
 
 
-def _band(ax, colours: dict[str, int], method: str, steps, mean, std, ls: str | None = None, label: bool = True):
-    """One method's mean line and ±1 std band, its colour fixed across panels; past 10 methods the line style and
-    marker tell them apart."""
+def _band(
+    ax, colours: dict[str, int], method: str, steps, mean, std, seeds: int, ls: str | None = None, label: bool = True
+):
+    """One method's mean line and ±1 std band over `seeds` seeds (said in the legend), its colour fixed across
+    panels; past 10 methods the line style and marker tell them apart."""
     k = colours.setdefault(method, len(colours))
     c = f"C{k % 10}"
     ax.plot(steps, mean, marker="os^D"[k // 10 % 4], ms=3, color=c, ls=ls or ("-", "--", "-.", ":")[k // 10 % 4],
-            label=method if label else None)  # fmt: skip
+            label=f"{method} ({seeds} seed{'s' if seeds != 1 else ''})" if label else None)  # fmt: skip
     ax.fill_between(steps, mean - std, mean + std, color=c, alpha=0.2)
 
 
@@ -277,7 +279,7 @@ def pseudo_label_curves(out: Path, runs: set[str], truth: dict[str, int], bin_st
             with warnings.catch_warnings():  # a bin where no seed passed a pseudo-label is NaN: a gap in the line
                 warnings.simplefilter("ignore", RuntimeWarning)
                 mean, std = np.nanmean(vals, 0), np.nanstd(vals, 0, ddof=1) if len(runs) > 1 else 0 * vals[0]
-            _band(ax, colours, method, steps, mean, std, ls=ls, label=key != "all_acc")
+            _band(ax, colours, method, steps, mean, std, len(runs), ls=ls, label=key != "all_acc")
     axes[0][0].set(xlabel="step", ylabel="accuracy against the hidden truth",
                    title="pseudo-labels: passed the threshold (solid), all (dotted)")  # fmt: skip
     axes[0][1].set(xlabel="step", ylabel="share of unlabelled images", title="passed the threshold (mask ratio)")
@@ -313,7 +315,7 @@ def learning_curves(
             if stage == retrain_dir:  # the baseline beside the retrained models: its one stage is their competitor
                 curves |= {m: c for m, c in _curves(out, runs, "ssl", f"val/ema/{metric}").items() if m == BASELINE}
             for method, (steps, mean, std, seeds) in curves.items():
-                _band(ax, colours, method, steps, mean, std)
+                _band(ax, colours, method, steps, mean, std, seeds)
                 drawn[method] = max(drawn.get(method, 0), seeds)
             for (name, m), style in zip(refs.items(), (":", "--")):
                 if metric in m and np.isfinite(m[metric]):

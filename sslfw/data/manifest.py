@@ -8,6 +8,7 @@ and its hash. Every problem in the input is reported with the file and line it c
 from __future__ import annotations
 
 import math
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -142,8 +143,8 @@ def load(manifest: Path) -> tuple[list[LabelledRow], list[tuple[str, str]], dict
     manifest = Path(manifest)
     meta_path = manifest / "meta.json"
     if not meta_path.is_file():
-        raise DataError(f"{manifest}: no meta.json; run `sslfw data prepare --out {manifest}` first.")
-    meta = fsio.read_json(meta_path, f"rerun `sslfw data prepare --out {manifest}`")
+        raise DataError(f"{manifest}: no meta.json; run `sslfw data prepare --out {shlex.quote(str(manifest))}` first.")
+    meta = fsio.read_json(meta_path, f"rerun `sslfw data prepare --out {shlex.quote(str(manifest))}`")
     labelled = []
     for _, r in read_csv(manifest / "labelled.csv", LABELLED_COLUMNS):
         votes = [float(r[f"c{k}"]) for k in range(1, 6)] if r["c1"] else []
@@ -163,6 +164,6 @@ def load(manifest: Path) -> tuple[list[LabelledRow], list[tuple[str, str]], dict
     if split_hash(labelled) != meta["split"]["sha256"] or len(pool) != meta["counts"]["unlabelled"]:
         raise DataError(
             f"{manifest}: labelled.csv/unlabelled.csv do not match meta.json (edited, or mixed from two prepares); "
-            f"rerun `sslfw data prepare --out {manifest}`"
+            f"rerun `sslfw data prepare --out {shlex.quote(str(manifest))}`"
         )
     return labelled, pool, meta

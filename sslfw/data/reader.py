@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ def verify_shard(path: Path, sha256: str) -> None:
     if fsio.sha256_file(path) != sha256:
         raise DataError(
             f"{path}: its sha256 does not match index.json (damaged or replaced since packing). Re-pack the shards, "
-            f"or find the others with `sslfw shards verify {path.parent}`"
+            f"or find the others with `sslfw shards verify {shlex.quote(str(path.parent))}`"
         )
     _VERIFIED.add((str(path), sha256))
 
@@ -70,7 +71,7 @@ class ShardSet:
             if size != s["bytes"]:
                 raise DataError(
                     f"{path}: {'missing' if size is None else f'{size} bytes'}, index.json says {s['bytes']} "
-                    f"(truncated or replaced). Re-pack the shards (`sslfw shards verify {self.root}` checks them all)"
+                    f"(truncated or replaced). Re-pack the shards (`sslfw shards verify {shlex.quote(str(self.root))}`)"
                 )
         self.sha256 = [s["sha256"] for s in info["shards"]]
         self.fingerprint = hashlib.sha256(json.dumps([name, info], sort_keys=True).encode()).hexdigest()

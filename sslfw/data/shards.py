@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+import shlex
 import tarfile
 from multiprocessing import get_context
 from pathlib import Path
@@ -246,9 +247,10 @@ def _pack_files(root: Path) -> set[str]:
 
 def load_index(root: Path) -> dict:
     path = Path(root) / INDEX
+    repack = f"sslfw shards pack --out {shlex.quote(str(root))}"
     if not path.is_file():
-        raise DataError(f"{root}: no {INDEX}, so this is not a complete pack. Run `sslfw shards pack --out {root}`.")
-    index = fsio.read_json(path, f"re-pack with `sslfw shards pack --out {root}`")
+        raise DataError(f"{root}: no {INDEX}, so this is not a complete pack. Run `{repack}`.")
+    index = fsio.read_json(path, f"re-pack with `{repack}`")
     found = index.get("format") if isinstance(index, dict) else None
     if found != FORMAT:
         raise DataError(f"{path}: format {found!r}, expected {FORMAT!r}. Re-pack with this sslfw.")
