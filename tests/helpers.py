@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from sslfw.data.importers import Sources, import_sources
 from sslfw.data.manifest import prepare
 from sslfw.data.synth import SynthConfig, synthesize
@@ -99,3 +101,18 @@ def run_sslfw(
     else:
         cmd = torchrun(nproc, *([f"--max-restarts={restarts}"] if restarts else []), "-m", "sslfw", *args)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def base_yaml(small_shards: Path, tmp_path: Path, **extra) -> Path:
+    """The tiny test config as a YAML file: a pipeline's `base`."""
+    tree: dict = {}
+    for arg in tiny_overrides(small_shards, tmp_path / "unused", **extra):
+        key, value = arg[2:].split("=", 1)
+        node = tree
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = yaml.safe_load(value)
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(tree))
+    return base

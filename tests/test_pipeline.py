@@ -21,7 +21,7 @@ from sslfw.data.shards import load_index
 from sslfw.data.stream import tile_crops
 from sslfw.errors import ConfigError
 from sslfw.runconfig import load_config
-from tests.helpers import run_sslfw, tiny_overrides
+from tests.helpers import base_yaml, run_sslfw
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -122,21 +122,6 @@ def test_tiles_cover_every_pixel_at_native_resolution():
     assert tile_crops(img[:20, :20], (32, 32)).shape == (1, 32, 32, 3)  # smaller than a view: padded, not resized
 
 
-def base_yaml(small_shards: Path, tmp_path: Path, **extra) -> Path:
-    """The tiny test config as a YAML file: a pipeline's `base`."""
-    tree: dict = {}
-    for arg in tiny_overrides(small_shards, tmp_path / "unused", **extra):
-        key, value = arg[2:].split("=", 1)
-        node = tree
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = yaml.safe_load(value)
-    base = tmp_path / "base.yaml"
-    base.write_text(yaml.safe_dump(tree))
-    return base
-
-
 def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, small_raw, tmp_path):
     base = base_yaml(small_shards, tmp_path, **{"eval.every": 0})
     cfg = parse_config(
@@ -171,6 +156,8 @@ def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, small_raw,
     }
     assert ssl_cfg["fixmatch-iqa_safe-s0"].params["p_cutoff"] == 0.5 and ssl_cfg["supervised-s0"].params == {}
     report = (tmp_path / "out" / "report.md").read_text()
+    for png in ("forest.png", "scatter.png", "reliability.png"):  # the report's figures, each a real PNG
+        assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png in report, png
     assert "| constant guess |" in report and "| supervised | 2 |" in report and "| fixmatch (iqa_safe) | 2 |" in report
     rows = read_csv(tmp_path / "out" / "report.csv")
     assert [r["method"] for r in rows] == ["constant guess", "features + ridge", "supervised", "fixmatch (iqa_safe)"]

@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sslfw import ckpt
 from sslfw.data.shards import load_index
-from tests.helpers import ROOT, tiny_overrides
+from tests.helpers import ROOT, base_yaml, tiny_overrides
 
 pytestmark = pytest.mark.slow  # a real Slurm cluster
 
@@ -180,3 +181,31 @@ def test_pseudolabel_job_requeues_and_covers_the_pool_exactly_once(slurm, tiny_r
     assert "sslfw exit code 75" in log and '"chunks_reused": 1' in log  # rank 0 stopped after its chunk 0
     idx = [int(line.split(",")[1]) for line in out.read_text().splitlines()[1:]]
     assert idx == list(range(load_index(small_shards)["sets"]["unlabelled"]["count"]))
+
+
+def test_a_grid_as_a_job_array_reports_what_the_serial_pipeline_reports(slurm, small_shards, tmp_path):
+    """slurm/pipeline_grid.sh: one array task per row, then the report job after them all (afterok); its report has
+    the rows, numbers included, of the same grid run serially in one job."""
+    base = base_yaml(small_shards, tmp_path, **{"eval.every": 0, "log.wandb": "disabled"})
+    grid = ["--config", str(tmp_path / "grid.yaml")]
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump({
+        "base": str(base), "algorithms": ["supervised", "fixmatch"], "seeds": [0], "retrain_stage": False,
+        "ssl": {"train.steps": 4, "ckpt.every": 4, "data.num_workers": 0}}))  # fmt: skip
+    env = {"SSLFW_PROCS_PER_NODE": "1"}
+    serial = submit("pipeline.sbatch", [*grid, f"--out_dir={tmp_path / 'serial'}"], tmp_path, ["-c", "1"], env)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "slurm" / "pipeline_grid.sh"), "--gres=gpu:0", "-c", "1", "-o", "grid-%A_%a.out", "--",
+         *grid, f"--out_dir={tmp_path / 'array'}"],
+        cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "SSLFW_ROOT": str(ROOT), "SSLFW_VENV": sys.prefix, "SSLFW_CPU": "1", **env},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("rows: 2; array job "), proc.stdout
+    report_job = proc.stdout.split("report job ")[1].split()[0]
+    assert wait(serial)["JobState"] == "COMPLETED", (tmp_path / "job.out").read_text()[-3000:]
+    info = wait(report_job, timeout=600)
+    logs = "".join(p.read_text() for p in sorted(tmp_path.glob("grid-*.out")))
+    assert info["JobState"] == "COMPLETED", logs[-3000:]
+    assert (tmp_path / "array" / "fixmatch-iqa_safe-s0" / "eval" / "eval.json").is_file()
+    rows = {d: (tmp_path / d / "report.csv").read_text().splitlines() for d in ("serial", "array")}
+    assert len(rows["array"]) == 1 + 4 and rows["array"] == rows["serial"]  # header, floor, ridge, 2 methods

@@ -201,9 +201,14 @@ def _finished_run(p: PipelineConfig, d: Path) -> dict | None:
 
 
 def run_pipeline(p: PipelineConfig) -> dict:
+    rows = runs(p)
+    if p.count_rows:  # printed as the verb's JSON line: {"rows": N}
+        return {"rows": len(rows)}
+    if not -1 <= p.row < len(rows):
+        raise ConfigError(f"row: {p.row} is not a row of this grid (0..{len(rows) - 1}, or -1 for all)")
     stages = check(p)
     results: dict[str, list[dict]] = {}
-    for algorithm, policy, seed in runs(p):
+    for algorithm, policy, seed in rows if p.row < 0 else rows[p.row : p.row + 1]:
         label = "supervised" if algorithm == "supervised" else f"{algorithm} ({policy})"
         if p.report_only:
             done = _finished_run(p, Path(p.out_dir) / run_name(algorithm, policy, seed))
@@ -211,6 +216,8 @@ def run_pipeline(p: PipelineConfig) -> dict:
                 results.setdefault(label, []).append(done | {"seed": seed})
             continue
         results.setdefault(label, []).append(run_one(p, stages, algorithm, policy, seed))
+    if p.row >= 0:  # one array task's row: the report job that runs after them all writes the report
+        return {"row": p.row, "run": run_name(*rows[p.row])}
     out = {"report": str(Path(p.out_dir) / "report.md"), "rows": len(results)}
     if is_main_process():
         first = stages[(*runs(p)[0], "ssl")]

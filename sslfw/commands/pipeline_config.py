@@ -30,4 +30,8 @@ class PipelineConfig:
     # (`*-best`) beside last's, so one folder holds both.
     checkpoint: Literal["last", "best"] = "last"
     report_only: bool = False  # run nothing: report the runs that have finished so far
+    # Run only this row of algorithms x policies x seeds (0-based, supervised once) and write no report: one Slurm
+    # array task per row (slurm/pipeline_grid.sh), then a report_only job after them all. -1: every row.
+    row: int = -1
+    count_rows: bool = False  # print how many rows the grid has and run nothing (slurm/pipeline_grid.sh)
     truth: str = ""  # an embedded dataset's synth_truth.csv: the report scores pseudo-labels with it (training never)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from sslfw import fsio, trace
+from sslfw.commands import figures
 from sslfw.config import LogConfig
 from sslfw.data.labels import NUM_CLASSES
 from sslfw.data.shards import load_index
@@ -76,16 +77,39 @@ def _scores(run: dict) -> tuple[np.ndarray, np.ndarray] | None:
         return z["mos"], score_of(z)
 
 
-def _delta(done: list[dict], base: list[dict]) -> str:
-    """SRCC(method) - SRCC(supervised) [95% CI] over the seeds both have."""
+def _delta(done: list[dict], base: list[dict]) -> tuple[float, float, float, int] | None:
+    """SRCC(method) - SRCC(supervised) and its 95% interval over the seeds both have, and how many."""
     a = {r["seed"]: s for r in done if (s := _scores(r))}
     b = {r["seed"]: s for r in base if (s := _scores(r))}
     seeds = sorted(set(a) & set(b))
     if not seeds:
-        return "-"
+        return None
     mos = a[seeds[0]][0]
-    d, lo, hi = paired_bootstrap_srcc(mos, {s: a[s][1] for s in seeds}, {s: b[s][1] for s in seeds})
-    return f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]{' *' if lo > 0 or hi < 0 else ''}"
+    return (*paired_bootstrap_srcc(mos, {s: a[s][1] for s in seeds}, {s: b[s][1] for s in seeds}), len(seeds))
+
+
+def _delta_text(d: tuple[float, float, float, int] | None) -> str:
+    return "-" if d is None else f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]{' *' if d[1] > 0 or d[2] < 0 else ''}"
+
+
+def _figures(out: Path, results: dict[str, list[dict]], deltas: dict, split: str) -> dict[str, dict[str, int]]:
+    """forest.png, scatter.png and reliability.png of the report's runs (the first seed of each method for the
+    last two); {png: {method: seeds}} of those drawn."""
+    first = {label: _scores(done[0]) for label, done in results.items() if done and _scores(done[0])}
+    probs = {}
+    for label, done in results.items():
+        path = Path(done[0]["eval"]) / "predictions.npz" if done else None
+        if path and path.is_file():
+            with np.load(path) as z:
+                if not np.all(z["probs"].max(1) == 1.0):  # a score head's one-hot levels carry no confidence
+                    probs[label] = (z["probs"], z["label"])
+    drawn = {}
+    for png, made in (("forest.png", figures.forest(out / "forest.png", deltas, BASELINE, split)),
+                      ("scatter.png", figures.score_scatter(out / "scatter.png", first, split)),
+                      ("reliability.png", figures.reliability(out / "reliability.png", probs, split))):  # fmt: skip
+        if made:
+            drawn[png] = {label: len(results[label]) for label in results}
+    return drawn
 
 
 def truth_levels(truth_csv: str, scheme: dict) -> dict[str, int]:
@@ -151,10 +175,12 @@ def write_report(
         rows.append([name, "-", cells[COLUMNS[0]], "-", *(cells[k] for k in COLUMNS[1:]), _recall([m]), *["-"] * 4])
     truth = truth if truth and Path(truth).is_file() else ""  # real data has no hidden truth: the column stays empty
     levels = truth_levels(truth, load_index(Path(shards))["label_scheme"]) if truth else None
-    base = results.get(BASELINE, [])
+    base, deltas = results.get(BASELINE, []), {}
     for label, done in results.items():
         final = {k: _fmt([r["final"][k] for r in done if k in r["final"]]) for k in COLUMNS}
-        delta = "-" if label == BASELINE else _delta(done, base)
+        if label != BASELINE and (d := _delta(done, base)) is not None:
+            deltas[label] = d
+        delta = "-" if label == BASELINE else _delta_text(deltas.get(label))
         ssl = _fmt([r["ssl"]["srcc"] for r in done if "ssl" in r and "srcc" in r["ssl"]])
         mask, used, acc = _diagnostics(done, levels) if label != BASELINE else ("-", "-", "-")
         rows.append([label, str(len(done)), final[COLUMNS[0]], delta, *(final[k] for k in COLUMNS[1:]),
@@ -171,6 +197,7 @@ def write_report(
     (out / "pseudo_labels.png").unlink(missing_ok=True)  # an earlier report's, of other runs or another truth
     if levels:
         drawn["pseudo_labels.png"] = pseudo_label_curves(out, runs, levels)
+    drawn |= _figures(out, results, deltas, split)
     plots = "; ".join(f"{png}: {', '.join(f'{m} ({n})' for m, n in d.items())}" for png, d in drawn.items() if d)
     fsio.write_text(
         out / "report.md",
