@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from sslfw.data.shards import pack
 from tests.helpers import make_raw, prepare_raw, tiny_overrides
@@ -42,6 +43,15 @@ def tiny_run(small_shards, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("tiny_run") / "run"
     train(load_config(None, tiny_overrides(small_shards, run, **{"train.steps": 6, "ckpt.every": 6, "eval.every": 0})))
     return run
+
+
+@pytest.fixture
+def one_thread():
+    """In-process training with the one OpenMP thread the child processes get, so both compute the same floats."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # Tests that build the embedded dataset or train on it take seconds each: they belong to the full suite, and the fast

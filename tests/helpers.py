@@ -85,7 +85,7 @@ def torchrun(nproc: int, *target: str) -> list[str]:
 
 def run_sslfw(
     args: list[str], nproc: int = 1, env: dict | None = None, timeout: int = 300, launcher: str = "torchrun",
-    restarts: int = 0,
+    restarts: int = 0, cwd: Path | None = None,
 ):  # fmt: skip
     """`sslfw ...` in fresh processes: plain python, torchrun or accelerate launch with 2 gloo CPU processes;
     `restarts`: how often the launcher restarts the job's processes when one dies (--max-restarts)."""
@@ -100,7 +100,7 @@ def run_sslfw(
         cmd += ["-m", "sslfw", *args]
     else:
         cmd = torchrun(nproc, *([f"--max-restarts={restarts}"] if restarts else []), "-m", "sslfw", *args)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def base_yaml(small_shards: Path, tmp_path: Path, **extra) -> Path:

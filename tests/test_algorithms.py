@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,17 +132,26 @@ SSL = ["fixmatch", "adamatch", "freematch", "comatch", "simmatch", "crmatch"]
 SCORES = ["meanteacher", "rankup", "rankup_rda"]
 
 
+@pytest.fixture(scope="module")
+def invariance_runs(tmp_path_factory) -> dict[int, Path]:
+    """Every algorithm's steps under torchrun with 1 and with 2 gloo processes: one launch each for all of them."""
+    outs = {}
+    for nproc in (1, 2):
+        out = outs[nproc] = tmp_path_factory.mktemp(f"invariance{nproc}")
+        script = str(ROOT / "tests" / "dist" / "algo_invariance.py")
+        proc = subprocess.run(torchrun(nproc, script, ",".join(SSL + SCORES), str(out), "4"), env=child_env(),
+                              capture_output=True, text=True, timeout=900)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return outs
+
+
 @pytest.mark.slow  # real processes (DDP, signals, kills)
 @pytest.mark.parametrize("name", SSL + SCORES)
-def test_two_ranks_equal_one_rank_with_the_global_batch(name, tmp_path):
-    results = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"n{nproc}"
-        out.mkdir()
-        cmd = torchrun(nproc, str(ROOT / "tests" / "dist" / "algo_invariance.py"), name, str(out), "4")
-        proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=240)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[nproc] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+def test_two_ranks_equal_one_rank_with_the_global_batch(name, invariance_runs):
+    results = {
+        n: [json.loads((out / f"rank{r}-{name}.json").read_text()) for r in range(n)]
+        for n, out in invariance_runs.items()
+    }
     one, (r0, r1) = results[1][0], results[2]
     assert any(r["logs"]["mask_ratio"] > 0 for r in one)  # the unlabelled terms were really exercised
     active = {

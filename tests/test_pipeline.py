@@ -104,6 +104,9 @@ def test_predict_scores_whole_images_skips_unreadable_files_and_fails_only_when_
     assert "BytesIO" not in err  # the file is named, not Pillow's in-memory buffer
     rows = read_csv(out)
     assert len(rows) == 80 and all(0 <= int(r["level"]) <= 4 and 0 <= float(r["score"]) <= 4 for r in rows)
+    centres = np.array([1.395, 2.17, 3.005, 3.7, 4.47])  # the MOS-interval centres of the default edges
+    for r in rows:  # MOS units beside the level: the probabilities times each level's MOS centre
+        assert float(r["mos"]) == pytest.approx(np.array([float(r[f"p{k}"]) for k in range(5)]) @ centres, abs=2e-3)
     # 64x48 photos, 32 px views: tiles cover the whole image (2 x 2), centre crop is one view
     assert {r["views"] for r in rows} == {"4"}
     assert main([*argv[:-2], "--crops", "1", "--out", str(tmp_path / "c.csv")]) == 0

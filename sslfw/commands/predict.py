@@ -3,7 +3,9 @@
 By default each image is scored whole: native-resolution windows of the model's input size tile it and their class
 probabilities are averaged (`--crops all`, or 0 as `sslfw eval --crops 0`); `--crops 1` and `--crops 5` are the
 centre and centre + corners views. Files that cannot be read are skipped and listed; the command fails only when
-none could be scored.
+none could be scored. Columns: the level (0-4), `score` (the expected level, or a score head's MOS), `mos` (MOS
+units, 1-5: a score head's own, else the level probabilities times each level's MOS-interval centre under the label
+edges the model trained with), the five level probabilities and the number of views.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from sslfw import fsio
+from sslfw import ckpt, fsio
+from sslfw.data.labels import DEFAULT_EDGES
 from sslfw.data.reader import decode_crop
 from sslfw.data.stream import multi_views
 from sslfw.errors import DataError
@@ -28,7 +31,13 @@ from sslfw.inference import load_model
 from sslfw.logger import progress_bar
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-COLUMNS = ["path", "level", "score", "p0", "p1", "p2", "p3", "p4", "views"]
+COLUMNS = ["path", "level", "score", "mos", "p0", "p1", "p2", "p3", "p4", "views"]
+
+
+def level_centres(edges: list[float]) -> torch.Tensor:
+    """Each level's MOS-interval centre: the edges cut KonIQ's 1..5 scale into five intervals."""
+    cuts = torch.tensor([1.0, *edges, 5.0])
+    return (cuts[:-1] + cuts[1:]) / 2
 
 
 def list_images(inputs: list[Path]) -> list[Path]:
@@ -107,6 +116,7 @@ def predict_files(
     dev = pick_device(device)
     model, cfg, used = load_model(checkpoint, weights)
     model.to(dev)
+    centres = level_centres((ckpt.recorded_data(used) or {}).get("label_edges") or list(DEFAULT_EDGES))
     rows, skipped = [], []
     for f in progress_bar(files, show=progress and len(files) > 1, desc="predict", unit="img"):
         try:
@@ -117,7 +127,9 @@ def predict_files(
         x = views.movedim(-1, -3)  # uint8 until each batch_size of views is forwarded: big photos fit memory
         probs, score = predict_views(model, x, torch.tensor([len(x)]), dev, nullcontext, batch_size)
         pr, level = probs[0].cpu(), int(probs[0].argmax())
-        rows.append([str(f), level, f"{float(score[0]):.4f}", *(f"{float(p):.4f}" for p in pr), len(views)])
+        mos = float(score[0]) if model.score is not None else float(pr @ centres)
+        rows.append([str(f), level, f"{float(score[0]):.4f}", f"{mos:.3f}", *(f"{float(p):.4f}" for p in pr),
+                     len(views)])  # fmt: skip
     if not rows and len(files) == 1:
         raise DataError(skipped[0])  # one file given, one reason: the usual one-line error
     for line in skipped:

@@ -1,5 +1,6 @@
-"""Run under torchrun with 1 or 2 gloo processes: an algorithm's steps on a fixed GLOBAL batch of 16, each rank
-taking its slice. Writes {out}/rank{R}.json: global losses, gradients (averaged as DDP does) and state per step.
+"""Run under torchrun with 1 or 2 gloo processes: each named algorithm's steps (comma-separated names: one launch
+for all of them) on a fixed GLOBAL batch of 16, each rank taking its slice. Writes {out}/rank{R}-{name}.json:
+global losses, gradients (averaged as DDP does) and state per step.
 """
 
 import hashlib
@@ -17,8 +18,14 @@ from sslfw.algorithms import resolve_params
 from sslfw.model import IQAModel
 
 
-def main(name: str, out: str, steps: int) -> None:
+def main(names: str, out: str, steps: int) -> None:
     dist.init_process_group("gloo")
+    for name in names.split(","):
+        run(name, out, steps)
+    dist.destroy_process_group()
+
+
+def run(name: str, out: str, steps: int) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     cls = get_algorithm(name)
@@ -55,8 +62,7 @@ def main(name: str, out: str, steps: int) -> None:
         digest = hashlib.sha256(json.dumps(state).encode()).hexdigest()
         logs = {k: float(v) for k, v in out_.logs.items()}
         rows.append({"loss": loss.item() / world, "logs": logs, "grads": (grads / world).tolist(), "state": state, "hash": digest})
-    Path(out, f"rank{rank}.json").write_text(json.dumps(rows))
-    dist.destroy_process_group()
+    Path(out, f"rank{rank}-{name}.json").write_text(json.dumps(rows))
 
 
 if __name__ == "__main__":
