@@ -154,7 +154,11 @@ def resolve(path: Path, option: str) -> Path:
     else:
         found = latest(path)  # checks sha256 itself, skipping damaged newer ones
         if found is None:
-            raise DataError(f"{option}: {path} holds no complete checkpoint (step-N folder with {MARKER})")
+            inside = sorted(str(d) for d in path.glob("*") if d.is_dir() and valid_checkpoints(d))
+            hint = f"; its run folders are {inside} (a pipeline row keeps its stages in ssl/ and retrain/)"
+            raise DataError(
+                f"{option}: {path} holds no complete checkpoint (step-N folder with {MARKER}){hint if inside else ''}"
+            )
         return found
     why = problem(found, deep=True)
     if why is not None:

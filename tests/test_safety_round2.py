@@ -237,3 +237,9 @@ def test_a_command_printed_for_the_user_works_when_pasted_whatever_the_path_hold
             reader(folder)
         command = re.search(rf"`({verb} .*?)`", str(e.value)).group(1)
         assert shlex.split(command)[-1] == str(folder), command  # one argument, as the shell will read it
+
+
+def test_a_pipeline_row_given_as_checkpoint_points_at_its_stage_folders(tiny_run, tmp_path, capsys):
+    row = tmp_path / "fixmatch-iqa_safe-s0"
+    shutil.copytree(tiny_run, row / "ssl")
+    _refused(capsys, ["eval", "--checkpoint", str(row), "--split", "val"], f"its run folders are ['{row / 'ssl'}']")
