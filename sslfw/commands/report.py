@@ -227,7 +227,8 @@ def report_to_wandb(out: Path, log: LogConfig, group: str, pipeline: dict, confu
     with open(out / "report.csv", newline="") as f:
         rows = list(csv.reader(f))
     logger.log_table("report", rows[0], rows[1:])
-    logger.log_image("learning_curves", out / "learning_curves.png")
+    for png in ("learning_curves", "pseudo_labels", "forest", "scatter", "reliability"):  # those this report drew
+        logger.log_image(png, out / f"{png}.png")
     for png in sorted(p for p in confusions if p.is_file()):
         logger.log_image(f"confusion/{png.parent.parent.name}", png)
     logger.close()
