@@ -255,9 +255,8 @@ def load(path: Path) -> tuple[dict, dict]:
 # What a training checkpoint holds ------------------------------------------------------------------------------
 
 
-class Stateful(Protocol):
+class Stateful(Protocol):  # what torch modules, optimizers, the algorithms and the EMA teacher all are
     def state_dict(self) -> dict: ...
-
     def load_state_dict(self, state: dict) -> Any: ...
 
 

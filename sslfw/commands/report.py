@@ -151,6 +151,23 @@ def _diagnostics(done: list[dict], truth: dict[str, int] | None) -> tuple[str, s
     return _fmt(masks), _fmt(used), _fmt(accs)
 
 
+def _markdown(split: str, setting: str, what: str, truth: str, table: str, plots: str) -> str:
+    return (
+        f"# sslfw pipeline report ({split} split, {setting})\n\n"
+        f"Metrics of the final model ({what}), mean ± std over seeds. SRCC/PLCC are of the predicted score "
+        f"(a classifier's expected level, a score head's MOS) against MOS. The constant guess always answers the "
+        f"median training level; features + ridge is a classical no-reference model trained on the same labelled "
+        f"images (`sslfw/reference.py`). Δsrcc: paired bootstrap over the {split} images and seeds; * when the 95% "
+        f"interval excludes 0. recall by level: share of each "
+        f"true level predicted exactly. mask_ratio: mean share of unlabelled images above the threshold over the SSL "
+        f"stage; used_acc: pseudo-labels that passed the threshold during the SSL stage, against the hidden truth "
+        f"(pseudo_labels.png shows both over training); pseudo_acc: the pool's pseudo-labels after the SSL stage "
+        f"against the hidden truth"
+        f"{' (' + truth + ')' if truth else ' (no truth file given)'}.\n\n{table}\n\n"
+        f"Plots of this report's runs (seeds per method): {plots or 'none (no run logged a curve)'}.\n"
+    )
+
+
 def write_report(
     out: Path,
     shards: str,
@@ -199,21 +216,7 @@ def write_report(
         drawn["pseudo_labels.png"] = pseudo_label_curves(out, runs, levels)
     drawn |= _figures(out, results, deltas, split)
     plots = "; ".join(f"{png}: {', '.join(f'{m} ({n})' for m, n in d.items())}" for png, d in drawn.items() if d)
-    fsio.write_text(
-        out / "report.md",
-        f"# sslfw pipeline report ({split} split, {setting})\n\n"
-        f"Metrics of the final model ({what}), mean ± std over seeds. SRCC/PLCC are of the predicted score "
-        f"(a classifier's expected level, a score head's MOS) against MOS. The constant guess always answers the "
-        f"median training level; features + ridge is a classical no-reference model trained on the same labelled "
-        f"images (`sslfw/reference.py`). Δsrcc: paired bootstrap over the {split} images and seeds; * when the 95% "
-        f"interval excludes 0. recall by level: share of each "
-        f"true level predicted exactly. mask_ratio: mean share of unlabelled images above the threshold over the SSL "
-        f"stage; used_acc: pseudo-labels that passed the threshold during the SSL stage, against the hidden truth "
-        f"(pseudo_labels.png shows both over training); pseudo_acc: the pool's pseudo-labels after the SSL stage "
-        f"against the hidden truth"
-        f"{' (' + truth + ')' if truth else ' (no truth file given)'}.\n\n{table}\n\n"
-        f"Plots of this report's runs (seeds per method): {plots or 'none (no run logged a curve)'}.\n",
-    )
+    fsio.write_text(out / "report.md", _markdown(split, setting, what, truth, table, plots))
 
 
 def report_to_wandb(out: Path, log: LogConfig, group: str, pipeline: dict, confusions: list[Path]) -> None:

@@ -148,6 +148,19 @@ class _ShardRoller:
         self._classes = np.zeros(NUM_CLASSES, dtype=int)
 
 
+def _check_pixels(pixels: str, max_side: int | None) -> None:
+    if pixels not in PIXELS:
+        raise DataError(
+            f"--pixels {pixels!r}: choose original (the file bytes), raw (decoded RGB, .npy) or zstd (decoded RGB, "
+            f"zstd row blocks)"
+        )
+    if pixels != "original" and max_side:
+        raise DataError(
+            f"--pixels {pixels} cannot be combined with --max-side (it would store resized pixels as if "
+            "they were original); pack with one or the other"
+        )
+
+
 def pack(
     manifest: Path,
     out: Path,
@@ -159,16 +172,7 @@ def pack(
     pixels: str = "original",
 ) -> dict:
     """Pack every set of the manifest; returns the index (also written to out/index.json)."""
-    if pixels not in PIXELS:
-        raise DataError(
-            f"--pixels {pixels!r}: choose original (the file bytes), raw (decoded RGB, .npy) or zstd (decoded RGB, "
-            f"zstd row blocks)"
-        )
-    if pixels != "original" and max_side:
-        raise DataError(
-            f"--pixels {pixels} cannot be combined with --max-side (it would store resized pixels as if "
-            "they were original); pack with one or the other"
-        )
+    _check_pixels(pixels, max_side)
     labelled, pool, meta = mf.load(manifest)
     members: dict[str, list[tuple[str, str, mf.LabelledRow | None]]] = {s: [] for s in SETS}
     for r in labelled:
