@@ -193,12 +193,25 @@ def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, small_raw,
     def plots() -> str:  # the report's last line: which runs its plots draw
         return (tmp_path / "out" / "report.md").read_text().rsplit("(seeds per method): ", 1)[1]
 
-    assert plots() == "learning_curves.png: fixmatch-iqa_safe (2), supervised (2).\n"
+    figures = "; {}: supervised (2), fixmatch (iqa_safe) (2)"
+    assert (
+        plots()
+        == "learning_curves.png: fixmatch-iqa_safe (2), supervised (2)"
+        + "".join(figures.format(png) for png in ("forest.png", "scatter.png", "reliability.png"))
+        + ".\n"
+    )
     # The plots show the report's runs only, not every run in the folder, and say which
     run_pipeline(replace(partial, algorithms=["fixmatch"], seeds=[1], truth=cfg.truth))
-    assert plots() == "learning_curves.png: fixmatch-iqa_safe (1); pseudo_labels.png: fixmatch-iqa_safe (1).\n"
+    assert plots() == (
+        "learning_curves.png: fixmatch-iqa_safe (1); pseudo_labels.png: fixmatch-iqa_safe (1); "
+        "scatter.png: fixmatch (iqa_safe) (1); reliability.png: fixmatch (iqa_safe) (1).\n"
+    )  # no supervised row: no forest plot, and the last report's is gone
+    assert not (tmp_path / "out" / "forest.png").exists()
     run_pipeline(replace(partial, algorithms=["supervised"], seeds=[0]))  # no truth: no pseudo-label plot left over
-    assert plots() == "learning_curves.png: supervised (1).\n"
+    assert (
+        plots()
+        == "learning_curves.png: supervised (1); scatter.png: supervised (1); reliability.png: supervised (1).\n"
+    )
     assert not (tmp_path / "out" / "pseudo_labels.png").exists()
 
 

@@ -104,6 +104,8 @@ def _figures(out: Path, results: dict[str, list[dict]], deltas: dict, split: str
                 if not np.all(z["probs"].max(1) == 1.0):  # a score head's one-hot levels carry no confidence
                     probs[label] = (z["probs"], z["label"])
     drawn = {}
+    for png in ("forest.png", "scatter.png", "reliability.png"):
+        (out / png).unlink(missing_ok=True)  # an earlier report's, of other runs
     for png, made in (("forest.png", figures.forest(out / "forest.png", deltas, BASELINE, split)),
                       ("scatter.png", figures.score_scatter(out / "scatter.png", first, split)),
                       ("reliability.png", figures.reliability(out / "reliability.png", probs, split))):  # fmt: skip
