@@ -56,10 +56,13 @@ def load(run_dir: Path) -> dict[str, np.ndarray] | None:
     return {k: np.concatenate([p[k] for p in parts]) for k in ("step", "key", "label", "used")}
 
 
-def accuracy_series(run_dir: Path, truth: dict[str, int], bin_steps: int) -> dict[str, np.ndarray] | None:
+def accuracy_series(
+    run_dir: Path, truth: dict[str, int], bin_steps: int, min_used: int = 10
+) -> dict[str, np.ndarray] | None:
     """Per bin of `bin_steps` steps (labelled by its last step): accuracy of the pseudo-labels that passed the
-    threshold ("used_acc"), of all of them ("all_acc"), and the share that passed ("mask"). Images without a
-    truth entry are left out; a bin where nothing passed has used_acc NaN."""
+    threshold ("used_acc"), of all of them ("all_acc"), the share that passed ("mask") and how many passed ("used").
+    Images without a truth entry are left out; a bin where fewer than `min_used` passed has used_acc NaN (an accuracy
+    of 3 labels is noise, not a trend)."""
     t = load(run_dir)
     if t is None:
         return None
@@ -69,12 +72,13 @@ def accuracy_series(run_dir: Path, truth: dict[str, int], bin_steps: int) -> dic
     step, label, used = t["step"][known], t["label"][known].astype(np.int64), t["used"][known]
     correct = label == np.array([truth[k] for k in t["key"][known]])
     bins = (step - 1) // bin_steps  # steps are 1-based in the trace: the step the update produced
-    out: dict[str, list[float]] = {"step": [], "used_acc": [], "all_acc": [], "mask": []}
+    out: dict[str, list[float]] = {"step": [], "used_acc": [], "all_acc": [], "mask": [], "used": []}
     for b in np.unique(bins):
         sel = bins == b
         n_used = int(used[sel].sum())
         out["step"].append(float((b + 1) * bin_steps))
-        out["used_acc"].append(float(correct[sel & used].mean()) if n_used else float("nan"))
+        out["used_acc"].append(float(correct[sel & used].mean()) if n_used >= min_used else float("nan"))
         out["all_acc"].append(float(correct[sel].mean()))
         out["mask"].append(n_used / int(sel.sum()))
+        out["used"].append(float(n_used))
     return {k: np.array(v) for k, v in out.items()}

@@ -55,13 +55,15 @@ def test_pseudo_label_trace_accuracy_per_bin_matches_hand_counts(tmp_path):
     t.add(3, ["a", "x"], torch.tensor([4, 0]), torch.tensor([0.0, 1.0]))  # "x" has no truth: left out
     t.flush(3)
     truth = {"a": 2, "b": 3, "c": 1, "d": 0}
-    s = trace.accuracy_series(tmp_path, truth, bin_steps=2)
+    s = trace.accuracy_series(tmp_path, truth, bin_steps=2, min_used=1)
     # bin 1 (steps 1-2): used a(right) c(right) d(wrong) -> 2/3; all 3/4 right; 3 of 4 used
     # bin 2 (step 3): only "a", label 4 vs 2, not used -> used_acc NaN, all_acc 0, mask 0
     assert s["step"].tolist() == [2.0, 4.0]
     np.testing.assert_allclose(s["used_acc"], [2 / 3, np.nan])
     np.testing.assert_allclose(s["all_acc"], [3 / 4, 0.0])
     np.testing.assert_allclose(s["mask"], [3 / 4, 0.0])
+    assert s["used"].tolist() == [3.0, 0.0]
+    assert np.isnan(trace.accuracy_series(tmp_path, truth, bin_steps=2, min_used=4)["used_acc"][0])  # 3 < 4: noise
     assert trace.PseudoTrace(tmp_path, rank=0, start=2) and trace.load(tmp_path)["step"].max() == 2  # resume prunes
 
 

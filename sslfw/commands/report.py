@@ -313,8 +313,15 @@ def pseudo_label_curves(out: Path, runs: set[str], truth: dict[str, int], bin_st
                 warnings.simplefilter("ignore", RuntimeWarning)
                 mean, std = np.nanmean(vals, 0), np.nanstd(vals, 0, ddof=1) if len(runs) > 1 else 0 * vals[0]
             _band(ax, colours, method, steps, mean, std, len(runs), ls=ls, label=key != "all_acc")
+        if len(series) <= 3:  # how many passed in each bin (mean over seeds), beside the accuracy they had
+            used = np.mean([r["used"][:n] for r in runs], 0)
+            acc = np.nanmean([r["used_acc"][:n] for r in runs], 0)
+            for x, y, count in zip(steps, acc, used):
+                if np.isfinite(y):
+                    axes[0][0].annotate(f"{count:.0f}", (x, y), textcoords="offset points", xytext=(0, 5),
+                                        ha="center", fontsize=7, color=f"C{colours[method] % 10}")  # fmt: skip
     axes[0][0].set(xlabel="step", ylabel="accuracy against the hidden truth",
-                   title="pseudo-labels: passed the threshold (solid), all (dotted)")  # fmt: skip
+                   title="passed the threshold (solid, with how many), all (dotted)")  # fmt: skip
     axes[0][1].set(xlabel="step", ylabel="share of unlabelled images", title="passed the threshold (mask ratio)")
     for ax in axes.flat:
         ax.grid(alpha=0.3)
