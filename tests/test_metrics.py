@@ -74,3 +74,18 @@ def test_one_table_of_metrics_gives_w_and_b_the_best_not_the_last():
     assert best["val/ema/srcc"] == best["val/student/qwk"] == "max"
     assert best["val/ema/mae"] == best["val/ema/mae_class34"] == "min"
     assert len(best) == 2 * len(METRICS) and METRICS[0].name == "srcc"  # SRCC first in every report
+
+
+def test_more_than_six_methods_get_one_learning_curve_panel_each(tmp_path):
+    import json
+
+    from sslfw.commands.report import learning_curves
+
+    names = ["supervised-s0"] + [f"algo{i}-iqa_safe-s0" for i in range(7)]
+    for i, name in enumerate(names):
+        (tmp_path / name / "ssl").mkdir(parents=True)
+        rows = [{"step": s, "val/ema/srcc": 0.5 + 0.01 * i + 0.001 * s, "val/ema/mae": 0.4} for s in (10, 20)]
+        (tmp_path / name / "ssl" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = learning_curves(tmp_path, set(names), {"features + ridge": {"srcc": 0.6}})
+    assert drawn == {"supervised": 1} | {f"algo{i}-iqa_safe": 1 for i in range(7)}
+    assert (tmp_path / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -271,6 +271,31 @@ def _band(
     ax.fill_between(steps, mean - std, mean + std, color=c, alpha=0.2)
 
 
+def _learning_multiples(out: Path, runs: set[str], refs: dict[str, dict], retrain_dir: str) -> dict[str, int]:
+    """Small multiples: one panel per method, its val SRCC over the SSL stage (solid) and retraining (dashed),
+    with supervised's in grey and the reference rows as lines in every panel."""
+    fig, axes = figures._grid(len(_curves(out, runs, "ssl", "val/ema/srcc")) - 1)
+    ssl, again = (_curves(out, runs, stage, "val/ema/srcc") for stage in ("ssl", retrain_dir))
+    base = ssl.pop(BASELINE, None)
+    for ax, (method, (steps, mean, std, seeds)) in zip(axes, ssl.items()):
+        if base is not None:
+            ax.plot(
+                base[0], base[1], color="grey", lw=1, label=f"{BASELINE} ({base[3]} seed{'s' if base[3] != 1 else ''})"
+            )
+        ax.plot(steps, mean, color="C0", marker="o", ms=3, label="SSL stage")
+        ax.fill_between(steps, mean - std, mean + std, color="C0", alpha=0.2)
+        if method in again:
+            ax.plot(again[method][0], again[method][1], color="C1", ls="--", marker="s", ms=3, label="retraining")
+        for (name, m), style in zip(refs.items(), (":", "--")):
+            if np.isfinite(m.get("srcc", np.nan)):
+                ax.axhline(m["srcc"], color="black", ls=style, lw=0.8, label=f"{name} (val)")
+        ax.set(title=f"{method} ({seeds} seed{'s' if seeds != 1 else ''})", xlabel="step", ylabel="val SRCC")
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+    _figure_end(fig, np.array(list(axes)), out / "learning_curves.png", "Learning curves, one panel per method", 5)
+    return {m: c[3] for m, c in ssl.items()} | ({BASELINE: base[3]} if base is not None else {})
+
+
 def _figure_end(fig, axes, out_png: Path, title: str, ncol_max: int) -> None:
     """Shared legend under the panels, title, atomic save."""
     import matplotlib.pyplot as plt
@@ -342,6 +367,8 @@ def learning_curves(
     import matplotlib.pyplot as plt
 
     refs = refs or {}
+    if len(_curves(out, runs, "ssl", "val/ema/srcc")) > 6:  # past ~6 colours a shared axis cannot be read
+        return _learning_multiples(out, runs, refs, retrain_dir)
     stages = [("ssl", "SSL stage (supervised: its only stage)"), (retrain_dir, "retraining on pseudo-labels")]
     if not _curves(out, runs, retrain_dir, "val/ema/srcc"):  # SSL stages only: no empty retraining panel
         stages = stages[:1]
