@@ -243,3 +243,23 @@ def test_a_pipeline_row_given_as_checkpoint_points_at_its_stage_folders(tiny_run
     row = tmp_path / "fixmatch-iqa_safe-s0"
     shutil.copytree(tiny_run, row / "ssl")
     _refused(capsys, ["eval", "--checkpoint", str(row), "--split", "val"], f"its run folders are ['{row / 'ssl'}']")
+
+
+@pytest.mark.slow  # a 169-megapixel image
+def test_predict_on_a_huge_image_stays_within_a_bound_of_its_decoded_size(tiny_run, tmp_path):
+    """A 13000x13000 PNG (a few hundred KB, under Pillow's bomb limit): predict keeps the image and its tiles as
+    uint8 and makes floats one batch of views at a time, so its peak memory stays near 2x the decoded pixels (507 MB)
+    plus the interpreter; it was 5.2 GB when every view became float before batching."""
+    big = tmp_path / "big.png"
+    Image.new("RGB", (13000, 13000), (120, 130, 140)).save(big, compress_level=1)
+    probe = (
+        "import resource, sys; from sslfw.cli import main; rc = main(sys.argv[1:]); "
+        "print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
+    )
+    args = ["predict", "--checkpoint", str(tiny_run), str(big), "--out", str(tmp_path / "p.csv")]
+    args += ["--batch-size", "2048"]  # views per forward pass: the floats of one batch, 25 MB
+    proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, env=child_env(),
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peak_gb = int(proc.stdout.split("peak")[-1].split()[0]) / 2**20  # ru_maxrss is in KiB on Linux
+    assert peak_gb < 2.5, peak_gb

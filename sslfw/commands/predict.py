@@ -11,7 +11,6 @@ edges the model trained with), the five level probabilities and the number of vi
 from __future__ import annotations
 
 import csv
-import io
 import os
 import sys
 from contextlib import nullcontext
@@ -56,20 +55,19 @@ def list_images(inputs: list[Path]) -> list[Path]:
 
 
 def load_views(path: Path, size: int, crops: int) -> np.ndarray:
-    """(n, size, size, 3) uint8 views of one file; DataError naming the file when it is not a readable image."""
+    """(n, size, size, 3) uint8 views of one file, decoded once; DataError naming the file when it is not a readable
+    image."""
     try:
         data = path.read_bytes()
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
+        if crops == 1:
+            return decode_crop(data, (size, size), None)[None].copy()  # writable: torch shares the memory
+        return multi_views(decode_crop(data, None, None), (size, size), crops)
     except Image.DecompressionBombError as e:
         raise DataError(f"{path}: refused as a decompression bomb ({e}); downscale it first") from None
     except UnidentifiedImageError:  # Pillow's own text names the in-memory buffer, not the file
         raise DataError(f"{path}: not an image Pillow can read (unknown or damaged format)") from None
     except OSError as e:
         raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
-    if crops == 1:
-        return decode_crop(data, (size, size), None)[None].copy()  # writable: torch shares the memory
-    return multi_views(decode_crop(data, None, None), (size, size), crops)
 
 
 def check_out(out: Path, inputs: list[Path]) -> None:
