@@ -54,7 +54,9 @@ sslfw_run() {
     echo "[sslfw-slurm] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST:" \
          "$machines launcher(s) x $SSLFW_PROCS_PER_NODE process(es), rendezvous $SSLFW_MASTER_ADDR:$SSLFW_PORT: sslfw $*"
     rm -f "$SSLFW_EXIT_FILE"
-    # Single quotes: SLURM_PROCID is expanded inside each task, not here. Task 0's launcher hosts the c10d store;
+    # Single quotes: SLURM_PROCID is expanded inside each task, not here. One node: static rendezvous on this job's
+    # port (c10d without an endpoint would take torch's fixed 29400, which two jobs on one node, such as the array
+    # tasks of slurm/pipeline_grid.sh, would share). Several nodes: task 0's launcher hosts the c10d store;
     # the others wait until it listens (accelerate refuses to start task 0 if its port is taken first, which
     # happens when launchers share a host, as in the tests).
     # shellcheck disable=SC2016
@@ -63,7 +65,8 @@ sslfw_run() {
         fi
         exec accelerate launch --config_file "$SSLFW_ACCELERATE_CONFIG" \
         --num_processes $(( SLURM_NTASKS * SSLFW_PROCS_PER_NODE )) --num_machines "$SLURM_NTASKS" \
-        --machine_rank "$SLURM_PROCID" --rdzv_backend c10d --main_process_ip "$SSLFW_MASTER_ADDR" \
+        --machine_rank "$SLURM_PROCID" --rdzv_backend "$([[ $SLURM_NTASKS -gt 1 ]] && echo c10d || echo static)" \
+        --main_process_ip "$SSLFW_MASTER_ADDR" \
         --main_process_port "$SSLFW_PORT" -m sslfw "$@"' sslfw "$@" &
     local pid=$! rc
     # --signal=B:USR1@N warns only this shell; a bash trap runs between `wait`s, so the step runs in the background.

@@ -203,7 +203,7 @@ def test_a_grid_as_a_job_array_reports_what_the_serial_pipeline_reports(slurm, s
     assert proc.stdout.startswith("rows: 2; array job "), proc.stdout
     report_job = proc.stdout.split("report job ")[1].split()[0]
     assert wait(serial)["JobState"] == "COMPLETED", (tmp_path / "job.out").read_text()[-3000:]
-    info = wait(report_job, timeout=600)
+    info = wait(report_job, timeout=300)
     logs = "".join(p.read_text() for p in sorted(tmp_path.glob("grid-*.out")))
     assert info["JobState"] == "COMPLETED", logs[-3000:]
     assert (tmp_path / "array" / "fixmatch-iqa_safe-s0" / "eval" / "eval.json").is_file()
