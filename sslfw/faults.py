@@ -2,9 +2,7 @@
 
 SSLFW_FAULT_<NAME>="rank:at,rank:at" arms fault NAME on that rank when the job reaches `at` (the 0-based index of
 the optimizer step being computed, or of the pseudo-label chunk just written); unset, nothing happens. The loop
-calls `inject` once per point, whatever faults exist. With SSLFW_FAULT_ONCE=FILE a fault fires only while FILE does
-not exist (it is created first): a job that a launcher restarts (torchrun --max-restarts) is not killed again when
-it replays the step.
+calls `inject` once per point, whatever faults exist.
 """
 
 from __future__ import annotations
@@ -16,15 +14,7 @@ import torch
 
 
 def _armed(name: str, rank: int, at: int) -> bool:
-    if f"{rank}:{at}" not in os.environ.get(f"SSLFW_FAULT_{name}", "").split(","):
-        return False
-    once = os.environ.get("SSLFW_FAULT_ONCE")
-    if once:
-        try:
-            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # atomic: only the first arrival fires
-        except FileExistsError:
-            return False
-    return True
+    return f"{rank}:{at}" in os.environ.get(f"SSLFW_FAULT_{name}", "").split(",")
 
 
 def inject(rank: int, at: int, loss: torch.Tensor | None = None, where: str = "") -> torch.Tensor | None:

@@ -85,10 +85,9 @@ def torchrun(nproc: int, *target: str) -> list[str]:
 
 def run_sslfw(
     args: list[str], nproc: int = 1, env: dict | None = None, timeout: int = 300, launcher: str = "torchrun",
-    restarts: int = 0, cwd: Path | None = None,
+    cwd: Path | None = None,
 ):  # fmt: skip
-    """`sslfw ...` in fresh processes: plain python, torchrun or accelerate launch with 2 gloo CPU processes;
-    `restarts`: how often the launcher restarts the job's processes when one dies (--max-restarts)."""
+    """`sslfw ...` in fresh processes: plain python, torchrun or accelerate launch with 2 gloo CPU processes."""
     env = child_env(**(env or {}))
     if nproc == 1:
         cmd = [sys.executable, "-m", "sslfw", *args]
@@ -96,10 +95,9 @@ def run_sslfw(
         env["ACCELERATE_USE_CPU"] = "true"
         launch = "--multi_gpu --num_machines 1 --mixed_precision no --dynamo_backend no".split()
         cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, f"--num_processes={nproc}"]
-        cmd += [f"--max_restarts={restarts}"] if restarts else []
         cmd += ["-m", "sslfw", *args]
     else:
-        cmd = torchrun(nproc, *([f"--max-restarts={restarts}"] if restarts else []), "-m", "sslfw", *args)
+        cmd = torchrun(nproc, "-m", "sslfw", *args)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
