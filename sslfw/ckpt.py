@@ -3,9 +3,8 @@
 
 Layout: a `step-N/` directory holding `state.pt` (one entry per registered part: model, optimizer, algorithm, ema)
 and `trainer_state.json` (step, skipped steps, world size, stream position, the resolved config, the val score).
-Changing it is this file and tests/test_checkpoint.py.
-
-Writes go under `step-N.tmp/`, are completed by a marker, then renamed.
+Changing it is this file and tests/test_checkpoint.py. Writes go under `step-N.tmp/`, are completed by a marker,
+then renamed.
 
 A directory counts only if its COMPLETE marker exists and the files it lists have the sizes (and, for the one
 chosen, the sha256) the marker records. A directory named `step-N` is never deleted in place: it is renamed aside
