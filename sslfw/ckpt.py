@@ -385,8 +385,7 @@ def resolve_resume(run_dir: Path, resume: str, config: dict, main: bool) -> Path
 
 def _same_architecture(path: Path, config: dict) -> Path:
     """`path`, if the checkpoint was trained with this model and algorithm (also for folders from before run.json)."""
-    info = fsio.read_json(path / INFO, "name another checkpoint") if (path / INFO).is_file() else {}
-    theirs = info.get("config", {})
+    theirs = info(path).get("config", {}) if (path / INFO).is_file() else {}
     changed = [
         f"{k}: {_get(theirs, k)!r} -> {_get(config, k)!r}"
         for k in ARCHITECTURE

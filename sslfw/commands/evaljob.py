@@ -38,9 +38,10 @@ def run_eval(
     root = Path(shards or cfg.data.shards)
     index = load_index(root)
     trained = ckpt.recorded_data(ckpt_dir)
-    if trained and trained["label_edges"] != identity(index)["label_edges"]:
+    edges = identity(index)["label_edges"]
+    if trained and trained["label_edges"] != edges:
         raise DataError(
-            f"--shards {root}: its levels are cut at MOS {identity(index)['label_edges']}, {ckpt_dir} was trained "
+            f"--shards {root}: its levels are cut at MOS {edges}, {ckpt_dir} was trained "
             f"with {trained['label_edges']}; the metrics would compare different levels. Evaluate on shards packed "
             f"with the same --bins"
         )

@@ -95,12 +95,12 @@ def _delta_text(d: tuple[float, float, float, int] | None) -> str:
 def _figures(out: Path, results: dict[str, list[dict]], deltas: dict, split: str) -> dict[str, dict[str, int]]:
     """forest.png, scatter.png and reliability.png of the report's runs (the first seed of each method for the
     last two); {png: {method: seeds}} of those drawn."""
-    first = {label: _scores(done[0]) for label, done in results.items() if done and _scores(done[0])}
-    probs = {}
-    for label, done in results.items():
+    first, probs = {}, {}
+    for label, done in results.items():  # each method's first seed, its predictions read once
         path = Path(done[0]["eval"]) / "predictions.npz" if done else None
         if path and path.is_file():
             with np.load(path) as z:
+                first[label] = (z["mos"], score_of(z))
                 if not np.all(z["probs"].max(1) == 1.0):  # a score head's one-hot levels carry no confidence
                     probs[label] = (z["probs"], z["label"])
     drawn = {}
