@@ -40,7 +40,7 @@ def test_the_checkpointer_round_trips_every_piece_of_state(small_shards, tmp_pat
     over = tiny_overrides(small_shards, tmp_path / "run", **{"algorithm.name": "comatch",
                                                              "algorithm.params": "{queue_size: 16}"})  # fmt: skip
     cfg = load_config(None, over)
-    acc = make_accelerator(False)
+    acc = make_accelerator("no")
     lb_set, pool = ShardSet(small_shards, "train"), ShardSet(small_shards, "unlabelled")
     data = DataInfo(len(lb_set), len(pool), cfg.model.proj_dim)
     run = build_run(cfg, acc, data)

@@ -164,7 +164,7 @@ def test_weak_view_without_autograd_gives_the_same_losses_and_batchnorm_models_k
     for name, kwargs, split_expected in (("resnet10t", "{}", False), ("vit_tiny_patch16_224", None, True)):
         over = {"model.name": name} | ({"model.kwargs": kwargs} if kwargs else {})
         cfg = load_config(None, tiny_overrides(small_shards, tmp_path / name, **extra, **over))
-        run = build_run(cfg, make_accelerator(False), DataInfo(8, 8, cfg.model.proj_dim))
+        run = build_run(cfg, make_accelerator("no"), DataInfo(8, 8, cfg.model.proj_dim))
         assert run.split_weak is split_expected  # BatchNorm: batch statistics would differ between the forwards
 
 
@@ -219,7 +219,7 @@ def test_a_training_step_reads_back_to_the_host_once(name, small_shards, tmp_pat
         None, tiny_overrides(small_shards, tmp_path, **{"algorithm.name": name, "algorithm.params": params})
     )
     lb_set, pool = ShardSet(small_shards, "train"), ShardSet(small_shards, "unlabelled")
-    run = build_run(cfg, make_accelerator(False), DataInfo(len(lb_set), len(pool), cfg.model.proj_dim))
+    run = build_run(cfg, make_accelerator("no"), DataInfo(len(lb_set), len(pool), cfg.model.proj_dim))
     streams = open_streams(cfg, lb_set, 8, 0, 0, False, run.algorithm.uses_unlabelled)
     for step in range(len(lb_set) // 2):  # past the steps that fill SimMatch's bank and CoMatch's queue
         lb, ulb = streams.next_labelled(), streams.next_unlabelled()  # the loader's own reads are not the step's
