@@ -24,3 +24,8 @@ done
 $PY -m sslfw bench speedups --config configs/bench_gpu.yaml --shards "$D/shards" --out "$OUT/speedups" \
     --reps 5 --steps 10 --compile
 $PY -m sslfw bench usb --config configs/bench_gpu.yaml --shards "$D/shards" --out "$OUT/usb" --reps 5 --steps 10
+# fp16 for cards without bf16 (V100, T4): accelerate's gradient scaler on, 30 FixMatch steps must train (finite
+# losses, no skipped step); the last log line shows the loss and the run's config records precision fp16.
+$PY -m sslfw train --config configs/bench_gpu.yaml --data.shards="$D/shards" --run_dir="$OUT/fp16" \
+    --train.precision=fp16 --train.steps=30 --eval.every=0 --ckpt.every=30 --algorithm.name=fixmatch
+tail -n 2 "$OUT/fp16/history.jsonl"; grep -n "precision" "$OUT/fp16/config.yaml"

@@ -99,8 +99,8 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     # Mixed precision: auto = accelerate's (`accelerate launch --mixed_precision`, `accelerate config`), else bf16
-    # on a GPU that has it, fp16 with a gradient scaler on one that does not (V100, T4), none on a CPU. A value here
-    # wins over accelerate's.
+    # on a GPU that has it, fp16 with a gradient scaler on one that does not (V100, T4), none on a CPU (where fp16
+    # runs as fp32: accelerate has no CPU fp16 autocast). A value here wins over accelerate's.
     precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
     log_every: int = 10

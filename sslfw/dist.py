@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -34,6 +35,11 @@ def make_accelerator(precision: str = "auto") -> Accelerator:
     from accelerate.state import AcceleratorState
 
     chosen = AcceleratorState().mixed_precision if AcceleratorState._shared_state else precision_for(precision)
+    if chosen == "fp16" and not torch.cuda.is_available():
+        # accelerate neither autocasts nor scales fp16 on a CPU: say so, and record the precision that really runs.
+        if is_main_process():
+            print("[sslfw] fp16 needs a GPU (accelerate has no fp16 autocast on a CPU): running in fp32", file=sys.stderr)
+        chosen = "no"
     try:
         return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=chosen)
     except ValueError as e:
