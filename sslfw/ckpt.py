@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import yaml
 
 from sslfw import faults, fsio
+from sslfw.config import read_yaml
 from sslfw.dist import barrier
-from sslfw.errors import ConfigError, DataError
+from sslfw.errors import DataError
 
 MARKER = "COMPLETE"
 BEST = "best"  # RUN/best names the kept checkpoint with the best validation score
@@ -313,7 +313,11 @@ class Saved:
     def config(self) -> dict:
         """The resolved config it was trained with (runs older than sslfw 0.2 kept it only in RUN/config.yaml;
         train.bf16 became train.precision)."""
-        cfg = self.info["config"] if "config" in self.info else _read_yaml(self.path.parent / "config.yaml")
+        cfg = (
+            self.info["config"]
+            if "config" in self.info
+            else read_yaml(self.path.parent / "config.yaml", "the run's config")
+        )
         train = dict(cfg.get("train", {}))
         if "bf16" in train:
             train["precision"] = "auto" if train.pop("bf16") else "no"
@@ -340,13 +344,6 @@ def info(path: Path) -> dict:
 def recorded_data(path: Path) -> dict | None:
     """The data identity a checkpoint recorded (shards.identity), None for checkpoints older than the record."""
     return info(path).get("data")
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read the run's config ({str(e).splitlines()[0]})") from None
 
 
 def read(path: Path, option: str) -> Saved:

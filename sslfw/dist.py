@@ -38,7 +38,7 @@ def make_accelerator(precision: str = "auto") -> Accelerator:
     if chosen == "fp16" and not torch.cuda.is_available():
         # accelerate neither autocasts nor scales fp16 on a CPU: say so, and record the precision that really runs.
         if is_main_process():
-            print("[sslfw] fp16 needs a GPU (accelerate has no fp16 autocast on a CPU): running in fp32", file=sys.stderr)
+            print("[sslfw] fp16 needs a GPU (accelerate has no CPU fp16 autocast): running in fp32", file=sys.stderr)
         chosen = "no"
     try:
         return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=chosen)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,14 @@ def torchrun(nproc: int, *target: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target]
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now: accelerate's launcher otherwise takes 29500, which two tests running at
+    once (pytest -n 2) would share."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_sslfw(
     args: list[str], nproc: int = 1, env: dict | None = None, timeout: int = 300, launcher: str = "torchrun",
     cwd: Path | None = None,
@@ -95,6 +104,7 @@ def run_sslfw(
         env["ACCELERATE_USE_CPU"] = "true"
         launch = "--multi_gpu --num_machines 1 --mixed_precision no --dynamo_backend no".split()
         cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, f"--num_processes={nproc}"]
+        cmd += [f"--main_process_port={free_port()}"]
         cmd += ["-m", "sslfw", *args]
     else:
         cmd = torchrun(nproc, "-m", "sslfw", *args)

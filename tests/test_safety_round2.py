@@ -121,11 +121,13 @@ def test_a_pseudo_label_csv_made_before_a_repack_is_refused(tiny_run, small_mani
     assert pseudolabel(tiny_run, out, shards=shards, num_workers=0, progress=False)["exit_code"] == 0
     labels, _ = load_pseudo_labels(out, ShardSet(shards, "unlabelled"), 0.0)  # the same pack: accepted
     assert (labels >= 0).all()
+    rows, broken = out.read_text().splitlines(), tmp_path / "broken.csv"
+    broken.write_text("\n".join([*rows, rows[1]]) + "\n")  # one more row than the pool: its idx repeats
+    with pytest.raises(DataError, match=f"line {len(rows) + 1}: idx {rows[1].split(',')[1]} appears twice"):
+        load_pseudo_labels(broken, ShardSet(shards, "unlabelled"), 0.0)
     pack(small_manifest, shards, samples_per_shard=15, workers=1, progress=False, seed=1)  # same pool, another order
     with pytest.raises(DataError, match="the csv was made for another pack of the pool"):
         load_pseudo_labels(out, ShardSet(shards, "unlabelled"), 0.0)
-    rows = out.read_text().splitlines()
-    broken = tmp_path / "broken.csv"
     first = rows[1].split(",")
     broken.write_text("\n".join([rows[0], ",".join([first[0], "x1", *first[2:]]), *rows[2:]]) + "\n")
     with pytest.raises(DataError, match="line 2: idx and label must be whole numbers"):
@@ -263,3 +265,37 @@ def test_predict_on_a_huge_image_stays_within_a_bound_of_its_decoded_size(tiny_r
     assert proc.returncode == 0, proc.stderr[-2000:]
     peak_gb = int(proc.stdout.split("peak")[-1].split()[0]) / 2**20  # ru_maxrss is in KiB on Linux
     assert peak_gb < 2.5, peak_gb
+
+
+def test_a_config_that_is_not_one_is_refused_in_bounded_time(tmp_path, capsys):
+    """A dataset file passed as --config and a YAML alias bomb (ten lines, 9^9 values once expanded) are one line
+    and exit 2, quickly, in bounded memory: the bomb is refused after 100,000 visits, never walked to the end."""
+    big = tmp_path / "big.yaml"
+    big.write_text("train: {steps: 10}\n# " + "x" * (1 << 20) + "\n")
+    _refused(capsys, ["config", "show", "--config", str(big)], "is not a config")
+    bomb = tmp_path / "bomb.yaml"
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
+    bomb.write_text("\n".join(lines) + "\ntrain: {steps: 10}\n")
+    _refused(capsys, ["config", "show", "--config", str(bomb)], "expands to more than 100,000 values")
+    (tmp_path / "ok.yaml").write_text("shared: &s {steps: 12}\n")  # aliases within the bound still load
+    from sslfw.config import read_yaml
+
+    assert read_yaml(tmp_path / "ok.yaml", "a test") == {"shared": {"steps": 12}}
+
+
+def test_a_csv_that_is_not_a_label_csv_is_one_line_naming_it(tmp_path):
+    """Over the size bound (a sparse file: refused before a byte is read), a field over csv's limit:
+    each one DataError naming the file (and the line where there is one), never a csv traceback."""
+    from sslfw.data.importers import MAX_CSV_BYTES, read_csv
+
+    huge = tmp_path / "huge.csv"
+    with open(huge, "wb") as f:
+        f.write(b"image_name,MOS\n")
+        f.truncate(MAX_CSV_BYTES + 1)
+    with pytest.raises(DataError, match=r"huge.csv: 268,435,457 bytes is over the 256 MiB"):
+        read_csv(huge, ["image_name", "MOS"])
+    wide = tmp_path / "wide.csv"
+    wide.write_text('image_name,MOS\n"' + "y" * (1 << 18) + '",3\n')
+    with pytest.raises(DataError, match=r"wide.csv, line 2: field larger than field limit"):
+        read_csv(wide, ["image_name", "MOS"])

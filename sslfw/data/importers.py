@@ -15,7 +15,7 @@ import csv
 import io
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,10 +45,17 @@ def make_key(source: str, name: str) -> str:
     return f"{source}_{re.sub(r'[^A-Za-z0-9_-]', '-', Path(name).stem)}"
 
 
+# Bounds on a label or listing csv (KADIS-700k's listing, the largest real one, is ~30 MB and 700k rows): memory
+# stays within ~10x the file, and a wrong file (an image, a tar) is one line, not minutes of parsing.
+MAX_CSV_BYTES = 256 << 20
+
+
 def read_csv(path: Path, required: list[str]) -> list[tuple[int, dict[str, str]]]:
     """Rows as (line number, {column: text}); checks the header and the field count of every row."""
     if not path.is_file():
         raise DataError(f"{path}: file not found. Point the option at the dataset folder that holds it.")
+    if (size := path.stat().st_size) > MAX_CSV_BYTES:
+        raise DataError(f"{path}: {size:,} bytes is over the {MAX_CSV_BYTES >> 20} MiB a label csv may have; split it")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")
@@ -60,22 +67,27 @@ def read_csv(path: Path, required: list[str]) -> list[tuple[int, dict[str, str]]
         ) from None
     with io.StringIO(text, newline="") as f:
         reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
-        missing = [c for c in required if c not in header]
-        if missing:
+        try:
+            return _rows(path, reader, required)
+        except csv.Error as e:  # a field over csv's 128 KiB limit
+            raise DataError(f"{path}, line {reader.line_num}: {e}; is this a csv?") from None
+
+
+def _rows(path: Path, reader: Iterator[list[str]], required: list[str]) -> list[tuple[int, dict[str, str]]]:
+    header = [h.strip() for h in next(reader, [])]
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DataError(f"{path}, line 1: header lacks column(s) {missing}; found {header}. Is this the right file?")
+    rows = []
+    for lineno, fields in enumerate(reader, start=2):
+        if not fields or all(not x.strip() for x in fields):
+            continue
+        if len(fields) != len(header):
             raise DataError(
-                f"{path}, line 1: header lacks column(s) {missing}; found {header}. Is this the right file?"
+                f"{path}, line {lineno}: {len(fields)} fields where the header has {len(header)}. "
+                "Fix or delete this row."
             )
-        rows = []
-        for lineno, fields in enumerate(reader, start=2):
-            if not fields or all(not x.strip() for x in fields):
-                continue
-            if len(fields) != len(header):
-                raise DataError(
-                    f"{path}, line {lineno}: {len(fields)} fields where the header has {len(header)}. "
-                    f"Fix or delete this row."
-                )
-            rows.append((lineno, dict(zip(header, (x.strip() for x in fields)))))
+        rows.append((lineno, dict(zip(header, (x.strip() for x in fields)))))
     return rows
 
 

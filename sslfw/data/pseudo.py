@@ -39,19 +39,22 @@ def load_pseudo_labels(path: Path, pool: ShardSet, min_confidence: float) -> tup
     other images at the same indices, and would silently teach them the wrong labels."""
     n = len(pool)
     labels, keep = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=bool)
-    try:
+    try:  # row by row: memory stays that of the pool's arrays whatever the file holds
         with open(path, newline="") as f:
-            rows = list(enumerate(csv.DictReader(f), start=2))
-    except (OSError, UnicodeDecodeError) as e:
+            reader = csv.DictReader(f)
+            for lineno, r in enumerate(reader, start=2):
+                key, i, label, conf = _parse(path, lineno, r, n)
+                if labels[i] >= 0:
+                    raise DataError(f"{path}, line {lineno}: idx {i} appears twice; rerun sslfw pseudolabel")
+                if key != pool.meta(i)["key"]:
+                    raise DataError(
+                        f"{path}, line {lineno}: idx {i} is {key!r} there but {pool.meta(i)['key']!r} in "
+                        f"{pool.root}: the csv was made for another pack of the pool; rerun sslfw pseudolabel on "
+                        f"these shards"
+                    )
+                labels[i], keep[i] = label, conf >= min_confidence
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{path}: cannot read this pseudo-label csv ({e})") from None
-    for lineno, r in rows:
-        key, i, label, conf = _parse(path, lineno, r, n)
-        if key != pool.meta(i)["key"]:
-            raise DataError(
-                f"{path}, line {lineno}: idx {i} is {key!r} there but {pool.meta(i)['key']!r} in {pool.root}: "
-                f"the csv was made for another pack of the pool; rerun sslfw pseudolabel on these shards"
-            )
-        labels[i], keep[i] = label, conf >= min_confidence
     if (labels < 0).any():
         raise DataError(f"{path}: no pseudo-label for {(labels < 0).sum()} of {n} pool samples; rerun pseudolabel")
     return labels, keep
