@@ -246,6 +246,6 @@ def open_session(cfg: Config, acc: Accelerator, per_rank: int, saved: ckpt.Saved
     which = ("student", "ema") if cfg.eval.weights == "both" else (cfg.eval.weights,)
     summaries = best_summaries([f"{cfg.eval.split}/{w}" for w in which])
     logger = RunLogger(run_dir, main, cfg.log, to_dict(cfg), start, summaries)
-    trace = PseudoTrace(run_dir, acc.process_index, start)
+    trace = PseudoTrace(run_dir, acc.process_index, start, run.checkpointer.info["data"])
     nonfinite = NonFinite(cfg.train.max_nonfinite, saved.skipped_steps if saved else 0, main)
     return Session(cfg, acc, run, streams, evaluator, logger, trace, start, nonfinite)

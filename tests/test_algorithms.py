@@ -204,7 +204,8 @@ def test_trains_checkpoints_and_resumes_to_identical_state(name, small_shards, t
     assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
     # The pseudo-label trace: every step's unlabelled batch, its share used = the logged mask ratio, and the
     # interrupted run's trace (stale chunk pruned on resume) equal to the uninterrupted one's.
-    t, t_cut = trace.load(tmp_path / "whole"), trace.load(tmp_path / "cut")
+    data = ckpt.info(ckpt.latest(tmp_path / "whole"))["data"]  # the pack both trained on
+    t, t_cut = trace.load(tmp_path / "whole", data), trace.load(tmp_path / "cut", data)
     if not get_algorithm(name).uses_unlabelled:
         assert t is None and t_cut is None
         return

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from sslfw.errors import DataError
 from sslfw.metrics import constant_guess, iqa_metrics, quadratic_weighted_kappa
 
 
@@ -48,14 +49,15 @@ def test_calibration_error_by_hand():
 def test_pseudo_label_trace_accuracy_per_bin_matches_hand_counts(tmp_path):
     from sslfw import trace
 
-    t = trace.PseudoTrace(tmp_path, rank=0, start=0)
+    data = {"fingerprint": "f0", "split_sha256": "s0", "label_edges": [1, 2, 3, 4]}
+    t = trace.PseudoTrace(tmp_path, rank=0, start=0, data=data)
     t.add(1, ["a", "b"], torch.tensor([2, 3]), torch.tensor([1.0, 0.0]))
     t.add(2, ["c", "d"], torch.tensor([1, 1]), torch.tensor([1.0, 1.0]))
     t.flush(2)
     t.add(3, ["a", "x"], torch.tensor([4, 0]), torch.tensor([0.0, 1.0]))  # "x" has no truth: left out
     t.flush(3)
     truth = {"a": 2, "b": 3, "c": 1, "d": 0}
-    s = trace.accuracy_series(tmp_path, truth, bin_steps=2, min_used=1)
+    s = trace.accuracy_series(tmp_path, data, truth, bin_steps=2, min_used=1)
     # bin 1 (steps 1-2): used a(right) c(right) d(wrong) -> 2/3; all 3/4 right; 3 of 4 used
     # bin 2 (step 3): only "a", label 4 vs 2, not used -> used_acc NaN, all_acc 0, mask 0
     assert s["step"].tolist() == [2.0, 4.0]
@@ -63,8 +65,11 @@ def test_pseudo_label_trace_accuracy_per_bin_matches_hand_counts(tmp_path):
     np.testing.assert_allclose(s["all_acc"], [3 / 4, 0.0])
     np.testing.assert_allclose(s["mask"], [3 / 4, 0.0])
     assert s["used"].tolist() == [3.0, 0.0]
-    assert np.isnan(trace.accuracy_series(tmp_path, truth, bin_steps=2, min_used=4)["used_acc"][0])  # 3 < 4: noise
-    assert trace.PseudoTrace(tmp_path, rank=0, start=2) and trace.load(tmp_path)["step"].max() == 2  # resume prunes
+    assert np.isnan(trace.accuracy_series(tmp_path, data, truth, bin_steps=2, min_used=4)["used_acc"][0])  # 3 < 4
+    assert trace.PseudoTrace(tmp_path, 0, start=2, data=data) and trace.load(tmp_path, data)["step"].max() == 2
+    # A trace read against another pack (keys there name other images) is refused, naming what differs.
+    with pytest.raises(DataError, match=r"r0-upto-0000002.npz: this trace was made on other shards.*fingerprint"):
+        trace.load(tmp_path, {**data, "fingerprint": "f1"})
 
 
 def test_one_table_of_metrics_gives_w_and_b_the_best_not_the_last():

@@ -16,7 +16,7 @@ from sslfw import fsio, trace
 from sslfw.commands import figures
 from sslfw.config import LogConfig
 from sslfw.data.labels import NUM_CLASSES
-from sslfw.data.shards import load_index
+from sslfw.data.shards import identity, load_index
 from sslfw.evaluate import score_of
 from sslfw.logger import read_log
 from sslfw.metrics import METRICS, constant_guess, iqa_metrics, level_recall, paired_bootstrap_srcc
@@ -130,13 +130,13 @@ def truth_levels(truth_csv: str, scheme: dict) -> dict[str, int]:
         }
 
 
-def _diagnostics(done: list[dict], truth: dict[str, int] | None) -> tuple[str, str, str]:
+def _diagnostics(done: list[dict], truth: dict[str, int] | None, data: dict) -> tuple[str, str, str]:
     """(mean unlabelled mask ratio over the SSL stage's logged steps, accuracy against the hidden truth of the
     pseudo-labels that passed the threshold during training, and of the pool's pseudo-labels after the SSL stage),
     each mean ± std over seeds."""
     masks, used, accs = [], [], []
     for r in done:
-        t = trace.load(Path(r["dir"]) / "ssl") if truth else None
+        t = trace.load(Path(r["dir"]) / "ssl", data) if truth else None
         if t is not None and t["used"].any():
             sel = t["used"] & np.array([k in truth for k in t["key"]])
             used.append(float(np.mean([lab == truth[k] for k, lab in zip(t["key"][sel], t["label"][sel])])))
@@ -193,7 +193,8 @@ def write_report(
         cells = {k: _fmt([m[k]]) if k in m else "-" for k in COLUMNS}
         rows.append([name, "-", cells[COLUMNS[0]], "-", *(cells[k] for k in COLUMNS[1:]), _recall([m]), *["-"] * 4])
     truth = truth if truth and Path(truth).is_file() else ""  # real data has no hidden truth: the column stays empty
-    levels = truth_levels(truth, load_index(Path(shards))["label_scheme"]) if truth else None
+    index = load_index(Path(shards))
+    levels, data = truth_levels(truth, index["label_scheme"]) if truth else None, identity(index)
     base, deltas = results.get(BASELINE, []), {}
     for label, done in results.items():
         final = {k: _fmt([r["final"][k] for r in done if k in r["final"]]) for k in COLUMNS}
@@ -201,7 +202,7 @@ def write_report(
             deltas[label] = d
         delta = "-" if label == BASELINE else _delta_text(deltas.get(label))
         ssl = _fmt([r["ssl"]["srcc"] for r in done if "ssl" in r and "srcc" in r["ssl"]])
-        mask, used, acc = _diagnostics(done, levels) if label != BASELINE else ("-", "-", "-")
+        mask, used, acc = _diagnostics(done, levels, data) if label != BASELINE else ("-", "-", "-")
         rows.append([label, str(len(done)), final[COLUMNS[0]], delta, *(final[k] for k in COLUMNS[1:]),
                      _recall([_level_recall(r) for r in done]), ssl, mask, used, acc])  # fmt: skip
     fsio.write_csv(out / "report.csv", header, rows)
@@ -215,7 +216,7 @@ def write_report(
     drawn = {"learning_curves.png": learning_curves(out, runs, val_refs, retrain_dir)}
     (out / "pseudo_labels.png").unlink(missing_ok=True)  # an earlier report's, of other runs or another truth
     if levels:
-        drawn["pseudo_labels.png"] = pseudo_label_curves(out, runs, levels)
+        drawn["pseudo_labels.png"] = pseudo_label_curves(out, runs, levels, data)
     drawn |= _figures(out, results, deltas, split)
     plots = "; ".join(f"{png}: {', '.join(f'{m} ({n})' for m, n in d.items())}" for png, d in drawn.items() if d)
     fsio.write_text(out / "report.md", _markdown(split, setting, what, truth, table, plots))
@@ -311,7 +312,9 @@ def _figure_end(fig, axes, out_png: Path, title: str, ncol_max: int) -> None:
     plt.close(fig)
 
 
-def pseudo_label_curves(out: Path, runs: set[str], truth: dict[str, int], bin_steps: int = 25) -> dict[str, int]:
+def pseudo_label_curves(
+    out: Path, runs: set[str], truth: dict[str, int], data: dict, bin_steps: int = 25
+) -> dict[str, int]:
     """Pseudo-labels over the SSL stage, from each run's trace against the hidden truth: accuracy of those that
     passed the threshold (solid) and of all (dotted), and the share that passed; mean ± std over seeds. Returns the
     seeds drawn per method."""
@@ -322,7 +325,7 @@ def pseudo_label_curves(out: Path, runs: set[str], truth: dict[str, int], bin_st
 
     series: dict[str, list[dict]] = {}
     for run in sorted(out / r / "ssl" for r in runs if (out / r / "ssl" / trace.DIR).is_dir()):
-        s = trace.accuracy_series(run, truth, bin_steps)
+        s = trace.accuracy_series(run, data, truth, bin_steps)
         if s is not None:
             series.setdefault(run.parent.name.rsplit("-s", 1)[0], []).append(s)
     if not series:
