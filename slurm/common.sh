@@ -8,6 +8,7 @@
 #   SSLFW_ACCELERATE_CONFIG  accelerate config file (default: launch/multi_gpu.yaml, or launch/cpu_2proc.yaml)
 #   SSLFW_MASTER_ADDR / SSLFW_PORT  rendezvous host and port (default: the first node; 20000 + job id % 20000)
 #   SSLFW_MAX_REQUEUES    stop requeueing after this many restarts (default 20)
+#   SSLFW_CRASH_REQUEUES  requeues of a job whose process died (no exit code, or 1 from its peers; default 1)
 #   SSLFW_SAVE_GRACE      seconds the launcher waits for workers to save after a signal (default 240)
 #   SSLFW_STATE_DIR       where the exit code of each attempt is left (default: $SLURM_SUBMIT_DIR/.sslfw-slurm);
 #                         must be visible from every node, like the run directory
@@ -80,16 +81,31 @@ sslfw_run() {
     local code
     code=$(cat "$SSLFW_EXIT_FILE" 2>/dev/null) || code=""
     echo "[sslfw-slurm] step finished: srun rc=$rc, sslfw exit code ${code:-unknown (no $SSLFW_EXIT_FILE)}"
+    local id=$SLURM_JOB_ID
+    [[ -n "${SLURM_ARRAY_JOB_ID:-}" ]] && id="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
     if [[ "$code" == 75 ]]; then
         if (( ${SLURM_RESTART_COUNT:-0} >= ${SSLFW_MAX_REQUEUES:-20} )); then
             echo "[sslfw-slurm] saved, but SSLFW_MAX_REQUEUES=${SSLFW_MAX_REQUEUES:-20} reached; resubmit to go on" >&2
             exit 75
         fi
-        local id=$SLURM_JOB_ID
-        [[ -n "${SLURM_ARRAY_JOB_ID:-}" ]] && id="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
         echo "[sslfw-slurm] saved; requeueing job $id: it resumes from the newest checkpoint"
         scontrol requeue "$id"
         exit 0
+    fi
+    # A process that died (killed, out of memory, a lost node) leaves no exit code, or its peers stop on the broken
+    # collective with 1: requeue to resume from the newest checkpoint, SSLFW_CRASH_REQUEUES times per job (a fault
+    # that repeats at the same step is not worth more); bad input (2) and non-finite losses (3) are not retried.
+    if [[ $rc != 0 && ( -z "$code" || "$code" == 1 ) ]]; then
+        local crashes="$SSLFW_STATE_DIR/crashes-$id" n
+        n=$(cat "$crashes" 2>/dev/null || echo 0)
+        if (( n < ${SSLFW_CRASH_REQUEUES:-1} )); then
+            echo $((n + 1)) > "$crashes"
+            echo "[sslfw-slurm] a process died (srun rc=$rc, sslfw exit code ${code:-none}); requeueing job $id" \
+                 "($((n + 1)) of SSLFW_CRASH_REQUEUES=${SSLFW_CRASH_REQUEUES:-1}): it resumes from the newest checkpoint"
+            scontrol requeue "$id"
+            exit 0
+        fi
+        echo "[sslfw-slurm] a process died again; SSLFW_CRASH_REQUEUES=${SSLFW_CRASH_REQUEUES:-1} reached, not requeueing" >&2
     fi
     exit "${code:-${rc:-1}}"
 }

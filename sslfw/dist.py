@@ -28,6 +28,24 @@ def precision_for(precision: str = "auto") -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def _init_after_restart() -> None:
+    """A launcher restart (torchrun/accelerate --max-restarts) starts every rank again against the agent's TCP store,
+    which torch keeps across rendezvous rounds with the keys of the attempt before: a restarted rank could read a
+    dead rank's gloo address or a stale barrier count and fail or hang, depending on who writes first. So after a
+    restart the ranks meet on a prefix of that store named after the attempt; accelerate then uses this group."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if attempt == "0" or world < 2 or dist.is_initialized() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False)
+    dist.init_process_group(
+        "nccl" if torch.cuda.is_available() else "gloo",
+        store=dist.PrefixStore(f"/sslfw/attempt_{attempt}", agent),
+        rank=int(os.environ["RANK"]),
+        world_size=world,
+    )
+
+
 def make_accelerator(precision: str = "auto") -> Accelerator:
     """cpu=True on a GPU-less host, or `accelerate launch` starts N unconnected processes (docs/NOTES.md,
     Distributed training). Accelerate keeps one state per process: a later stage (eval after training in a
@@ -40,6 +58,7 @@ def make_accelerator(precision: str = "auto") -> Accelerator:
         if is_main_process():
             print("[sslfw] fp16 needs a GPU (accelerate has no CPU fp16 autocast): running in fp32", file=sys.stderr)
         chosen = "no"
+    _init_after_restart()
     try:
         return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=chosen)
     except ValueError as e:

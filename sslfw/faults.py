@@ -2,7 +2,9 @@
 
 SSLFW_FAULT_<NAME>="rank:at,rank:at" arms fault NAME on that rank when the job reaches `at` (the 0-based index of
 the optimizer step being computed, or of the pseudo-label chunk just written); unset, nothing happens. The loop
-calls `inject` once per point, whatever faults exist.
+calls `inject` once per point, whatever faults exist. With SSLFW_FAULT_ONCE=FILE a fault fires only while FILE does
+not exist (it is created first): a job that a launcher restarts (torchrun --max-restarts) is not killed again when
+it replays the step.
 """
 
 from __future__ import annotations
@@ -14,7 +16,15 @@ import torch
 
 
 def _armed(name: str, rank: int, at: int) -> bool:
-    return f"{rank}:{at}" in os.environ.get(f"SSLFW_FAULT_{name}", "").split(",")
+    if f"{rank}:{at}" not in os.environ.get(f"SSLFW_FAULT_{name}", "").split(","):
+        return False
+    once = os.environ.get("SSLFW_FAULT_ONCE")
+    if once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # atomic: only the first arrival fires
+        except FileExistsError:
+            return False
+    return True
 
 
 def inject(rank: int, at: int, loss: torch.Tensor | None = None, where: str = "") -> torch.Tensor | None:

@@ -94,9 +94,10 @@ def free_port() -> int:
 
 def run_sslfw(
     args: list[str], nproc: int = 1, env: dict | None = None, timeout: int = 300, launcher: str = "torchrun",
-    cwd: Path | None = None,
+    restarts: int = 0, cwd: Path | None = None,
 ):  # fmt: skip
-    """`sslfw ...` in fresh processes: plain python, torchrun or accelerate launch with 2 gloo CPU processes."""
+    """`sslfw ...` in fresh processes: plain python, torchrun or accelerate launch with 2 gloo CPU processes;
+    `restarts`: how often the launcher restarts the job's processes when one dies (--max-restarts)."""
     env = child_env(**(env or {}))
     if nproc == 1:
         cmd = [sys.executable, "-m", "sslfw", *args]
@@ -104,10 +105,10 @@ def run_sslfw(
         env["ACCELERATE_USE_CPU"] = "true"
         launch = "--multi_gpu --num_machines 1 --mixed_precision no --dynamo_backend no".split()
         cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, f"--num_processes={nproc}"]
-        cmd += [f"--main_process_port={free_port()}"]
+        cmd += [f"--main_process_port={free_port()}"] + ([f"--max_restarts={restarts}"] if restarts else [])
         cmd += ["-m", "sslfw", *args]
     else:
-        cmd = torchrun(nproc, "-m", "sslfw", *args)
+        cmd = torchrun(nproc, *([f"--max-restarts={restarts}"] if restarts else []), "-m", "sslfw", *args)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 

@@ -166,6 +166,25 @@ def test_signalled_job_saves_requeues_and_resumes_without_repeating_a_step(
     assert ckpt.valid_checkpoints(run)[-1][0] == steps and stopped in [s for s, _ in ckpt.valid_checkpoints(run)]
 
 
+def test_a_job_whose_rank_dies_is_requeued_once_and_resumes(slurm, small_shards, tmp_path):
+    """SIGKILL of rank 1 at step 13 of 20 (checkpoints every 5): the step fails without an sslfw exit code (or with
+    its peer's 1); the script requeues the job once (SSLFW_CRASH_REQUEUES), it resumes from step 10 and finishes."""
+    run = tmp_path / "run"
+    job = submit(
+        "train.sbatch",
+        tiny_overrides(small_shards, run, **{"train.steps": 20, "ckpt.every": 5, "eval.every": 0}),
+        tmp_path,
+        ["-c", "2"],
+        {"SSLFW_PROCS_PER_NODE": "2", "SSLFW_FAULT_KILL": "1:12", "SSLFW_FAULT_ONCE": str(tmp_path / "fired")},
+    )
+    info = wait(job)
+    log = (tmp_path / "job.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    assert "a process died" in log and "(1 of SSLFW_CRASH_REQUEUES=1)" in log, log[-3000:]
+    starts = [(e[0], e[1]) for e in history(run) if e[0] == "start"]
+    assert starts == [("start", 0), ("start", 10)] and history(run)[-1][:2] == ("end", 20), history(run)
+
+
 def test_pseudolabel_job_requeues_and_covers_the_pool_exactly_once(slurm, tiny_run, small_shards, tmp_path):
     out = tmp_path / "pseudo.csv"
     job = submit(

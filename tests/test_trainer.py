@@ -304,3 +304,23 @@ def test_sslfw_eval_logs_into_the_wandb_run_it_evaluated(small_shards, tmp_path,
     assert len(after) == 2 and all(p.name == f"run-{run_id}.wandb" for p in after)  # the same run, resumed
     logged = (set(after) - set(runs)).pop().read_bytes()
     assert b"eval/val/ema/srcc" in logged and b"eval/val/ema/confusion" in logged
+
+
+@pytest.mark.slow  # real processes: a rank killed under torchrun and under accelerate launch
+def test_a_rank_that_dies_is_restarted_by_the_launcher_and_the_run_ends_as_if_it_had_not(small_shards, tmp_path):
+    """torchrun --max-restarts 1 (and accelerate launch --max_restarts 1): SIGKILL of rank 1 at step 13 of 20
+    (checkpoints every 5); the launcher restarts both ranks, they resume from step 10 on a fresh prefix of the
+    agent's store (the old attempt's keys would name the dead ranks' addresses), and step 20 equals an
+    uninterrupted run's weights tensor for tensor. The fault fires once (SSLFW_FAULT_ONCE), not at the replay."""
+    over = {"ckpt.every": 5, "eval.every": 0, "data.num_workers": 0}
+    whole = run_sslfw(["train", *tiny_overrides(small_shards, tmp_path / "whole", **over)], nproc=2)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    for launcher in ("torchrun", "accelerate"):
+        run, fired = tmp_path / launcher, tmp_path / f"{launcher}.fired"
+        env = {"SSLFW_FAULT_KILL": "1:12", "SSLFW_FAULT_ONCE": str(fired)}
+        proc = run_sslfw(["train", *tiny_overrides(small_shards, run, **over)], nproc=2, env=env,
+                         launcher=launcher, restarts=1)  # fmt: skip
+        assert proc.returncode == 0, (launcher, proc.stderr[-3000:])
+        assert fired.is_file() and "steps 10->20" in proc.stdout, (launcher, proc.stdout[-2000:])
+        a, b = final_model(tmp_path / "whole"), final_model(run)
+        assert all(torch.equal(a[k], b[k]) for k in a), launcher
