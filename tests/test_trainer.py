@@ -271,20 +271,26 @@ def test_compiled_model_trains_like_the_eager_one(small_shards, tmp_path):
 
 
 @pytest.mark.slow  # five fresh processes
-def test_the_launchers_precision_wins_unless_the_config_sets_one(tmp_path):
+def test_the_launchers_precision_wins_unless_the_config_sets_one(monkeypatch, capsys):
     """accelerate launch --mixed_precision X arrives as ACCELERATE_MIXED_PRECISION; train.precision: auto takes it, a
     value in the config wins over it. fp16 needs a GPU (accelerate has no CPU fp16 autocast or scaler): on a CPU it
-    says so and runs, and records, fp32 (launch/bench_gpu.sh trains in fp16 on a GPU). Each case in a fresh process:
-    accelerate keeps one precision per process."""
-    probe = "import sys; from sslfw.dist import make_accelerator; print(make_accelerator(sys.argv[1]).mixed_precision)"
+    says so and runs, and records, fp32 (launch/bench_gpu.sh trains in fp16 on a GPU). Accelerate keeps one
+    precision per process, so its state is reset around each case, as a fresh process would start."""
+    from accelerate.state import AcceleratorState
+
+    from sslfw.dist import make_accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for env, precision, want in [("bf16", "auto", "bf16"), ("fp16", "auto", "no"), ("bf16", "no", "no"),
                                  ("", "auto", "no"), ("no", "bf16", "bf16"), ("no", "fp16", "no")]:  # fmt: skip
-        out = subprocess.run(
-            [sys.executable, "-c", probe, precision], capture_output=True, text=True,
-            env=child_env(ACCELERATE_MIXED_PRECISION=env, CUDA_VISIBLE_DEVICES=""),
-        )  # fmt: skip
-        assert out.stdout.strip().splitlines()[-1] == want, (env, precision, out.stderr[-300:])
-        assert ("fp16 needs a GPU" in out.stderr) == ("fp16" in (env, precision) and want == "no"), out.stderr
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", env)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        try:
+            assert make_accelerator(precision).mixed_precision == want, (env, precision)
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+        told = "fp16 needs a GPU" in capsys.readouterr().err
+        assert told == ("fp16" in (env, precision) and want == "no"), (env, precision)
 
 
 def test_sslfw_eval_logs_into_the_wandb_run_it_evaluated(small_shards, tmp_path, capsys):
