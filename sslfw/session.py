@@ -210,6 +210,8 @@ def open_session(cfg: Config, acc: Accelerator, per_rank: int, saved: ckpt.Saved
     try:
         index = load_index(Path(cfg.data.shards))
         data_id = identity(index)
+        if cfg.data.pseudo_labels and Path(cfg.data.pseudo_labels).is_file():  # resumes only on the same labels
+            data_id["pseudo_labels_sha256"] = fsio.sha256_file(cfg.data.pseudo_labels)
         if saved and saved.info.get("data") and (diff := identity_mismatch(saved.info["data"], data_id)):
             raise DataError(
                 f"{cfg.data.shards}: is not the data {saved.path} was trained on ({diff}); resume with the shards "
@@ -246,6 +248,6 @@ def open_session(cfg: Config, acc: Accelerator, per_rank: int, saved: ckpt.Saved
     which = ("student", "ema") if cfg.eval.weights == "both" else (cfg.eval.weights,)
     summaries = best_summaries([f"{cfg.eval.split}/{w}" for w in which])
     logger = RunLogger(run_dir, main, cfg.log, to_dict(cfg), start, summaries)
-    trace = PseudoTrace(run_dir, acc.process_index, start, run.checkpointer.info["data"])
+    trace = PseudoTrace(run_dir, acc.process_index, start, identity(index))
     nonfinite = NonFinite(cfg.train.max_nonfinite, saved.skipped_steps if saved else 0, main)
     return Session(cfg, acc, run, streams, evaluator, logger, trace, start, nonfinite)

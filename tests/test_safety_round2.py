@@ -4,6 +4,7 @@ files a lab cannot share. Each test reproduces cases that failed on the code bef
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import stat
@@ -125,7 +126,16 @@ def test_a_pseudo_label_csv_made_before_a_repack_is_refused(tiny_run, small_mani
     broken.write_text("\n".join([*rows, rows[1]]) + "\n")  # one more row than the pool: its idx repeats
     with pytest.raises(DataError, match=f"line {len(rows) + 1}: idx {rows[1].split(',')[1]} appears twice"):
         load_pseudo_labels(broken, ShardSet(shards, "unlabelled"), 0.0)
+    made = tmp_path / "pseudo.csv.json"  # what the csv was made from, written beside it
+    assert json.loads(made.read_text())["checkpoint_sha256"] == ckpt.recorded_sha256(ckpt.latest(tiny_run))
+    out.write_text(out.read_text().replace(rows[1], rows[1][:-1] + "9", 1))  # an edit after pseudolabel wrote it
+    with pytest.raises(DataError, match="changed since sslfw pseudolabel wrote it"):
+        load_pseudo_labels(out, ShardSet(shards, "unlabelled"), 0.0)
+    out.write_text("\n".join(rows) + "\n")
     pack(small_manifest, shards, samples_per_shard=15, workers=1, progress=False, seed=1)  # same pool, another order
+    with pytest.raises(DataError, match=r"pseudo.csv: made for the pool of .* not .*shards"):
+        load_pseudo_labels(out, ShardSet(shards, "unlabelled"), 0.0)
+    made.unlink()  # without the record, the rows' keys still tell
     with pytest.raises(DataError, match="the csv was made for another pack of the pool"):
         load_pseudo_labels(out, ShardSet(shards, "unlabelled"), 0.0)
     first = rows[1].split(",")

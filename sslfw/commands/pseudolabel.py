@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from sslfw import ckpt, faults, fsio
-from sslfw.data.pseudo import COLUMNS
+from sslfw.data.pseudo import COLUMNS, sidecar
 from sslfw.data.reader import ShardSet
 from sslfw.data.stream import ChunkStream, make_loader
 from sslfw.dist import any_across_ranks, autocast_for, barrier, make_accelerator
@@ -105,7 +105,7 @@ def pseudolabel(
         if stopped:
             write_exit_file(EXIT_PREEMPTED)  # before any rank exits (srun may end the step at the first one)
         else:
-            summary |= merge(parts, out, n)
+            summary |= merge(parts, out, n, job)
     if lock is not None:
         lock.release()
     barrier()
@@ -167,8 +167,9 @@ def predict_chunks(
             yield pos, concat(pending.pop(pos))
 
 
-def merge(parts: Path, out: Path, n: int) -> dict:
-    """Join the chunk files into OUT, after checking that they hold every sample exactly once."""
+def merge(parts: Path, out: Path, n: int, job: dict) -> dict:
+    """Join the chunk files into OUT, after checking that they hold every sample exactly once; OUT.json records what
+    the csv was made from (the job: checkpoint sha256, pool fingerprint) for the run that trains on it."""
     chunks = [np.load(p) for p in sorted(parts.glob("chunk-*.npz"))]
     idx = np.concatenate([c["idx"] for c in chunks])
     if len(idx) != n or not np.array_equal(np.sort(idx), np.arange(n)):
@@ -186,6 +187,7 @@ def merge(parts: Path, out: Path, n: int) -> dict:
         for k, i, pr, lb, cf, sc in zip(keys, np.arange(n), probs, label, conf, score)
     ]
     fsio.write_csv(out, COLUMNS, rows)
+    fsio.write_json(sidecar(out), job | {"csv_sha256": fsio.sha256_file(out)})
     return {
         "label_counts": np.bincount(label, minlength=probs.shape[1]).tolist(),
         "mean_confidence": round(float(conf.mean()), 4),
