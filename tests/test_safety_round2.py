@@ -309,3 +309,21 @@ def test_a_csv_that_is_not_a_label_csv_is_one_line_naming_it(tmp_path):
     wide.write_text('image_name,MOS\n"' + "y" * (1 << 18) + '",3\n')
     with pytest.raises(DataError, match=r"wide.csv, line 2: field larger than field limit"):
         read_csv(wide, ["image_name", "MOS"])
+
+
+def test_a_retraining_run_resumes_only_on_the_pseudo_labels_it_started_with(tiny_run, small_shards, tmp_path, capsys):
+    """The run records the pseudo-label csv's sha256 with its checkpoints: resuming after the csv was regenerated
+    or edited (its record deleted) is refused naming what changed; the same csv resumes."""
+    from sslfw.commands.pseudolabel import pseudolabel
+    from tests.helpers import tiny_overrides
+
+    out = tmp_path / "pseudo.csv"
+    assert pseudolabel(tiny_run, out, shards=small_shards, num_workers=0, progress=False)["exit_code"] == 0
+    args = ["train", *tiny_overrides(small_shards, tmp_path / "re", **{"data.pseudo_labels": out, "eval.every": 0})]
+    assert main([*args, "--train.steps=2", "--ckpt.every=2"]) == 0
+    rows = out.read_text().splitlines()
+    out.write_text("\n".join([rows[0], rows[1][: rows[1].rindex(",", 0, rows[1].rindex(","))] + ",1.0,0.5", *rows[2:]]))
+    (tmp_path / "pseudo.csv.json").unlink()  # the user takes responsibility for the edit: rows are still checked
+    _refused(capsys, [*args, "--train.steps=4", "--ckpt.every=2"], "pseudo_labels_sha256")
+    out.write_text("\n".join(rows) + "\n")  # the csv it started with, byte for byte
+    assert main([*args, "--train.steps=4", "--ckpt.every=2"]) == 0
