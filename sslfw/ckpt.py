@@ -30,7 +30,6 @@ from typing import Any, Protocol
 import torch
 
 from sslfw import faults, fsio
-from sslfw.config import read_yaml
 from sslfw.dist import barrier
 from sslfw.errors import DataError
 
@@ -316,7 +315,7 @@ class Saved:
         cfg = (
             self.info["config"]
             if "config" in self.info
-            else read_yaml(self.path.parent / "config.yaml", "the run's config")
+            else fsio.read_yaml(self.path.parent / "config.yaml", "the run's config")
         )
         train = dict(cfg.get("train", {}))
         if "bf16" in train:

@@ -267,8 +267,8 @@ def parse_overrides(args: list[str]) -> list[dict]:
         key = key.replace("-", "_")
         try:
             value = yaml.safe_load(text) if text != "" else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--{key}: {text!r} is not a YAML value ({str(e).splitlines()[0]})") from None
+        except (yaml.YAMLError, RecursionError) as e:
+            raise ConfigError(f"--{key}: {text[:40]!r} is not a YAML value ({str(e).splitlines()[0]})") from None
         out.append(nested({key: value}))
         i += 1
     return out
@@ -282,42 +282,13 @@ def nested(dotted: dict) -> dict:
     return out
 
 
-# A config is a few KB: these bounds keep a wrong file (a dataset csv passed as --config) or a YAML alias bomb (a few
-# lines that expand to billions of values) to one line and exit 2, in bounded memory and time.
-MAX_CONFIG_BYTES = 1 << 20
-MAX_CONFIG_VALUES = 100_000
-
-
-def read_yaml(path: Path, what: str) -> Any:
-    """A YAML file within the bounds above, or one ConfigError naming it."""
-    try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path}: {size:,} bytes is not a config ({what}; configs are a few KB, at most 1 MiB)")
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read {what} ({str(e).splitlines()[0]})") from None
-    _count_values(data, path, [0])
-    return data if data is not None else {}
-
-
-def _count_values(node: Any, path: Path, seen: list[int]) -> None:
-    """Counts values as a walk visits them (an alias counts each time it is used), stopping at the bound: a tree
-    that YAML aliases make exponential is refused after MAX_CONFIG_VALUES visits, not walked to the end."""
-    seen[0] += 1
-    if seen[0] > MAX_CONFIG_VALUES:
-        raise ConfigError(f"{path}: expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases?); not a config")
-    for child in node.values() if isinstance(node, dict) else node if isinstance(node, list) else ():
-        _count_values(child, path, seen)
-
-
 def parse_config(path: str | Path | None = None, overrides: list[str] | dict | None = None, cls: type = None):
     """`cls` (default Config) filled from the YAML file, then the overrides; Config trees are checked (types,
     choices, ranges). What needs the layers above (algorithm params, weights files, timm names) is resolved by
     sslfw/runconfig.py's `load_config`, the one a run uses."""
     cfg = (cls or Config)()
     if path:
-        data = read_yaml(Path(path), "this config file")
+        data = fsio.read_yaml(Path(path), "this config file")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         _merge(cfg, data, "")

@@ -14,7 +14,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sslfw.errors import DataError
+import yaml
+
+from sslfw.errors import ConfigError, DataError
 
 
 def _umask() -> int:
@@ -131,3 +133,38 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# A config is a few KB: these bounds keep a wrong file (a dataset csv passed as --config) or a YAML alias bomb (a few
+# lines that expand to billions of values) to one line and exit 2, in bounded memory and time.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 100_000
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file within the bounds above, or one ConfigError naming it."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {size:,} bytes is not a config ({what}; configs are a few KB, at most 1 MiB)")
+        data = yaml.safe_load(path.read_text())
+    except RecursionError:  # "[[[[..." nested past the parser's stack
+        raise ConfigError(f"{path}: nested too deeply to be a config ({what})") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read {what} ({str(e).splitlines()[0]})") from None
+    _count_values(data, path)
+    return data if data is not None else {}
+
+
+def _count_values(tree: Any, path: Path) -> None:
+    """Counts values as a walk visits them (an alias counts each time it is used), stopping at the bound: a tree
+    that YAML aliases make exponential is refused after MAX_CONFIG_VALUES visits, not walked to the end."""
+    stack, seen = [tree], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                f"{path}: expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases?); not a config"
+            )
+        stack.extend(node.values() if isinstance(node, dict) else node if isinstance(node, list) else ())

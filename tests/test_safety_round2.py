@@ -288,8 +288,11 @@ def test_a_config_that_is_not_one_is_refused_in_bounded_time(tmp_path, capsys):
     lines += [f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
     bomb.write_text("\n".join(lines) + "\ntrain: {steps: 10}\n")
     _refused(capsys, ["config", "show", "--config", str(bomb)], "expands to more than 100,000 values")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("train: " + "[" * 200_000 + "]" * 200_000 + "\n")
+    _refused(capsys, ["config", "show", "--config", str(deep)], "nested too deeply to be a config")
     (tmp_path / "ok.yaml").write_text("shared: &s {steps: 12}\n")  # aliases within the bound still load
-    from sslfw.config import read_yaml
+    from sslfw.fsio import read_yaml
 
     assert read_yaml(tmp_path / "ok.yaml", "a test") == {"shared": {"steps": 12}}
 
