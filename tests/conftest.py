@@ -57,9 +57,15 @@ def one_thread():
 # Tests that build the embedded dataset or train on it take seconds each: they belong to the full suite, and the fast
 # tier (`pytest -m 'not slow'`, under a minute on 2 cores) keeps the unit tests that need neither.
 DATASET_FIXTURES = {"small_raw", "small_manifest", "small_shards", "tiny_run"}
+# Modules whose tests share a module-scoped fixture (one Slurm cluster; one torchrun launch for every algorithm) keep
+# to one xdist worker (`pytest -n 2 --dist loadgroup`); every other test goes to whichever worker is free.
+SHARED_MODULE_FIXTURES = {"test_slurm", "test_algorithms"}
 
 
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if DATASET_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in SHARED_MODULE_FIXTURES:
+            item.add_marker(pytest.mark.xdist_group(module))
