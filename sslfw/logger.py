@@ -113,6 +113,7 @@ class RunLogger:
             self._wandb.finish()
             self._wandb = None
             if self._offline_dir is not None:  # WANDB_SILENT hides wandb's own hint
+                _flush_offline()
                 print(
                     f"[sslfw] W&B offline run saved; upload it with: wandb sync {shlex.quote(str(self._offline_dir))}",
                     flush=True,
@@ -133,4 +134,14 @@ def log_into_run(run_dir: Path, log: LogConfig, step: int, metrics: dict, images
                      mode=log.wandb, dir=str(run_dir))  # fmt: skip
     run.log({"train/step": step, **metrics, **{k: wandb.Image(str(p)) for k, p in images.items() if Path(p).is_file()}})
     run.finish()
+    if log.wandb == "offline":
+        _flush_offline()
     return True
+
+
+def _flush_offline() -> None:
+    """finish() only asks W&B's service to close the run's file; it is complete once the service stops (at exit, or
+    here), so a run we call saved is whole on disk even while this process goes on (the pipeline, in-process tests)."""
+    import wandb
+
+    wandb.teardown()

@@ -85,17 +85,23 @@ def submit(script: str, args: list[str], cwd: Path, sbatch: list[str], env: dict
 
 
 def show(job: str) -> dict:
+    """`scontrol show job` as a dict; {} when the controller did not answer (under load it can time out a call)."""
     out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
     return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
 
 
-def wait(job: str, timeout: float = 300) -> dict:
+def wait(job: str, timeout: float = 600, logs: Path | None = None) -> dict:
     """Until the job has ended for good. A requeue passes through an ended state (the old run is killed) before
     PENDING, so an end other than COMPLETED must last a few seconds. A requeued job is released after 3 s pending
-    (Slurm would hold it for ~2 minutes)."""
-    end, ended_for, pending_for = time.monotonic() + timeout, 0, 0
+    (Slurm would hold it for ~2 minutes). A poll the controller does not answer counts as no news, not as a state;
+    a timeout says what every job on the node was doing (and the tails of the *.out files in LOGS), the way to tell
+    a slow node from a stuck job."""
+    end, ended_for, pending_for, state, info = time.monotonic() + timeout, 0, 0, "never seen", {}
     while time.monotonic() < end:
         info = show(job)
+        if not info:
+            time.sleep(1)
+            continue
         state = info.get("JobState", "")
         pending_for = pending_for + 1 if state == "PENDING" else 0
         if pending_for >= 3:  # released too soon, the node may still hold the old run ("credential revoked")
@@ -108,8 +114,13 @@ def wait(job: str, timeout: float = 300) -> dict:
         )
         if state == "COMPLETED" or ended_for >= 5:
             return info
+        if info.get("Reason") == "DependencyNeverSatisfied":  # a job it waits on failed: it will never start
+            break
         time.sleep(1)
-    raise AssertionError(f"job {job} still {state} after {timeout}s")
+    queue = subprocess.run(["squeue", "-o", "%i %T %r %M"], capture_output=True, text=True)
+    tails = "".join(f"\n--- {p.name}:\n{p.read_text()[-1500:]}" for p in sorted(logs.glob("*.out"))) if logs else ""
+    raise AssertionError(f"job {job} still {state} (reason {info.get('Reason')}) after up to {timeout}s; "
+                         f"squeue: {queue.stdout or queue.stderr}{tails}")  # fmt: skip
 
 
 def history(run: Path) -> list[tuple]:
@@ -221,8 +232,8 @@ def test_a_grid_as_a_job_array_reports_what_the_serial_pipeline_reports(slurm, s
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("rows: 2; array job "), proc.stdout
     report_job = proc.stdout.split("report job ")[1].split()[0]
-    assert wait(serial)["JobState"] == "COMPLETED", (tmp_path / "job.out").read_text()[-3000:]
-    info = wait(report_job, timeout=300)
+    assert wait(serial, logs=tmp_path)["JobState"] == "COMPLETED", (tmp_path / "job.out").read_text()[-3000:]
+    info = wait(report_job, logs=tmp_path)
     logs = "".join(p.read_text() for p in sorted(tmp_path.glob("grid-*.out")))
     assert info["JobState"] == "COMPLETED", logs[-3000:]
     assert (tmp_path / "array" / "fixmatch-iqa_safe-s0" / "eval" / "eval.json").is_file()
