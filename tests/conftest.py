@@ -66,6 +66,20 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if DATASET_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        if module in SHARED_MODULE_FIXTURES:
-            item.add_marker(pytest.mark.xdist_group(module))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup`, done here: xdist 3.8 groups tests by appending the group to `item._nodeid`, which pytest 9
+    no longer reads (a node's id is `_id`), so loadgroup silently became load. Then both workers ran the module
+    fixtures, and one worker stopped the Slurm cluster while the other's jobs still ran on it. Here a scope is the
+    module for SHARED_MODULE_FIXTURES and the test itself otherwise."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedModules(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if Path(path).stem in SHARED_MODULE_FIXTURES else nodeid
+
+    return SharedModules(config, log)

@@ -221,12 +221,12 @@ def test_a_training_step_reads_back_to_the_host_once(name, small_shards, tmp_pat
     lb_set, pool = ShardSet(small_shards, "train"), ShardSet(small_shards, "unlabelled")
     run = build_run(cfg, make_accelerator("no"), DataInfo(len(lb_set), len(pool), cfg.model.proj_dim))
     streams = open_streams(cfg, lb_set, 8, 0, 0, False, run.algorithm.uses_unlabelled)
-    for step in range(len(lb_set) // 2):  # past the steps that fill SimMatch's bank and CoMatch's queue
+    for step in range(-(-len(lb_set) // 8) + 1):  # one step past those that fill SimMatch's bank (the labelled set)
         lb, ulb = streams.next_labelled(), streams.next_unlabelled()  # the loader's own reads are not the step's
         with HostReads() as reads:
             batch = make_batch(run, lb, ulb, torch.Generator().manual_seed(step))
             train_step(run, step, [batch])
-    assert reads.where == ["dist.py:any_across_ranks"], reads.where  # the skip/stop agreement each step needs
+        assert reads.where == ["dist.py:any_across_ranks"], (step, reads.where)  # the skip/stop agreement it needs
 
 
 def test_fused_optimizer_trains_like_the_default_path(small_shards, tmp_path):
