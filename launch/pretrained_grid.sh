@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # docs/RESULTS.md "Pretrained": the SSL question on the package-shipped ImageNet backbone. Screens every row on val
 # with one seed at 15 %, 5 % and 1.5 % of the train split labelled (demo data seed 0), then the paper's other five
-# algorithms at 15 %. Finished runs are kept, so a rerun resumes. Usage: bash launch/pretrained_grid.sh [STAGE...]
-# (stages: fl15 fl05 levels15 levels05 fl15-p08 fl15-p06 fl0015 paper15 test15-paper; default all, in that order).
-# The threshold 0.6 of paper15 is FixMatch's best on val among fl15 (0.95), fl15-p08 and fl15-p06.
+# algorithms at each share, and the best of the paper's six on test with 3 seeds. Finished runs are kept, so a rerun
+# resumes. Usage: bash launch/pretrained_grid.sh [STAGE...] (stages: fl15 fl05 levels15 levels05 fl15-p08 fl15-p06
+# fl0015 paper15 test15-paper fl05-paper paper05 test05-paper paper0015; default all, in that order).
+# The threshold 0.6 of the paper* stages is FixMatch's best on val among fl15 (0.95), fl15-p08 and fl15-p06.
 set -euo pipefail
 SSLFW=${SSLFW:-sslfw}
 DATA=data/demo/seed0
@@ -21,17 +22,25 @@ grid() {  # out_dir, shards, extra pipeline overrides...
 [ -f shards/demo-seed0/index.json ] || { echo "shards/demo-seed0: run sslfw demo first (it builds them)" >&2; exit 2; }
 fraction 0.05 fl005-seed0
 fraction 0.015 fl0015-seed0
-for stage in ${*:-fl15 fl05 levels15 levels05 fl15-p08 fl15-p06 fl0015 paper15 test15-paper}; do
+P06='{fixmatch: {p_cutoff: 0.6}, comatch: {p_cutoff: 0.6}, simmatch: {p_cutoff: 0.6}, crmatch: {p_cutoff: 0.6}}'
+for stage in ${*:-fl15 fl05 levels15 levels05 fl15-p08 fl15-p06 fl0015 paper15 test15-paper fl05-paper paper05 \
+    test05-paper paper0015}; do
     case $stage in
         fl15) grid fl15 demo-seed0 ;;
         fl15-p08) grid fl15-p08 demo-seed0 --algorithms='[fixmatch]' --params='{fixmatch: {p_cutoff: 0.8}}' ;;
         fl15-p06) grid fl15-p06 demo-seed0 --algorithms='[fixmatch]' --params='{fixmatch: {p_cutoff: 0.6}}' ;;
         fl05) grid fl05 fl005-seed0 ;;
         fl0015) grid fl0015 fl0015-seed0 --algorithms='[supervised, fixmatch, rankup_levels]' --seeds='[0, 1, 2]' ;;
-        paper15) grid paper15 demo-seed0 --algorithms='[adamatch, freematch, comatch, simmatch, crmatch]' \
-            --params='{comatch: {p_cutoff: 0.6}, simmatch: {p_cutoff: 0.6}, crmatch: {p_cutoff: 0.6}}' ;;
+        paper15) grid paper15 demo-seed0 --algorithms='[adamatch, freematch, comatch, simmatch, crmatch]' --params="$P06" ;;
         test15-paper) grid test15-paper demo-seed0 --algorithms='[supervised, simmatch]' \
             --params='{simmatch: {p_cutoff: 0.6}}' --eval_split=test --seeds='[0, 1, 2]' ;;
+        fl05-paper) grid fl05-paper fl005-seed0 --algorithms='[supervised, simmatch, fixmatch]' --params="$P06" ;;
+        paper05) grid fl05-paper2 fl005-seed0 --algorithms='[supervised, adamatch, freematch, comatch, crmatch]' \
+            --params="$P06" ;;
+        test05-paper) grid test05-paper fl005-seed0 --algorithms='[supervised, adamatch]' --eval_split=test \
+            --seeds='[0, 1, 2]' ;;
+        paper0015) grid fl0015-paper fl0015-seed0 --params="$P06" \
+            --algorithms='[supervised, adamatch, freematch, comatch, simmatch, crmatch]' ;;
         levels15) grid levels15 demo-seed0 --algorithms='[meanteacher_levels, rankup_levels]' ;;
         levels05) grid levels05 fl005-seed0 --algorithms='[meanteacher_levels, rankup_levels]' ;;
     esac
