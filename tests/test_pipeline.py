@@ -19,9 +19,9 @@ from sslfw.commands.pipeline import PipelineConfig, run_pipeline
 from sslfw.config import parse_config
 from sslfw.data.shards import load_index
 from sslfw.data.stream import tile_crops
-from sslfw.errors import ConfigError
+from sslfw.errors import ConfigError, DataError
 from sslfw.runconfig import load_config
-from tests.helpers import base_yaml, run_sslfw
+from tests.helpers import base_yaml, make_raw, run_sslfw
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -140,6 +140,19 @@ def test_pipeline_end_to_end_then_skips_finished_stages(small_shards, small_raw,
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):  # before the first stage starts
             run_pipeline(replace(cfg, **bad))
+        assert not (tmp_path / "out").exists()
+    # The hidden truth of another data seed names the same images (826000000.jpg...): refused before training, as
+    # is a truth file without the crowd MOS that checks it.
+    other = make_raw(tmp_path / "seed7", seed=7) / "synth_truth.csv"
+    rows = read_csv(small_raw / "synth_truth.csv")
+    legacy = tmp_path / "legacy_truth.csv"
+    with open(legacy, "w", newline="") as f:
+        w = csv.DictWriter(f, [k for k in rows[0] if k != "crowd_mos"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    for truth, message in [(other, r"crowd MOS of \d+ of \d+ images differs"), (legacy, "no crowd_mos column")]:
+        with pytest.raises(DataError, match=message):
+            run_pipeline(replace(cfg, truth=str(truth)))
         assert not (tmp_path / "out").exists()
     run_pipeline(cfg)
     ssl_cfg = {

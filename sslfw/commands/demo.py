@@ -37,7 +37,8 @@ def build_data(seed: int, data_root: Path, shards_root: Path) -> tuple[Path, Pat
     shards = shards_root / f"demo-seed{seed}"
     truth = raw / "synth_truth.csv"
     t0 = time.perf_counter()
-    if not truth.is_file():  # written last by synthesize
+    stale = truth.is_file() and "crowd_mos" not in truth.read_text().partition("\n")[0]  # older: nothing to check by
+    if stale or not truth.is_file():  # written last by synthesize; the same seed writes the same images again
         _say(f"synthesising {KONIQ_COUNT} labelled + {KADIS_COUNT} pool images (data seed {seed}) into {raw}")
         synthesize(SynthConfig(out=raw, koniq_count=KONIQ_COUNT, kadis_count=KADIS_COUNT, extra_count=48, seed=seed))
     if not (manifest / "meta.json").is_file():

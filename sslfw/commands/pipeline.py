@@ -22,6 +22,9 @@ from sslfw.commands.pipeline_config import PipelineConfig
 from sslfw.commands.pseudolabel import pseudolabel
 from sslfw.commands.report import report_to_wandb, write_report
 from sslfw.config import Config, nested
+from sslfw.data.reader import ShardSet
+from sslfw.data.shards import load_index
+from sslfw.data.truth import truth_levels
 from sslfw.dist import barrier, is_main_process
 from sslfw.errors import ConfigError
 from sslfw.preempt import EXIT_PREEMPTED
@@ -138,6 +141,9 @@ def check(p: PipelineConfig) -> dict[Stage, Config]:
         if algorithm != "supervised" and p.retrain_stage:
             over = nested(retrain_overrides(p, algorithm, policy, seed))
             stages[algorithm, policy, seed, "retrain"] = load_config(p.base, over)
+    if p.truth and Path(p.truth).is_file():  # a truth file of other data fails now, not after the training
+        shards = stages[(*runs(p)[0], "ssl")].data.shards
+        truth_levels(p.truth, ShardSet(shards, p.eval_split), load_index(Path(shards))["label_scheme"])
     return stages
 
 

@@ -16,7 +16,9 @@ from sslfw import fsio, trace
 from sslfw.commands import figures
 from sslfw.config import LogConfig
 from sslfw.data.labels import NUM_CLASSES
+from sslfw.data.reader import ShardSet
 from sslfw.data.shards import identity, load_index
+from sslfw.data.truth import truth_levels
 from sslfw.evaluate import score_of
 from sslfw.logger import read_log
 from sslfw.metrics import METRICS, constant_guess, iqa_metrics, level_recall, paired_bootstrap_srcc
@@ -114,22 +116,6 @@ def _figures(out: Path, results: dict[str, list[dict]], deltas: dict, split: str
     return drawn
 
 
-def truth_levels(truth_csv: str, scheme: dict) -> dict[str, int]:
-    """Hidden true level per sample key from an embedded dataset's `synth_truth.csv` (noise-free MOS); read by the
-    report only, never by training."""
-    from sslfw.data.importers import make_key
-    from sslfw.data.labels import LabelScheme
-
-    edges = LabelScheme(tuple(scheme["edges"]))
-    with open(truth_csv, newline="") as f:
-        return {
-            make_key("koniq" if r["image"].startswith("koniq") else "kadis", Path(r["image"]).name): edges.label(
-                float(r["true_mos"])
-            )
-            for r in csv.DictReader(f)
-        }
-
-
 def _diagnostics(done: list[dict], truth: dict[str, int] | None, data: dict) -> tuple[str, str, str]:
     """(mean unlabelled mask ratio over the SSL stage's logged steps, accuracy against the hidden truth of the
     pseudo-labels that passed the threshold during training, and of the pool's pseudo-labels after the SSL stage),
@@ -194,7 +180,8 @@ def write_report(
         rows.append([name, "-", cells[COLUMNS[0]], "-", *(cells[k] for k in COLUMNS[1:]), _recall([m]), *["-"] * 4])
     truth = truth if truth and Path(truth).is_file() else ""  # real data has no hidden truth: the column stays empty
     index = load_index(Path(shards))
-    levels, data = truth_levels(truth, index["label_scheme"]) if truth else None, identity(index)
+    levels = truth_levels(truth, ShardSet(shards, split), index["label_scheme"]) if truth else None
+    data = identity(index)
     base, deltas = results.get(BASELINE, []), {}
     for label, done in results.items():
         final = {k: _fmt([r["final"][k] for r in done if k in r["final"]]) for k in COLUMNS}

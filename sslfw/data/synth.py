@@ -233,11 +233,14 @@ def synthesize(cfg: SynthConfig) -> dict:
     # Hidden truth for every image (never read by training): lets pseudo-labels be scored on the pool.
     rows = [
         [path, s["content"], f"{s['defocus']:.3f}", f"{s['noise']:.4f}", f"{s['exposure']:.3f}", s["code"], s["level"]]
-        + [f"{s['q']:.6f}", f"{s['true_mos']:.6f}"]
-        for path, s in [(f"koniq10k/1024x768/{n}", s) for n, s in zip(koniq_names, koniq)]
-        + [(f"kadis700k/ref_imgs/{n}", s) for n, s in zip(kadis_names, kadis)]
+        + [f"{s['q']:.6f}", f"{s['true_mos']:.6f}", crowd]
+        for path, s, crowd in [(f"koniq10k/1024x768/{n}", s, f"{s['mos']:.6f}") for n, s in zip(koniq_names, koniq)]
+        + [(f"kadis700k/ref_imgs/{n}", s, "") for n, s in zip(kadis_names, kadis)]
     ]
-    header = ["image", "content", "defocus", "noise", "exposure", "dist_type", "dist_level", "fr_quality", "true_mos"]
+    # crowd_mos (the MOS written into KonIQ's csv) lets a reader check the file against a pack: every data seed
+    # names its images alike (sslfw/data/truth.py).
+    header = ["image", "content", "defocus", "noise", "exposure", "dist_type", "dist_level", "fr_quality", "true_mos",
+              "crowd_mos"]  # fmt: skip
     fsio.write_csv(out / "synth_truth.csv", header, rows)
 
     labels = np.array([scheme.label(s["mos"]) for s in koniq])
