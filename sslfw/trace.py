@@ -72,7 +72,8 @@ def accuracy_series(
     """Per bin of `bin_steps` steps (labelled by its last step): accuracy of the pseudo-labels that passed the
     threshold ("used_acc"), of all of them ("all_acc"), the share that passed ("mask") and how many passed ("used").
     Images without a truth entry are left out; a bin where fewer than `min_used` passed has used_acc NaN (an accuracy
-    of 3 labels is noise, not a trend)."""
+    of 3 labels is noise, not a trend). "overall_used_acc" is that accuracy over all steps (the report's column), so a
+    trace, which can be large, is read once for both."""
     t = load(run_dir, data)
     if t is None:
         return None
@@ -91,4 +92,5 @@ def accuracy_series(
         out["all_acc"].append(float(correct[sel].mean()))
         out["mask"].append(n_used / int(sel.sum()))
         out["used"].append(float(n_used))
-    return {k: np.array(v) for k, v in out.items()}
+    overall = float(correct[used].mean()) if used.any() else float("nan")
+    return {k: np.array(v) for k, v in out.items()} | {"overall_used_acc": np.array(overall)}

@@ -65,6 +65,7 @@ def test_pseudo_label_trace_accuracy_per_bin_matches_hand_counts(tmp_path):
     np.testing.assert_allclose(s["all_acc"], [3 / 4, 0.0])
     np.testing.assert_allclose(s["mask"], [3 / 4, 0.0])
     assert s["used"].tolist() == [3.0, 0.0]
+    assert s["overall_used_acc"] == 2 / 3  # the report's used_acc: every step's used labels with a truth entry
     assert np.isnan(trace.accuracy_series(tmp_path, data, truth, bin_steps=2, min_used=4)["used_acc"][0])  # 3 < 4
     assert trace.PseudoTrace(tmp_path, 0, start=2, data=data) and trace.load(tmp_path, data)["step"].max() == 2
     # A trace read against another pack (keys there name other images) is refused, naming what differs.

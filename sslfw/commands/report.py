@@ -116,16 +116,14 @@ def _figures(out: Path, results: dict[str, list[dict]], deltas: dict, split: str
     return drawn
 
 
-def _diagnostics(done: list[dict], truth: dict[str, int] | None, data: dict) -> tuple[str, str, str]:
+def _diagnostics(done: list[dict], truth: dict[str, int] | None, series: dict[str, dict]) -> tuple[str, str, str]:
     """(mean unlabelled mask ratio over the SSL stage's logged steps, accuracy against the hidden truth of the
-    pseudo-labels that passed the threshold during training, and of the pool's pseudo-labels after the SSL stage),
-    each mean ± std over seeds."""
+    pseudo-labels that passed the threshold during training (from each run's trace `series`), and of the pool's
+    pseudo-labels after the SSL stage), each mean ± std over seeds."""
     masks, used, accs = [], [], []
     for r in done:
-        t = trace.load(Path(r["dir"]) / "ssl", data) if truth else None
-        if t is not None and t["used"].any():
-            sel = t["used"] & np.array([k in truth for k in t["key"]])
-            used.append(float(np.mean([lab == truth[k] for k, lab in zip(t["key"][sel], t["label"][sel])])))
+        if (s := series.get(r["dir"])) is not None and np.isfinite(s["overall_used_acc"]):
+            used.append(float(s["overall_used_acc"]))
         rows = read_log(Path(r["dir"]) / "ssl")
         vals = [x["train/mask_ratio"] for x in rows if "train/mask_ratio" in x]
         if vals:
@@ -181,7 +179,8 @@ def write_report(
     truth = truth if truth and Path(truth).is_file() else ""  # real data has no hidden truth: the column stays empty
     index = load_index(Path(shards))
     levels = truth_levels(truth, ShardSet(shards, split), index["label_scheme"]) if truth else None
-    data = identity(index)
+    data, dirs = identity(index), [r["dir"] for done in results.values() for r in done]
+    series = {d: trace.accuracy_series(Path(d) / "ssl", data, levels, 25) for d in dirs} if levels else {}  # one read
     base, deltas = results.get(BASELINE, []), {}
     for label, done in results.items():
         final = {k: _fmt([r["final"][k] for r in done if k in r["final"]]) for k in COLUMNS}
@@ -189,7 +188,7 @@ def write_report(
             deltas[label] = d
         delta = "-" if label == BASELINE else _delta_text(deltas.get(label))
         ssl = _fmt([r["ssl"]["srcc"] for r in done if "ssl" in r and "srcc" in r["ssl"]])
-        mask, used, acc = _diagnostics(done, levels, data) if label != BASELINE else ("-", "-", "-")
+        mask, used, acc = _diagnostics(done, levels, series) if label != BASELINE else ("-", "-", "-")
         rows.append([label, str(len(done)), final[COLUMNS[0]], delta, *(final[k] for k in COLUMNS[1:]),
                      _recall([_level_recall(r) for r in done]), ssl, mask, used, acc])  # fmt: skip
     fsio.write_csv(out / "report.csv", header, rows)
@@ -203,7 +202,7 @@ def write_report(
     drawn = {"learning_curves.png": learning_curves(out, runs, val_refs, retrain_dir)}
     (out / "pseudo_labels.png").unlink(missing_ok=True)  # an earlier report's, of other runs or another truth
     if levels:
-        drawn["pseudo_labels.png"] = pseudo_label_curves(out, runs, levels, data)
+        drawn["pseudo_labels.png"] = pseudo_label_curves(out, series, 25)
     drawn |= _figures(out, results, deltas, split)
     plots = "; ".join(f"{png}: {', '.join(f'{m} ({n})' for m, n in d.items())}" for png, d in drawn.items() if d)
     fsio.write_text(out / "report.md", _markdown(split, setting, what, truth, table, plots))
@@ -299,22 +298,19 @@ def _figure_end(fig, axes, out_png: Path, title: str, ncol_max: int) -> None:
     plt.close(fig)
 
 
-def pseudo_label_curves(
-    out: Path, runs: set[str], truth: dict[str, int], data: dict, bin_steps: int = 25
-) -> dict[str, int]:
-    """Pseudo-labels over the SSL stage, from each run's trace against the hidden truth: accuracy of those that
-    passed the threshold (solid) and of all (dotted), and the share that passed; mean ± std over seeds. Returns the
-    seeds drawn per method."""
+def pseudo_label_curves(out: Path, per_run: dict[str, dict | None], bin_steps: int) -> dict[str, int]:
+    """Pseudo-labels over the SSL stage, from each run's trace against the hidden truth (`per_run`: run folder ->
+    `trace.accuracy_series`): accuracy of those that passed the threshold (solid) and of all (dotted), and the share
+    that passed; mean ± std over seeds. Returns the seeds drawn per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     series: dict[str, list[dict]] = {}
-    for run in sorted(out / r / "ssl" for r in runs if (out / r / "ssl" / trace.DIR).is_dir()):
-        s = trace.accuracy_series(run, data, truth, bin_steps)
+    for run, s in sorted(per_run.items()):
         if s is not None:
-            series.setdefault(run.parent.name.rsplit("-s", 1)[0], []).append(s)
+            series.setdefault(Path(run).name.rsplit("-s", 1)[0], []).append(s)
     if not series:
         return {}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), squeeze=False)
