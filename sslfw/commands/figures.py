@@ -48,8 +48,8 @@ def forest(path: Path, deltas: dict[str, tuple[float, float, float, int]], basel
         colour = "C0" if lo > 0 else "C3" if hi < 0 else "grey"  # better, worse, not told apart
         ax.errorbar(d, y, xerr=[[d - lo], [hi - d]], fmt="o", color=colour, capsize=3,
                     mfc="white" if colour == "grey" else colour)  # fmt: skip
-        ax.text(hi, y, f"  {d:+.3f} [{lo:+.3f}, {hi:+.3f}] ({seeds} seed{'s' if seeds != 1 else ''})", va="center",
-                fontsize=8)  # fmt: skip
+        label = f"  {d:+.3f} [{lo:+.3f}, {hi:+.3f}] ({seeds} seed{'s' if seeds != 1 else ''})"
+        ax.text(max(hi, 0), y, label, va="center", fontsize=8)  # right of the zero line, never across it
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel(f"{split} SRCC minus {baseline}'s\n(paired bootstrap 95% interval; filled: it excludes 0)")
