@@ -84,6 +84,10 @@ def cmd_train(a: argparse.Namespace) -> dict:
 
 
 def cmd_pseudolabel(a: argparse.Namespace) -> dict:
+    if a.teacher == "reference" or a.checkpoint is None:  # the classical model fit on the pack's labels
+        from sslfw.commands.teacher import reference_pseudolabel
+
+        return reference_pseudolabel(a.shards, a.out, a.checkpoint, a.teacher)
     from sslfw.commands.pseudolabel import pseudolabel
 
     return pseudolabel(
@@ -153,8 +157,8 @@ def cmd_bench(a: argparse.Namespace) -> dict:
     return run_bench(a)
 
 
-def _inference_args(s: argparse.ArgumentParser, whole: bool = False) -> None:
-    s.add_argument("--checkpoint", type=Path, required=True,
+def _inference_args(s: argparse.ArgumentParser, whole: bool = False, required: bool = True) -> None:
+    s.add_argument("--checkpoint", type=Path, required=required,
                    help="a step-N directory, a run directory (newest), or RUN/best (best val SRCC kept)")  # fmt: skip
     s.add_argument("--weights", default="ema", choices=typing.get_args(Weights), help="the EMA teacher or the student")
     if whole:  # predict: whole photos by default
@@ -259,7 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.config_cls = "train"
 
     s = verbs.add_parser("pseudolabel", help="label the unlabelled shards with a checkpoint (distributed, resumable)")
-    _inference_args(s)
+    _inference_args(s, required=False)
+    s.add_argument("--teacher", choices=("checkpoint", "reference"), default="checkpoint",
+                   help="checkpoint: the trained network; reference: the classical features + ridge model fit on "
+                   "the pack's labels (no checkpoint; --shards required)")  # fmt: skip
     s.add_argument("--out", type=Path, required=True, help="csv to write (chunks go to OUT.parts/)")
     s.add_argument("--shards", type=Path, help="packed folder (default: the checkpoint's data.shards)")
     s.add_argument("--batch-size", type=positive, default=64)

@@ -62,9 +62,10 @@ def features(img: np.ndarray) -> np.ndarray:
     return np.array(cues + _nss(lum) + _nss(half), dtype=np.float64)
 
 
-def set_features(shards: ShardSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(features, label, MOS) of every sample of a set, whole images at native resolution."""
-    feats, labels, mos = [], [], []
+def set_features(shards: ShardSet) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(features, label, MOS, sample index) of every sample of a set whose image decodes, whole images at native
+    resolution."""
+    feats, labels, mos, kept = [], [], [], []
     for i in range(len(shards)):
         img, meta = read_image(shards, i, None, None)
         if img is None:
@@ -72,7 +73,8 @@ def set_features(shards: ShardSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         feats.append(features(img))
         labels.append(int(meta["label"]))
         mos.append(float(meta["mos"]) if meta.get("mos") is not None else np.nan)
-    return np.array(feats).reshape(len(feats), -1), np.array(labels), np.array(mos)
+        kept.append(i)
+    return np.array(feats).reshape(len(feats), -1), np.array(labels), np.array(mos), np.array(kept, dtype=np.int64)
 
 
 class Ridge:
@@ -100,16 +102,17 @@ class Ridge:
 
 def reference_predictions(root: str, splits: tuple[str, ...], scheme: dict) -> dict[str, dict]:
     """Fit on the labelled train set (MOS where known, else the level's midpoint), choose alpha on val by SRCC, and
-    predict each of `splits`: {split: {"label", "mos", "score" (predicted MOS), "pred" (level), "alpha"}}. Every set's
-    features are extracted once, however many splits ask for them."""
+    predict each of `splits`: {split: {"label", "mos", "score" (predicted MOS), "pred" (level), "alpha", "idx" (the
+    samples predicted: those whose image decodes)}}. Every set's features are extracted once, however many splits
+    ask for them."""
     edges = LabelScheme(tuple(scheme["edges"]))
     mids = np.array([1.0, *edges.edges, 5.0])
     mids = (mids[:-1] + mids[1:]) / 2
     feats = {name: set_features(ShardSet(root, name)) for name in dict.fromkeys(("train", "val", *splits))}
-    x_tr, l_tr, m_tr = feats["train"]
+    x_tr, l_tr, m_tr, _ = feats["train"]
     y_tr = np.where(np.isnan(m_tr), mids[l_tr], m_tr)
     best = (-np.inf, ALPHAS[0])
-    x_va, l_va, m_va = feats["val"]
+    x_va, l_va, m_va, _ = feats["val"]
     if len(x_va):
         target = np.where(np.isnan(m_va), l_va, m_va)
         for alpha in ALPHAS:
@@ -118,7 +121,8 @@ def reference_predictions(root: str, splits: tuple[str, ...], scheme: dict) -> d
     model = Ridge(best[1]).fit(x_tr, y_tr)
     out = {}
     for split in splits:
-        x, labels, mos = feats[split]
+        x, labels, mos, idx = feats[split]
         score = model.predict(x)
-        out[split] = {"label": labels, "mos": mos, "score": score, "pred": edges.labels(score), "alpha": best[1]}
+        out[split] = {"label": labels, "mos": mos, "score": score, "pred": edges.labels(score), "alpha": best[1],
+                      "idx": idx}  # fmt: skip
     return out

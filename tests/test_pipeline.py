@@ -338,3 +338,51 @@ def test_a_rerun_with_more_ssl_steps_redoes_what_was_derived_from_the_old_checkp
     assert json.loads((d / "eval" / "eval.json").read_text())["checkpoint_sha256"] != first  # retrained on them
     for old in ("eval_ssl", "pseudo.csv", "pseudo.csv.parts", "retrain", "eval"):
         assert (d / f"{old}.stale-1").exists(), old  # kept, not deleted
+
+
+def test_the_classical_teacher_pseudo_labels_the_pool_for_a_student(small_shards, small_raw, tmp_path, capsys):
+    """`pseudolabel --teacher reference`: features + ridge fit on the pack's labels label every pool image, in
+    pseudolabel's columns with the pool's identity beside them; its scores rank the pool's hidden quality; a student
+    trains on them. Wrong flags and a user's file as --out are one line and exit 2, before any feature is computed."""
+    from scipy import stats
+
+    from sslfw.data.pseudo import load_pseudo_labels, sidecar
+    from sslfw.data.reader import ShardSet
+    from sslfw.data.truth import truth_levels
+
+    out = tmp_path / "teacher.csv"
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"my photo")
+    for args, message in [
+        (["--teacher", "reference"], "give --shards"),
+        (["--teacher", "reference", "--shards", str(small_shards), "--checkpoint", str(tmp_path)], "no --checkpoint"),
+        (["--shards", str(small_shards)], "--checkpoint: required"),
+    ]:
+        assert main(["pseudolabel", "--out", str(out), *args]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["pseudolabel", "--teacher", "reference", "--shards", str(small_shards), "--out", str(photo)]) == 2
+    assert ".csv" in capsys.readouterr().err and photo.read_bytes() == b"my photo" and not out.exists()
+
+    assert main(["pseudolabel", "--teacher", "reference", "--shards", str(small_shards), "--out", str(out)]) == 0
+    pool = ShardSet(small_shards, "unlabelled")
+    rows = read_csv(out)
+    assert [int(r["idx"]) for r in rows] == list(range(len(pool)))
+    assert [r["key"] for r in rows] == [pool.meta(i)["key"] for i in range(len(pool))]
+    for r in rows:  # one-hot at the level the predicted MOS falls in
+        probs = [float(r[f"p{k}"]) for k in range(5)]
+        assert probs[int(r["label"])] == 1.0 and sum(probs) == 1.0 and float(r["confidence"]) == 1.0
+    made = json.loads(sidecar(out).read_text())
+    assert made["pool_fingerprint"] == pool.fingerprint and made["teacher"] == "features + ridge"
+    labels, keep = load_pseudo_labels(out, pool, 0.0)  # what a student reads: accepted, every row kept
+    assert keep.all() and labels.tolist() == [int(r["label"]) for r in rows]
+    levels = truth_levels(
+        small_raw / "synth_truth.csv", ShardSet(small_shards, "test"), load_index(small_shards)["label_scheme"]
+    )
+    rho = stats.spearmanr([float(r["score"]) for r in rows], [levels[r["key"]] for r in rows]).statistic
+    assert rho > 0.3, rho  # the classical model sees quality in images it never had labels for
+
+    run = tmp_path / "student"
+    base = base_yaml(small_shards, tmp_path, **{"eval.every": 0})
+    assert main(["train", "--config", str(base), f"--run_dir={run}", "--train.steps=4", "--ckpt.every=4",
+                 f"--data.pseudo_labels={out}", "--data.pseudo_share=0.5"]) == 0  # fmt: skip
+    assert ckpt.valid_checkpoints(run)[-1][0] == 4
