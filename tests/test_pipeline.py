@@ -381,8 +381,19 @@ def test_the_classical_teacher_pseudo_labels_the_pool_for_a_student(small_shards
     rho = stats.spearmanr([float(r["score"]) for r in rows], [levels[r["key"]] for r in rows]).statistic
     assert rho > 0.3, rho  # the classical model sees quality in images it never had labels for
 
-    run = tmp_path / "student"
-    base = base_yaml(small_shards, tmp_path, **{"eval.every": 0})
-    assert main(["train", "--config", str(base), f"--run_dir={run}", "--train.steps=4", "--ckpt.every=4",
-                 f"--data.pseudo_labels={out}", "--data.pseudo_share=0.5"]) == 0  # fmt: skip
-    assert ckpt.valid_checkpoints(run)[-1][0] == 4
+    # In a pipeline: a ridge_teacher row per seed, its pseudo_acc the teacher's pool labels against the hidden truth.
+    cfg = parse_config(None, {"out_dir": str(tmp_path / "grid"), "base": str(base_yaml(small_shards, tmp_path)),
+                              "algorithms": ["supervised", "ridge_teacher"], "policies": ["iqa_safe", "randaugment"],
+                              "ssl": {"train.steps": 4, "ckpt.every": 4, "eval.every": 0}, "retrain_stage": False,
+                              "truth": str(small_raw / "synth_truth.csv")}, cls=PipelineConfig)  # fmt: skip
+    run_pipeline(cfg)
+    student = load_config(tmp_path / "grid" / "ridge_teacher-s0" / "ssl" / "config.yaml")
+    assert student.algorithm.name == "supervised" and student.data.pseudo_share == 0.5
+    assert Path(student.data.pseudo_labels).read_bytes() != b"" and sidecar(Path(student.data.pseudo_labels)).is_file()
+    rows = {r["method"]: r for r in read_csv(tmp_path / "grid" / "report.csv")}
+    assert list(rows)[2:] == ["supervised", "ridge_teacher"]  # one row per seed whatever the policies
+    agree = np.mean([int(r["label"]) == levels[r["key"]] for r in read_csv(Path(student.data.pseudo_labels))])
+    assert (
+        rows["ridge_teacher"]["pseudo_acc"] == f"{agree:.3f}"
+        and rows["ridge_teacher"]["Δsrcc vs supervised [95% CI]"] != "-"
+    )

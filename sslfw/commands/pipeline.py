@@ -1,7 +1,8 @@
 """`sslfw pipeline`: the paper's protocol for a list of algorithms, strong-view policies and seeds.
 
 For each run: SSL stage -> pseudo-label the unlabelled pool -> supervised retraining on labelled + pseudo-labelled
-data -> evaluation; the supervised baseline is the SSL stage with algorithm `supervised` and no retraining. Every
+data -> evaluation; the supervised baseline is the SSL stage with algorithm `supervised` and no retraining, and a
+`ridge_teacher` row is a supervised student of the classical model's pseudo-labels (sslfw/commands/teacher.py). Every
 stage leaves a completion mark (a final checkpoint, a csv, an eval.json), so re-running skips finished stages and
 resumes unfinished ones. Then a report like the paper's Table 2 (mean +- std over seeds, plus the constant-guess
 row) in markdown and csv, and learning-curve PNGs.
@@ -21,6 +22,7 @@ from sslfw.commands.evaljob import run_eval
 from sslfw.commands.pipeline_config import PipelineConfig
 from sslfw.commands.pseudolabel import pseudolabel
 from sslfw.commands.report import report_to_wandb, write_report
+from sslfw.commands.teacher import reference_pseudolabel
 from sslfw.config import Config, nested
 from sslfw.data.reader import ShardSet
 from sslfw.data.shards import load_index
@@ -46,6 +48,19 @@ def _train_stage(cfg: Config) -> Path:
     return run_dir
 
 
+TEACHER = "ridge_teacher"  # a row, not an SSL algorithm: supervised on labels + features + ridge's pseudo-labels
+
+
+def _one_policy(algorithm: str) -> bool:
+    """Rows without strong views: one per seed whatever the policies, and no pseudo-labelling or retraining."""
+    return algorithm in ("supervised", TEACHER)
+
+
+def teacher_csv(p: PipelineConfig) -> Path:
+    """The classical teacher's pseudo-labels of the pool, made once per pipeline for every ridge_teacher row."""
+    return Path(p.out_dir) / f"{TEACHER}.csv"
+
+
 def group_name(out_dir: Path) -> str:
     """A pipeline's W&B group: its folder and the one above, which name it and its data ("demo/data-seed0"), not
     a path that depends on where it was started."""
@@ -53,18 +68,20 @@ def group_name(out_dir: Path) -> str:
 
 
 def run_name(algorithm: str, policy: str, seed: int) -> str:
-    return f"supervised-s{seed}" if algorithm == "supervised" else f"{algorithm}-{policy}-s{seed}"
+    return f"{algorithm}-s{seed}" if _one_policy(algorithm) else f"{algorithm}-{policy}-s{seed}"
 
 
 def _wandb_names(p: PipelineConfig, algorithm: str, policy: str, seed: int, stage: str) -> dict:
     """W&B identity of a stage: grouped by the pipeline (group_name), named run/stage, typed and tagged."""
-    tags = [algorithm, f"seed{seed}"] + ([] if algorithm == "supervised" else [policy])
+    tags = [algorithm, f"seed{seed}"] + ([] if _one_policy(algorithm) else [policy])
     return {"log.group": group_name(Path(p.out_dir)), "log.name": f"{run_name(algorithm, policy, seed)}/{stage}",
             "log.job_type": stage,
             "log.tags": tags}  # fmt: skip
 
 
 def ssl_overrides(p: PipelineConfig, algorithm: str, policy: str, seed: int) -> dict:
+    student = {"algorithm.name": "supervised", "data.pseudo_labels": str(teacher_csv(p)),
+               "data.pseudo_share": p.teacher_share}  # fmt: skip
     return {
         **_wandb_names(p, algorithm, policy, seed, "ssl"),
         **p.ssl,
@@ -73,6 +90,7 @@ def ssl_overrides(p: PipelineConfig, algorithm: str, policy: str, seed: int) -> 
         "algorithm.params": p.params.get(algorithm, {}),
         "train.seed": seed,
         "aug.strong": policy,
+        **(student if algorithm == TEACHER else {}),
     }
 
 
@@ -85,8 +103,9 @@ def _paths(p: PipelineConfig, d: Path) -> dict[str, Path]:
 
 
 def _files(p: PipelineConfig, d: Path) -> dict:
-    """A run's report inputs: its folder, final evaluation and pseudo-labels."""
-    return {"dir": str(d)} | {k: str(_paths(p, d)[k]) for k in ("eval", "pseudo")}
+    """A run's report inputs: its folder, final evaluation and pseudo-labels (a ridge_teacher row's: the teacher's)."""
+    pseudo = teacher_csv(p) if d.name.startswith(f"{TEACHER}-s") else _paths(p, d)["pseudo"]
+    return {"dir": str(d), "eval": str(_paths(p, d)["eval"]), "pseudo": str(pseudo)}
 
 
 def _pick(p: PipelineConfig, run_dir: Path) -> Path:
@@ -107,12 +126,10 @@ def retrain_overrides(p: PipelineConfig, algorithm: str, policy: str, seed: int)
 
 
 def runs(p: PipelineConfig) -> list[tuple[str, str, int]]:
-    """(algorithm, policy, seed) of every run; supervised has no strong views, so one row whatever the policies."""
-    return [
-        (a, pol, s)
-        for a, pol, s in product(p.algorithms, p.policies, p.seeds)
-        if a != "supervised" or pol == p.policies[0]
-    ]
+    """(algorithm, policy, seed) of every run; supervised and ridge_teacher have no strong views, so one row whatever
+    the policies."""
+    grid = product(p.algorithms, p.policies, p.seeds)
+    return [(a, pol, s) for a, pol, s in grid if not _one_policy(a) or pol == p.policies[0]]
 
 
 Stage = tuple[str, str, int, str]  # algorithm, policy, seed, "ssl" | "retrain"
@@ -138,7 +155,7 @@ def check(p: PipelineConfig) -> dict[Stage, Config]:
     stages = {}
     for algorithm, policy, seed in runs(p):
         stages[algorithm, policy, seed, "ssl"] = load_config(p.base, nested(ssl_overrides(p, algorithm, policy, seed)))
-        if algorithm != "supervised" and p.retrain_stage:
+        if not _one_policy(algorithm) and p.retrain_stage:
             over = nested(retrain_overrides(p, algorithm, policy, seed))
             stages[algorithm, policy, seed, "retrain"] = load_config(p.base, over)
     if p.truth and Path(p.truth).is_file():  # a truth file of other data fails now, not after the training
@@ -154,7 +171,7 @@ def run_one(p: PipelineConfig, stages: dict[Stage, Config], algorithm: str, poli
     paths = _paths(p, d)
     ssl = _train_stage(stages[algorithm, policy, seed, "ssl"])
     final, metrics = ssl, {}
-    if algorithm != "supervised" and p.retrain_stage:
+    if not _one_policy(algorithm) and p.retrain_stage:
         metrics["ssl"] = _evaluate(p, _pick(p, ssl), paths["eval_ssl"])
         if _stale_pseudo(paths["pseudo"], _pick(p, ssl)) and is_main_process():
             _move_aside(paths["pseudo"], paths["pseudo"].with_name(paths["pseudo"].name + ".parts"), paths["retrain"])
@@ -214,8 +231,14 @@ def run_pipeline(p: PipelineConfig) -> dict:
         raise ConfigError(f"row: {p.row} is not a row of this grid (0..{len(rows) - 1}, or -1 for all)")
     stages = check(p)
     results: dict[str, list[dict]] = {}
-    for algorithm, policy, seed in rows if p.row < 0 else rows[p.row : p.row + 1]:
-        label = "supervised" if algorithm == "supervised" else f"{algorithm} ({policy})"
+    mine = rows if p.row < 0 else rows[p.row : p.row + 1]
+    if not p.report_only and any(a == TEACHER for a, _, _ in mine):
+        if is_main_process() and not teacher_csv(p).is_file():
+            shards = stages[(*mine[0], "ssl")].data.shards
+            reference_pseudolabel(Path(shards), teacher_csv(p), None, "reference")
+        barrier()
+    for algorithm, policy, seed in mine:
+        label = algorithm if _one_policy(algorithm) else f"{algorithm} ({policy})"
         if p.report_only:
             done = _finished_run(p, Path(p.out_dir) / run_name(algorithm, policy, seed))
             if done:

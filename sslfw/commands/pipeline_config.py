@@ -22,6 +22,7 @@ class PipelineConfig:
     # false: an SSL row is its SSL model (no pseudo-labelling, no retraining), which halves its cost
     retrain_stage: bool = True
     min_confidence: float = 0.0  # pseudo-labels below this confidence are not used for retraining
+    teacher_share: float = 0.5  # ridge_teacher rows: share of each batch from the classical teacher's pseudo-labels
     eval_split: Split = "test"
     weights: Weights = "ema"  # the weights that pseudo-label the pool and are evaluated
     crops: Crops = 1  # views per image for pseudo-labels and eval (see Crops)
