@@ -3,7 +3,8 @@
 # with one seed at 15 %, 5 % and 1.5 % of the train split labelled (demo data seed 0), then the paper's other five
 # algorithms at each share, and the best of the paper's six on test with 3 seeds. Finished runs are kept, so a rerun
 # resumes. Usage: bash launch/pretrained_grid.sh [STAGE...] (stages: fl15 fl05 levels15 levels05 fl15-p08 fl15-p06
-# fl0015 paper15 test15-paper fl05-paper paper05 test05-paper paper0015 test0015-paper; default all, in that order).
+# fl0015 paper15 test15-paper fl05-paper paper05 test05-paper paper0015 test0015-paper teacher15 teacher05
+# teacher0015; default all, in that order).
 # The threshold 0.6 of the paper* stages is FixMatch's best on val among fl15 (0.95), fl15-p08 and fl15-p06.
 set -euo pipefail
 SSLFW=${SSLFW:-sslfw}
@@ -22,9 +23,11 @@ grid() {  # out_dir, shards, extra pipeline overrides...
 [ -f shards/demo-seed0/index.json ] || { echo "shards/demo-seed0: run sslfw demo first (it builds them)" >&2; exit 2; }
 fraction 0.05 fl005-seed0
 fraction 0.015 fl0015-seed0
+# The classical teacher's student against supervised, on test with 3 seeds (teacher_share 0.5, fixed beforehand).
+TEACHER="--algorithms=[supervised,ridge_teacher] --eval_split=test --seeds=[0,1,2]"
 P06='{fixmatch: {p_cutoff: 0.6}, comatch: {p_cutoff: 0.6}, simmatch: {p_cutoff: 0.6}, crmatch: {p_cutoff: 0.6}}'
 for stage in ${*:-fl15 fl05 levels15 levels05 fl15-p08 fl15-p06 fl0015 paper15 test15-paper fl05-paper paper05 \
-    test05-paper paper0015 test0015-paper}; do
+    test05-paper paper0015 test0015-paper teacher15 teacher05 teacher0015}; do
     case $stage in
         fl15) grid fl15 demo-seed0 ;;
         fl15-p08) grid fl15-p08 demo-seed0 --algorithms='[fixmatch]' --params='{fixmatch: {p_cutoff: 0.8}}' ;;
@@ -43,6 +46,9 @@ for stage in ${*:-fl15 fl05 levels15 levels05 fl15-p08 fl15-p06 fl0015 paper15 t
             --algorithms='[supervised, adamatch, freematch, comatch, simmatch, crmatch]' ;;
         test0015-paper) grid test0015-paper fl0015-seed0 --algorithms='[supervised, fixmatch]' --eval_split=test \
             --seeds='[0, 1, 2]' ;;
+        teacher15) grid teacher15 demo-seed0 $TEACHER ;;
+        teacher05) grid teacher05 fl005-seed0 $TEACHER ;;
+        teacher0015) grid teacher0015 fl0015-seed0 $TEACHER ;;
         levels15) grid levels15 demo-seed0 --algorithms='[meanteacher_levels, rankup_levels]' ;;
         levels05) grid levels05 fl005-seed0 --algorithms='[meanteacher_levels, rankup_levels]' ;;
     esac
