@@ -13,6 +13,8 @@ from sslfw.config import Crops, Split, Weights
 class PipelineConfig:
     out_dir: str = "runs/pipeline"
     base: str = "configs/embedded_supervised.yaml"  # the training config both stages start from
+    # rows: supervised, ridge_teacher (a student of the classical model's pseudo-labels) and any SSL algorithm (the
+    # choices of `sslfw train`'s algorithm.name)
     algorithms: list = field(default_factory=lambda: ["supervised", "fixmatch"])
     policies: list = field(default_factory=lambda: ["iqa_safe"])  # strong views: iqa_safe and/or randaugment
     seeds: list = field(default_factory=lambda: [0])
