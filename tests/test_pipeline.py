@@ -349,6 +349,7 @@ def test_the_classical_teacher_pseudo_labels_the_pool_for_a_student(small_shards
     from sslfw.data.pseudo import load_pseudo_labels, sidecar
     from sslfw.data.reader import ShardSet
     from sslfw.data.truth import truth_levels
+    from sslfw.reference import set_features
 
     out = tmp_path / "teacher.csv"
     photo = tmp_path / "photo.jpg"
@@ -380,6 +381,8 @@ def test_the_classical_teacher_pseudo_labels_the_pool_for_a_student(small_shards
     )
     rho = stats.spearmanr([float(r["score"]) for r in rows], [levels[r["key"]] for r in rows]).statistic
     assert rho > 0.3, rho  # the classical model sees quality in images it never had labels for
+    one, two = (set_features(pool, workers=w) for w in (1, 2))  # the pool is 2 chunks: 2 processes, same features
+    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(one, two)) and len(one[0]) == len(pool)
 
     # In a pipeline: a ridge_teacher row per seed, its pseudo_acc the teacher's pool labels against the hidden truth.
     cfg = parse_config(None, {"out_dir": str(tmp_path / "grid"), "base": str(base_yaml(small_shards, tmp_path)),
