@@ -22,17 +22,20 @@ from tests.helpers import tiny_overrides
 # Written by commit 3d51033 (before the checkpoint had one owner) with tests/fixtures/make_old_checkpoint.py: step 2
 # of a 4-step CoMatch run on the session's small shards.
 OLD = Path(__file__).parent / "fixtures" / "ckpt_3d51033" / "step-2"
+TOL = 1e-5  # float tolerance against a fixture written on another CPU (see the test)
 OLD_RUN = {"algorithm.name": "comatch", "algorithm.params": "{queue_size: 16}", "train.steps": 4, "ckpt.every": 2}
 
 
-def _equal(a, b) -> bool:
-    """Nested state (dicts, lists, tensors, numbers) equal element for element."""
+def _equal(a, b, atol: float = 0.0) -> bool:
+    """Nested state (dicts, lists, tensors, numbers) equal element for element; float tensors within `atol`."""
     if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k], atol) for k in a)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_equal(x, y, atol) for x, y in zip(a, b))
     if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        if not (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape):
+            return False
+        return torch.allclose(a, b, rtol=0, atol=atol) if atol and a.is_floating_point() else torch.equal(a, b)
     return a == b
 
 
@@ -65,6 +68,10 @@ def test_the_checkpointer_round_trips_every_piece_of_state(small_shards, tmp_pat
 
 
 def test_a_checkpoint_from_before_the_owner_resumes_to_the_uninterrupted_weights(small_shards, tmp_path):
+    """On the CPU that wrote the fixture the resumed state equals the uninterrupted one bit for bit; another CPU
+    rounds the first two steps differently (8.7e-7 at most on the 2026-12-03 dev box), so floats are compared to
+    TOL, while the two resumed steps move the weights by over 50x that: a part the old layout failed to restore
+    (optimizer moments, EMA teacher, CoMatch's queue) would show. Counts and indices stay exact."""
     whole = train(load_config(None, tiny_overrides(small_shards, tmp_path / "whole", **OLD_RUN)))
     old = tmp_path / "old" / "step-2"
     shutil.copytree(OLD, old)
@@ -76,4 +83,6 @@ def test_a_checkpoint_from_before_the_owner_resumes_to_the_uninterrupted_weights
     a = ckpt.read(tmp_path / "whole", "--checkpoint")
     b = ckpt.read(tmp_path / "resumed", "--checkpoint")
     for part in ("model", "optimizer", "algorithm", "ema"):
-        assert _equal(a.state[part], b.state[part]), part
+        assert _equal(a.state[part], b.state[part], atol=TOL), part
+    start = ckpt.read(old, "--checkpoint").state["model"]
+    assert max((a.state["model"][k] - start[k]).abs().max() for k in start) > 50 * TOL  # the steps after the resume
